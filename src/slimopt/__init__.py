@@ -1,0 +1,36 @@
+"""slimopt: memory-efficient optimizers for training large language models."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .memory import state_bytes, state_bytes_by_key
+from .optimizer import SlimOptimizer
+from .registry import create_optimizer, get_supported_optimizers, load_optimizer
+
+__version__ = "0.1.0"
+
+# The optimizer classes are imported on first use so that `import slimopt` stays light.
+_LAZY = {
+    "MicroAdam": "slimopt.microadam",
+    "AdamMini": "slimopt.adam_mini",
+    "SinkGD": "slimopt.sinkgd",
+    "SWAN": "slimopt.swan",
+}
+
+__all__ = [
+    "SlimOptimizer",
+    "create_optimizer",
+    "get_supported_optimizers",
+    "load_optimizer",
+    "state_bytes",
+    "state_bytes_by_key",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'slimopt' has no attribute {name!r}")

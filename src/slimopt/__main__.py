@@ -1,0 +1,3 @@
+from slimopt.cli import main
+
+main()
