@@ -244,7 +244,7 @@ def test_two_groups_with_their_own_lr_and_weight_decay(name):
     for model, opt in ((m1, o1), (m2, o2)):
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
-            fill_grads(model, lambda p: torch.randn(p.shape, generator=gen))
+            fill_grads(model, lambda p, gen=gen: torch.randn(p.shape, generator=gen))
             opt.step()
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
         if ".mlp." not in n:
