@@ -382,3 +382,33 @@ def test_state_bytes_counts_state_tensors(name):
                 seen.add(v.untyped_storage().data_ptr())
                 expected += v.untyped_storage().nbytes()
     assert slimopt.state_bytes(opt) == expected > 0
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "adamw"])
+def test_nonfinite_gradient_raises_by_default_naming_the_parameter(name):
+    model, opt = make(name)
+    loss_fn(model, toy_data()).backward()
+    model.layers[0].mlp.up_proj.weight.grad[0, 0] = float("nan")
+    before = params_of(model)
+    with pytest.raises(FloatingPointError, match="layers.0.mlp.up_proj.weight"):
+        opt.step()
+    del before  # which tensors moved before the raise is not specified; nothing may be NaN
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "adamw"])
+def test_nonfinite_skip_leaves_that_tensor_and_its_state_untouched(name):
+    data = toy_data()
+    model, opt = make(name, nonfinite="skip")
+    train(model, opt, data, steps=2)
+    w = model.layers[0].mlp.up_proj.weight
+    before_w = w.detach().clone()
+    before_state = copy.deepcopy(opt.state[w])
+    loss_fn(model, data).backward()
+    w.grad[1, 2] = float("inf")
+    other = model.lm_head.weight
+    before_other = other.detach().clone()
+    opt.step()
+    assert torch.equal(w, before_w)
+    assert state_bytes_of(opt.state[w]) == state_bytes_of(before_state)
+    assert not torch.equal(other, before_other)  # the finite tensors still step

@@ -10,6 +10,8 @@ else lives here, once:
   swapping the parameter objects loses nothing;
 * ``step(closure)`` with torch.optim semantics, lazy state, a per-parameter step counter;
 * sparse and complex gradients rejected with the parameter's name;
+* a non-finite policy (``nonfinite="raise" | "skip"``, a group setting): a gradient with NaN or inf either
+  raises naming the parameter, or is skipped so that the tensor and all of its state stay untouched;
 * ``load_state_dict`` that keeps every state tensor's saved dtype (torch casts floating state to the
   parameter dtype, which would silently widen bf16 values and break bit-exact resume).
 """
@@ -149,15 +151,26 @@ def as_param_groups(params: Any) -> list[dict[str, Any]]:
 # the base class
 
 
+NONFINITE_POLICIES = ("raise", "skip")
+
+
 class SlimOptimizer(Optimizer):
     """A ``torch.optim.Optimizer`` with slimopt's shared conventions.
 
     Subclasses implement ``update_group(group)`` and call ``self.grads(group)`` to iterate over the
     parameters that have a gradient, and ``self.advance_step(state)`` to count steps per tensor.
+    Their constructors accept ``nonfinite="raise" | "skip"`` and put it in ``defaults``.
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        defaults = {"nonfinite": "raise", **defaults}
+        check_choice("nonfinite", defaults["nonfinite"], NONFINITE_POLICIES)
         super().__init__(as_param_groups(params), defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "nonfinite" in param_group:
+            check_choice("nonfinite", param_group["nonfinite"], NONFINITE_POLICIES)
+        super().add_param_group(param_group)
 
     # -- hooks for subclasses -------------------------------------------------------------------
     def update_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
@@ -184,7 +197,7 @@ class SlimOptimizer(Optimizer):
         return f"param_groups[{group_index}]['params'][{index}] (shape {shape})"
 
     def grads(self, group: dict[str, Any]) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """Yield ``(index, param, grad)`` for every parameter of ``group`` that has a gradient."""
+        """Yield ``(index, param, grad)`` for every parameter of ``group`` that has a finite gradient."""
         for index, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
@@ -198,6 +211,13 @@ class SlimOptimizer(Optimizer):
                 raise RuntimeError(
                     f"{type(self).__name__} does not support complex parameters or gradients "
                     f"(parameter {self.param_name(group, index)})"
+                )
+            if not bool(torch.isfinite(grad).all()):
+                if group.get("nonfinite", "raise") == "skip":
+                    continue
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
+                    f"{self.param_name(group, index)}; pass nonfinite='skip' to skip such tensors"
                 )
             yield index, p, grad
 
