@@ -183,9 +183,36 @@ class SlimOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._skipped = self._check_finite()
         for group in self.param_groups:
             self.update_group(group)
         return loss
+
+    def _check_finite(self) -> set[tuple[int, int]]:
+        """Find non-finite gradients before anything is updated, with one device sync for all of them.
+
+        A NaN in a "raise" group raises here, naming the parameter, with the optimizer untouched; in a
+        "skip" group the tensor is left out of this step (returned as (group, index) pairs).
+        """
+        where, flags = [], []
+        for gi, group in enumerate(self.param_groups):
+            for index, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is not None and grad.layout == torch.strided and not grad.is_complex():
+                    where.append((gi, index))
+                    flags.append(torch.isfinite(grad).all().to("cpu", non_blocking=False))
+        if not flags or bool(torch.stack(flags).all()):
+            return set()
+        bad = [w for w, ok in zip(where, torch.stack(flags).tolist()) if not ok]
+        for gi, index in bad:
+            group = self.param_groups[gi]
+            if group.get("nonfinite", "raise") != "skip":
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
+                    f"{self.param_name(group, index)}; nothing was updated. Pass nonfinite='skip' to skip such "
+                    "tensors instead"
+                )
+        return set(bad)
 
     # -- helpers ------------------------------------------------------------------------------------
     def param_name(self, group: dict[str, Any], index: int) -> str:
@@ -197,7 +224,10 @@ class SlimOptimizer(Optimizer):
         return f"param_groups[{group_index}]['params'][{index}] (shape {shape})"
 
     def grads(self, group: dict[str, Any]) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """Yield ``(index, param, grad)`` for every parameter of ``group`` that has a finite gradient."""
+        """Yield ``(index, param, grad)`` for every parameter of ``group`` that has a gradient to apply
+        (not ``None``, not skipped by the non-finite policy in this step)."""
+        skipped = getattr(self, "_skipped", None)
+        group_index = next((i for i, g in enumerate(self.param_groups) if g is group), -1) if skipped else -1
         for index, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
@@ -212,13 +242,8 @@ class SlimOptimizer(Optimizer):
                     f"{type(self).__name__} does not support complex parameters or gradients "
                     f"(parameter {self.param_name(group, index)})"
                 )
-            if not bool(torch.isfinite(grad).all()):
-                if group.get("nonfinite", "raise") == "skip":
-                    continue
-                raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
-                    f"{self.param_name(group, index)}; pass nonfinite='skip' to skip such tensors"
-                )
+            if skipped and (group_index, index) in skipped:
+                continue
             yield index, p, grad
 
     @staticmethod
