@@ -1,0 +1,51 @@
+"""``slimopt bench <task>``: the papers' experiments against the baselines.
+
+Tasks: ``pretrain`` (LLaMA-style decoder on real text), ``finetune`` (MiniLM on labelled text), ``memory``
+(analytic vs measured optimizer state), ``throughput`` (optimizer step time vs torch AdamW) and
+``rosenbrock`` (MicroAdam's Figure 1: Top-K with and without error feedback).
+Each task module provides ``add_arguments(parser)`` and ``run(args)``; it is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+
+_TASKS = {
+    "pretrain": ("slimopt.bench.pretrain", "train a LLaMA-style decoder on real text with each optimizer"),
+    "finetune": ("slimopt.bench.finetune", "fine-tune MiniLM-L6 on Rotten Tomatoes / 20 Newsgroups"),
+    "memory": ("slimopt.bench.memory", "analytic optimizer-state bytes beside the measured ones"),
+    "throughput": ("slimopt.bench.throughput", "optimizer step time against torch AdamW in the same run"),
+    "rosenbrock": ("slimopt.bench.rosenbrock", "Adam vs Top-K Adam with and without error feedback"),
+}
+
+
+def _chosen_task() -> str | None:
+    argv = sys.argv[1:]
+    return argv[argv.index("bench") + 1] if "bench" in argv and argv.index("bench") + 1 < len(argv) else None
+
+
+def add_arguments(parser: argparse.ArgumentParser, chosen: str | None = None) -> None:
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    chosen = chosen or _chosen_task()
+    for name, (module, help_text) in _TASKS.items():
+        sub = tasks.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the task that runs
+            importlib.import_module(module).add_arguments(sub)
+        elif chosen is None:  # called with an argv we cannot see: offer every task that imports
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module).add_arguments(sub)
+        sub.set_defaults(_task_module=module)
+
+
+def run(args: argparse.Namespace) -> int:
+    return importlib.import_module(args._task_module).run(args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="slimopt bench", description=__doc__.splitlines()[0])
+    add_arguments(parser, chosen=argv[0] if argv else None)
+    return run(parser.parse_args(argv))
