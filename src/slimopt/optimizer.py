@@ -194,16 +194,19 @@ class SlimOptimizer(Optimizer):
         A NaN in a "raise" group raises here, naming the parameter, with the optimizer untouched; in a
         "skip" group the tensor is left out of this step (returned as (group, index) pairs).
         """
-        where, flags = [], []
+        flags: dict[torch.device, tuple[list[tuple[int, int]], list[Tensor]]] = {}
         for gi, group in enumerate(self.param_groups):
             for index, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is not None and grad.layout == torch.strided and not grad.is_complex():
+                    where, finite = flags.setdefault(grad.device, ([], []))
                     where.append((gi, index))
-                    flags.append(torch.isfinite(grad).all().to("cpu", non_blocking=False))
-        if not flags or bool(torch.stack(flags).all()):
+                    finite.append(torch.isfinite(grad).all())
+        bad = []
+        for where, finite in flags.values():  # one sync per device
+            bad += [w for w, ok in zip(where, torch.stack(finite).tolist()) if not ok]
+        if not bad:
             return set()
-        bad = [w for w, ok in zip(where, torch.stack(flags).tolist()) if not ok]
         for gi, index in bad:
             group = self.param_groups[gi]
             if group.get("nonfinite", "raise") != "skip":
