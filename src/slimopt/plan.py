@@ -1,0 +1,687 @@
+"""Parameter plans: what each named tensor *is*, and which rule of an optimizer updates it.
+
+Three of slimopt's methods need to know a tensor's part in the Transformer before they can update it:
+Adam-mini cuts every tensor into Hessian blocks (heads, rows, whole tensor), SinkGD and SWAN send
+hidden matrices to a stateless update and everything else to AdamW. That is one concept built once:
+
+1. **Roles** (``classify(name, shape)``, a pure function): names *and* shapes decide each tensor's
+   role, one of :data:`ROLES`::
+
+       embedding  token / position / type embeddings (rows are tokens), T5 relative_attention_bias
+       head       output heads: lm_head, classifier, score, qa_outputs, BERT cls.*, top-level output
+       query, key, value   separate attention projections
+       qkv        fused projections: GPT-2 c_attn, qkv_proj, Wqkv, W_pack, in_proj_weight, query_key_value
+       attn_out   attention output: o_proj, out_proj, c_proj under attn, BERT attention.output.dense
+       mlp        feed-forward: gate/up/down_proj, fc1/fc2, c_fc, wi/wo, BERT intermediate/output.dense
+       norm       1-D norm scales (q_norm/k_norm too); their biases are ``bias``
+       bias       every 1-D ``*.bias`` / ``in_proj_bias``
+       adapter    LoRA/DoRA tensors (lora_A, lora_B, lora_magnitude_vector): never heads
+       other      anything unrecognised: a safe default, and one warning lists all such names
+
+   Naming schemes covered: LLaMA/Mistral/Qwen2/Qwen3/Gemma, GPT-2 (and nanoGPT), BERT/RoBERTa, OPT,
+   T5, GPT-NeoX/Falcon, the original LLaMA/torchtitan names (wq, w1, tok_embeddings, output), and PEFT
+   wrappers (``base_layer``, ``modules_to_save`` are looked through; ``base_layer`` keeps its role).
+
+2. **Shape facts** (:class:`ParamInfo`): the output dimension (``1`` for the transposed ``Conv1D``
+   layout of GPT-2, where a weight is ``(in, out)``), the attention geometry read from ``model.config``
+   or keyword arguments (:class:`AttentionShape`: heads, kv heads, head_dim, hidden size) and, for a fused
+   QKV tensor, how q, k and v are laid out along the output dimension. Decisions use *global* shapes
+   (``p.shape`` of a DTensor is global).
+
+3. **Rule sets** (:class:`RuleSet`): a small table ``role -> rule`` plus a ``layout`` function that
+   checks the shape against the rule and returns the rule's facts (number of blocks, block size, any
+   extra keys). A shape that contradicts its rule raises ``ValueError`` naming the parameter. Adam-mini's
+   partition is one rule set (``slimopt.adam_mini.ADAM_MINI_RULES``); SinkGD/SWAN's routing
+   (``"stateless" | "adamw"``) is another, written the same way::
+
+       def my_layout(info: ParamInfo, rule: str) -> Layout:
+           if rule == "stateless" and len(info.shape) != 2:
+               raise ValueError(f"stateless needs a matrix, got shape {info.shape}")
+           return Layout(n_blocks=1, block_size=info.numel)
+
+       ROUTING = RuleSet("sinkgd", {"mlp": "stateless", ...}, layout=my_layout, default="adamw")
+
+4. **The plan** (:class:`Plan`): ``Plan.build(model_or_pairs_or_groups, rule_set, overrides=...)`` gives
+   one :class:`PlanRow` per tensor, ``plan.table()`` prints them, ``overrides`` maps a name (or an
+   ``fnmatch`` pattern) to a role or a rule, and ``plan.param_groups(**defaults)`` returns torch param
+   groups whose per-parameter metadata lives *inside the group*, in lists aligned with
+   ``group["params"]`` (``param_names``, ``param_roles``, ``param_rules``, ``param_layouts``). FSDP2 or
+   Accelerate may swap the parameter objects; the group keeps what the optimizer needs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ADAM_MINI",
+    "ROLES",
+    "ROLES_ONLY",
+    "AttentionShape",
+    "Layout",
+    "ParamInfo",
+    "Plan",
+    "PlanRow",
+    "RuleSet",
+    "adam_mini_layout",
+    "classify",
+    "named_tensors",
+]
+
+ROLES = ("embedding", "head", "query", "key", "value", "qkv", "attn_out", "mlp", "norm", "bias", "adapter",
+         "other")
+
+# --------------------------------------------------------------------------------------------------
+# attention geometry
+
+
+def _config_value(config: Any, *keys: str) -> Any:
+    """First non-None attribute (or dict key) of ``config`` or its ``text_config`` (Gemma 3, VLMs)."""
+    for source in (config, _get(config, "text_config")):
+        if source is None:
+            continue
+        for key in keys:
+            value = _get(source, key)
+            if value is not None:
+                return value
+    return None
+
+
+def _get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    try:
+        return getattr(obj, key, None)
+    except Exception:  # some configs raise on unknown attributes
+        return None
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Heads, kv heads, head_dim and hidden size; any may be unknown (``None``)."""
+
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_size: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Any = None, *, num_heads: int | None = None, num_kv_heads: int | None = None,
+                    head_dim: int | None = None, hidden_size: int | None = None) -> AttentionShape:
+        """Read a HF-style config (object or dict); keyword arguments win over the config.
+
+        ``head_dim`` is read when the config has it (Gemma, Qwen3: it differs from hidden/heads) and is
+        derived as ``hidden_size // num_heads`` otherwise. ``num_kv_heads`` defaults to ``num_heads``.
+        """
+        heads = num_heads or _config_value(config, "num_attention_heads", "n_head", "num_heads", "n_heads")
+        kv = num_kv_heads or _config_value(config, "num_key_value_heads", "num_kv_heads", "n_kv_heads",
+                                           "multi_query_group_num")
+        if kv is None and heads is not None and _config_value(config, "multi_query") is True:
+            kv = 1
+        hidden = hidden_size or _config_value(config, "hidden_size", "n_embd", "d_model", "dim")
+        hd = head_dim or _config_value(config, "head_dim", "d_kv", "kv_channels")
+        if hd is None and heads and hidden and hidden % heads == 0:
+            hd = hidden // heads
+        if kv is None:
+            kv = heads
+        facts = (("num_heads", heads), ("num_kv_heads", kv), ("head_dim", hd), ("hidden_size", hidden))
+        for arg, value in facts:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"Invalid {arg}: {value!r} (must be an integer >= 1)")
+        if heads and kv and heads % kv != 0:
+            raise ValueError(f"num_heads={heads} is not a multiple of num_kv_heads={kv}")
+        return cls(heads, kv, hd, hidden)
+
+    @property
+    def known(self) -> bool:
+        return self.num_heads is not None and self.head_dim is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# roles from names and shapes
+
+_PEFT_WRAPPERS = {"base_layer", "original_module"}
+_ATTN_CONTEXT = {"attn", "self_attn", "attention", "selfattention", "encdecattention", "self_attention",
+                 "cross_attn", "crossattention", "cross_attention", "encoder_attn", "self", "mixer"}
+_MLP_CONTEXT = {"mlp", "feed_forward", "ffn", "densereludense", "intermediate", "experts", "block_sparse_moe",
+                "shared_expert", "shared_experts", "moe"}
+_HEAD_MODULES = {"lm_head", "classifier", "score", "qa_outputs", "embed_out"}
+_EMBED_EXACT = {"wte", "wpe", "shared", "relative_attention_bias", "emb", "tok_embeddings"}
+# Projection names that say what they are on their own ...
+_QUERY = {"q_proj", "query", "wq", "to_q", "q_lin", "query_proj"}
+_KEY = {"k_proj", "key", "wk", "to_k", "k_lin", "key_proj"}
+_VALUE = {"v_proj", "value", "wv", "to_v", "v_lin", "value_proj"}
+_QKV = {"c_attn", "qkv", "qkv_proj", "wqkv", "query_key_value", "in_proj", "w_pack", "qkv_linear"}
+_ATTN_OUT = {"o_proj", "out_proj", "to_out", "out_lin", "attn_out"}
+_MLP = {"fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w2", "w3", "wi",
+        "wi_0", "wi_1", "dense_h_to_4h", "dense_4h_to_h", "lin1", "lin2"}
+# ... and names that need an attention context to mean it (T5 SelfAttention.q/k/v/o, Phi self_attn.dense)
+_QUERY_IN_ATTN = {"q"}
+_KEY_IN_ATTN = {"k"}
+_VALUE_IN_ATTN = {"v"}
+_ATTN_OUT_IN_ATTN = {"o", "wo", "c_proj", "proj", "dense", "out", "output"}
+_LN = re.compile(r"ln(_\w+|\d+)?")
+
+
+def _components(name: str) -> list[str]:
+    """Lower-cased dotted components with PEFT wrappers looked through."""
+    comps = name.lower().split(".")
+    out: list[str] = []
+    skip_next = False
+    for c in comps:
+        if skip_next:  # the adapter name after modules_to_save
+            skip_next = False
+            continue
+        if c == "modules_to_save":
+            skip_next = True
+            continue
+        if c in _PEFT_WRAPPERS:
+            continue
+        out.append(c)
+    return out
+
+
+def _is_norm(comp: str) -> bool:
+    return "norm" in comp or _LN.fullmatch(comp) is not None
+
+
+def classify(name: str, shape: Iterable[int], config: Any = None) -> str:
+    """The role of the tensor ``name`` with (global) ``shape``; one of :data:`ROLES`.
+
+    A pure function of its arguments. ``config`` is accepted for symmetry with :meth:`Plan.build`;
+    roles do not depend on it (the shape facts do).
+    """
+    del config  # roles come from names and ranks; geometry is checked by the rule set
+    ndim = len(tuple(shape))
+    comps = _components(name)
+    leaf = comps[-1]
+    if leaf in ("weight", "bias") and len(comps) > 1:
+        module, leaf_kind = comps[:-1], leaf
+    elif leaf.endswith("_weight") or leaf.endswith("_bias"):  # nn.MultiheadAttention.in_proj_weight
+        module, leaf_kind = [*comps[:-1], leaf.rsplit("_", 1)[0]], leaf.rsplit("_", 1)[1]
+    else:  # a bare nn.Parameter such as cls_token or pos_embed
+        module, leaf_kind = comps, "weight"
+    proj = module[-1]
+    context = module[:-1]
+
+    if any(c.startswith(("lora_", "ia3_", "hada_", "lokr_")) for c in comps):
+        return "adapter" if ndim >= 2 else "norm"  # DoRA's lora_magnitude_vector is a 1-D scale
+    if leaf_kind == "bias":
+        return "bias" if ndim == 1 else "other"
+    if any(_is_norm(c) for c in module):
+        return "norm" if ndim == 1 else "other"
+    if ndim < 2:
+        return "other"
+
+    if module[0] == "cls":  # BERT pre-training heads; their transform.dense is a hidden layer
+        return "mlp" if "transform" in module else "head"
+    if any(c in _HEAD_MODULES for c in module) or module == ["output"]:
+        return "head"
+    if any(c in _EMBED_EXACT or "embed" in c for c in module):
+        return "embedding"
+
+    nearest = next((c for c in reversed(context) if c in _ATTN_CONTEXT or c in _MLP_CONTEXT
+                    or c in ("output", "intermediate", "pooler")), None)
+    in_attn = nearest in _ATTN_CONTEXT or (nearest == "output" and any(c in _ATTN_CONTEXT for c in context))
+    if proj in _QKV:
+        return "qkv"
+    if proj in _QUERY or (in_attn and proj in _QUERY_IN_ATTN):
+        return "query"
+    if proj in _KEY or (in_attn and proj in _KEY_IN_ATTN):
+        return "key"
+    if proj in _VALUE or (in_attn and proj in _VALUE_IN_ATTN):
+        return "value"
+    if proj in _ATTN_OUT or (in_attn and proj in _ATTN_OUT_IN_ATTN):
+        return "attn_out"
+    if proj in _MLP or nearest in _MLP_CONTEXT or (nearest in ("output", "intermediate", "pooler")
+                                                     and proj == "dense"):
+        return "mlp"
+    return "other"
+
+
+# --------------------------------------------------------------------------------------------------
+# shape facts and rule sets
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What a rule set's ``layout`` sees about one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    out_dim: int  # the dimension that indexes output neurons / tokens (1 for GPT-2 Conv1D weights)
+    attention: AttentionShape
+    qkv_layout: str | None = None  # "concat" ([q|k|v]) or "grouped" (per kv group [q.. k v], NeoX/Falcon)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A rule's facts for one tensor: how many blocks, of what size, plus rule-specific extras."""
+
+    n_blocks: int
+    block_size: int  # elements per block (a rule with blocks of several sizes reports the largest)
+    extra: dict[str, Any] = field(default_factory=dict)
+    rule: str | None = None  # set when the rule set had to fall back to another rule ...
+    note: str | None = None  # ... and why (the plan gathers all notes into one warning)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A rule set = ``rules`` (role -> rule) + ``layout(info, rule)`` that checks shapes and gives facts.
+
+    ``layout`` raises ``ValueError`` when the shape contradicts the rule (the plan adds the name).
+    ``extra_rules`` are rules that no role maps to by default but an override may pick.
+    """
+
+    name: str
+    rules: Mapping[str, str]
+    layout: Callable[[ParamInfo, str], Layout]
+    default: str = "other"
+    extra_rules: tuple[str, ...] = ()
+
+    def rule_for(self, role: str) -> str:
+        return self.rules.get(role, self.default)
+
+    @property
+    def known_rules(self) -> set[str]:
+        return {*self.rules.values(), self.default, *self.extra_rules}
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    rule: str
+    n_blocks: int
+    block_size: int
+    out_dim: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = "auto"  # "auto" or "override"
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+    def layout_dict(self) -> dict[str, Any]:
+        """The JSON-able facts an optimizer keeps in its param group for this tensor."""
+        return {"rule": self.rule, "role": self.role, "out_dim": self.out_dim, "n_blocks": self.n_blocks,
+                "block_size": self.block_size, **self.extra}
+
+
+# --------------------------------------------------------------------------------------------------
+# sources: a model, (name, tensor) pairs, or param groups with names
+
+
+def _module_types(model: torch.nn.Module) -> dict[str, str]:
+    types = {}
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            types[f"{mname}.{pname}" if mname else pname] = type(module).__name__
+    return types
+
+
+_NEEDS_NAMES = "a plan needs named tensors: a module, (name, tensor) pairs or groups with param_names"
+
+
+def named_tensors(source: Any) -> tuple[list[tuple[str, Tensor]], list[dict[str, Any]] | None]:
+    """``(name, tensor)`` pairs from a module (trainable only), pairs, or groups with ``param_names``.
+
+    Returns the pairs and, when ``source`` was a list of groups, those groups (for ``param_groups``).
+    """
+    if isinstance(source, torch.nn.Module):
+        return [(n, p) for n, p in source.named_parameters() if p.requires_grad], None
+    if isinstance(source, Tensor):
+        raise TypeError(_NEEDS_NAMES)
+    items = list(source)
+    if items and all(isinstance(g, dict) for g in items):
+        pairs = []
+        for gi, g in enumerate(items):
+            params = g["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            if "param_names" in g:
+                names = list(g["param_names"])
+                if len(names) != len(params):
+                    raise ValueError(f"param group {gi}: {len(names)} param_names for {len(params)} params")
+                pairs.extend(zip(names, params))
+            elif params and all(isinstance(x, tuple) and len(x) == 2 for x in params):
+                pairs.extend(params)
+            else:
+                raise ValueError(f"param group {gi} has no 'param_names': a plan needs every tensor's name")
+        return pairs, items
+    if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+        raise TypeError(_NEEDS_NAMES)
+    return items, None
+
+
+def _is_conv1d_layout(name: str, shape: tuple[int, ...], module_type: str | None,
+                      gpt2_family: bool | None) -> bool:
+    """GPT-2's ``Conv1D`` stores ``(in, out)``; nanoGPT's same names are ``nn.Linear`` ``(out, in)``."""
+    if len(shape) != 2:
+        return False
+    if module_type is not None:
+        return module_type == "Conv1D"
+    proj = _components(name)[-2] if len(_components(name)) > 1 else ""
+    if proj not in ("c_attn", "c_fc", "c_proj", "q_attn"):
+        return False
+    return bool(gpt2_family)
+
+
+def _gpt2_family(pairs: list[tuple[str, Tensor]], config: Any) -> bool | None:
+    """Whether c_attn/c_fc/c_proj use the transposed layout, decided once for the whole model.
+
+    The config's ``model_type`` settles it; otherwise a non-square ``c_attn`` (``(E, 3E)`` vs
+    ``(3E, E)``) or ``c_fc`` shows the layout, which then applies to the square ``c_proj`` too.
+    """
+    model_type = _config_value(config, "model_type")
+    if model_type is not None:
+        return model_type in ("gpt2", "gpt_bigcode", "imagegpt", "decision_transformer")
+    for name, p in pairs:
+        comps = _components(name)
+        shape = tuple(p.shape)
+        if len(comps) > 1 and comps[-2] in ("c_attn", "c_fc") and len(shape) == 2 and shape[0] != shape[1]:
+            return shape[1] > shape[0]
+    return None
+
+
+def _qkv_layout(name: str, config: Any) -> str:
+    comps = _components(name)
+    proj = comps[-2] if len(comps) > 1 else comps[-1]
+    if proj == "query_key_value" and _config_value(config, "model_type") not in ("chatglm",):
+        return "grouped"  # GPT-NeoX, Bloom, Falcon: per kv group [q_1..q_g, k, v], each head_dim rows
+    return "concat"
+
+
+# --------------------------------------------------------------------------------------------------
+# the plan
+
+
+class Plan:
+    """One :class:`PlanRow` per named tensor, under one :class:`RuleSet`."""
+
+    def __init__(self, rows: list[PlanRow], rule_set: RuleSet, attention: AttentionShape,
+                 pairs: list[tuple[str, Tensor]] | None = None,
+                 groups: list[dict[str, Any]] | None = None) -> None:
+        self.rows = rows
+        self.rule_set = rule_set
+        self.attention = attention
+        self._pairs = pairs
+        self._groups = groups
+        self._by_name = {r.name: r for r in rows}
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, source: Any, rule_set: RuleSet, *, config: Any = None,
+              overrides: Mapping[str, str] | None = None, warn: bool = True,
+              num_heads: int | None = None, num_kv_heads: int | None = None, head_dim: int | None = None,
+              hidden_size: int | None = None) -> Plan:
+        """Classify and lay out every tensor of ``source`` (a module, named pairs, or named groups).
+
+        ``config`` defaults to ``source.config`` for a module; keyword geometry wins over it.
+        ``overrides`` maps a parameter name or an ``fnmatch`` pattern to a role (from :data:`ROLES`) or to
+        a rule of ``rule_set``; an override that matches nothing raises ``ValueError`` (typos must not
+        pass silently). Unrecognised tensors and rule fallbacks are reported in one warning each.
+        """
+        module_types: dict[str, str] = {}
+        if isinstance(source, torch.nn.Module):
+            if config is None:
+                config = getattr(source, "config", None)
+            module_types = _module_types(source)
+        pairs, groups = named_tensors(source)
+        attention = AttentionShape.from_config(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                               head_dim=head_dim, hidden_size=hidden_size)
+        overrides = dict(overrides or {})
+        for key, value in overrides.items():
+            if value not in ROLES and value not in rule_set.known_rules:
+                raise ValueError(f"override {key!r} -> {value!r}: not a role ({', '.join(ROLES)}) nor a rule "
+                                 f"of {rule_set.name!r} ({', '.join(sorted(rule_set.known_rules))})")
+        used: set[str] = set()
+        gpt2 = _gpt2_family(pairs, config)
+        rows: list[PlanRow] = []
+        unknown: list[str] = []
+        notes: list[str] = []
+        seen: set[int] = set()
+        for name, p in pairs:
+            if id(p) in seen:  # tied weights: one tensor, one row (the first name wins, as named_parameters)
+                continue
+            seen.add(id(p))
+            shape = tuple(int(s) for s in p.shape)  # global shape, also for a DTensor
+            role = classify(name, shape, config)
+            rule = None
+            kind = "auto"
+            for key, value in overrides.items():
+                if key == name or fnmatch.fnmatchcase(name, key):
+                    used.add(key)
+                    kind = "override"
+                    if value in ROLES:
+                        role = value
+                    else:
+                        rule = value
+            if role == "other" and kind == "auto":
+                unknown.append(name)
+            rule = rule or rule_set.rule_for(role)
+            transposed = _is_conv1d_layout(name, shape, module_types.get(name), gpt2)
+            info = ParamInfo(name=name, shape=shape, role=role, out_dim=1 if transposed else 0,
+                             attention=attention, qkv_layout=_qkv_layout(name, config) if role == "qkv" else None)
+            try:
+                layout = rule_set.layout(info, rule)
+            except ValueError as err:
+                raise ValueError(f"parameter {name!r} (shape {shape}, role {role!r}, rule {rule!r}): "
+                                 f"{err}") from err
+            if layout.note:
+                notes.append(f"{name}: {layout.note}")
+            rows.append(PlanRow(name, shape, role, layout.rule or rule, layout.n_blocks, layout.block_size,
+                                info.out_dim, dict(layout.extra), kind))
+        unused = set(overrides) - used
+        if unused:
+            raise ValueError(f"overrides match no parameter: {', '.join(sorted(unused))}")
+        if warn and unknown:
+            warnings.warn(
+                f"slimopt plan ({rule_set.name}): {len(unknown)} tensor(s) not recognised, given role "
+                f"'other' (rule {rule_set.rule_for('other')!r}): {', '.join(unknown)}. "
+                "Pass overrides={name: role} to say what they are.", stacklevel=2)
+        if warn and notes:
+            warnings.warn(f"slimopt plan ({rule_set.name}): {len(notes)} fallback(s): {'; '.join(notes)}",
+                          stacklevel=2)
+        return cls(rows, rule_set, attention, pairs, groups)
+
+    # -- queries ------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> PlanRow:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[PlanRow]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def roles(self) -> dict[str, str]:
+        return {r.name: r.role for r in self.rows}
+
+    def rules(self) -> dict[str, str]:
+        return {r.name: r.rule for r in self.rows}
+
+    # -- output ---------------------------------------------------------------------------------------
+    def table(self) -> str:
+        """One line per parameter (name, shape, role, rule, blocks, block size, facts), then a total."""
+        header = ("parameter", "shape", "role", "rule", "blocks", "block size", "facts")
+        lines = [header]
+        for r in self.rows:
+            facts = [f"out_dim={r.out_dim}"] if r.out_dim else []
+            facts += [f"{k}={v}" for k, v in r.extra.items() if k != "segments"]
+            if "segments" in r.extra:
+                facts.append(f"segments={len(r.extra['segments'])}")
+            if r.source != "auto":
+                facts.append(r.source)
+            lines.append((r.name, "x".join(map(str, r.shape)) or "()", r.role, r.rule, str(r.n_blocks),
+                          str(r.block_size), " ".join(facts)))
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        out = []
+        for i, line in enumerate(lines):
+            out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+            if i == 0:
+                out.append("  ".join("-" * w for w in widths))
+        blocks = sum(r.n_blocks for r in self.rows)
+        numel = sum(_numel(r.shape) for r in self.rows)
+        out.append(f"{len(self.rows)} tensors, {numel} elements, {blocks} blocks ({self.rule_set.name})")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
+        """Torch param groups that carry their per-parameter metadata.
+
+        Built from groups: their structure and options are kept (``defaults`` fill missing keys only).
+        Otherwise: one group with ``defaults``. Every group gets lists aligned with ``params``:
+        ``param_names``, ``param_roles``, ``param_rules`` and ``param_layouts`` (dicts of JSON-able
+        facts, :meth:`PlanRow.layout_dict`). Tied duplicates appear once.
+        """
+        if self._pairs is None:
+            raise ValueError("this plan holds no tensors (it was not made by Plan.build)")
+        seen: set[int] = set()
+        if self._groups is None:
+            return [{**defaults, **self._group_lists(self._pairs, seen)}]
+        groups = []
+        for g in self._groups:
+            pairs, _ = named_tensors([g])
+            options = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            group = {**defaults, **options, **self._group_lists(pairs, seen)}
+            if group["params"]:
+                groups.append(group)
+        return groups
+
+    def _group_lists(self, pairs: list[tuple[str, Tensor]], seen: set[int]) -> dict[str, Any]:
+        lists: dict[str, list[Any]] = {k: [] for k in ("params", "param_names", "param_roles", "param_rules",
+                                                       "param_layouts")}
+        for name, p in pairs:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            row = self._by_name[name]
+            lists["params"].append(p)
+            lists["param_names"].append(name)
+            lists["param_roles"].append(row.role)
+            lists["param_rules"].append(row.rule)
+            lists["param_layouts"].append(row.layout_dict())
+        return lists
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# two rule sets: roles as they are, and Adam-mini's partition (paper v1.1, Algorithm 3)
+
+
+def _one_block(info: ParamInfo, rule: str) -> Layout:
+    return Layout(1, info.numel)
+
+
+ROLES_ONLY = RuleSet("roles", {role: role for role in ROLES}, layout=_one_block, default="other")
+"""Rule = role, one block per tensor: for printing what ``classify`` decided."""
+
+
+def adam_mini_layout(info: ParamInfo, rule: str) -> Layout:
+    """Blocks of one tensor under Adam-mini's rules; each block will keep one second-moment value.
+
+    ``elementwise`` one block per element (plain Adam, biases); ``whole`` one block per tensor;
+    ``rows`` one block per output neuron / token (``unit=1``); ``heads`` one block per attention head,
+    i.e. ``head_dim`` consecutive output neurons (``unit=head_dim``); ``qkv`` a fused projection whose
+    output neurons are cut into ``segments`` ``[start, length, unit]``: q and k by heads, v by neurons.
+    """
+    shape, numel = info.shape, info.numel
+    if rule == "elementwise":
+        return Layout(numel, 1)
+    if rule == "whole":
+        return Layout(1, numel)
+    if rule not in ("rows", "heads", "qkv"):
+        raise ValueError(f"unknown Adam-mini rule {rule!r}")
+    if len(shape) < 2:
+        raise ValueError(f"rule {rule!r} cuts the output dimension of a matrix; a {len(shape)}-D tensor "
+                         "has none")
+    rows = shape[info.out_dim]
+    per_row = numel // rows if rows else 0
+    if rule == "rows":
+        return Layout(rows, per_row, {"unit": 1})
+    att = info.attention
+    if att.head_dim is None and att.num_heads and len(shape) == 2:
+        # no hidden size given: the input features of an attention projection are the hidden size
+        fan_in = shape[1 - info.out_dim]
+        if fan_in % att.num_heads == 0:
+            att = replace(att, head_dim=fan_in // att.num_heads)
+    if rule == "heads":
+        if att.head_dim is None:
+            return Layout(rows, per_row, {"unit": 1}, rule="rows",
+                          note="head_dim unknown (pass num_heads/head_dim or config): one block per row")
+        hd = att.head_dim
+        if rows % hd:
+            raise ValueError(f"{rows} output neurons is not a multiple of head_dim={hd}")
+        expected = {"query": att.num_heads, "key": att.num_kv_heads}.get(info.role)
+        if expected is not None and rows // hd != expected:
+            raise ValueError(f"{rows // hd} heads of head_dim={hd}, but the config says {expected} "
+                             f"{'kv ' if info.role == 'key' else ''}heads")
+        return Layout(rows // hd, hd * per_row, {"unit": hd})
+    # fused qkv
+    if not att.known:
+        return Layout(rows, per_row, {"unit": 1}, rule="rows",
+                      note="attention geometry unknown (pass num_heads/head_dim): one block per row")
+    h, kv, hd = att.num_heads, att.num_kv_heads or att.num_heads, att.head_dim
+    if rows != (h + 2 * kv) * hd:
+        raise ValueError(f"{rows} output neurons, but fused q,k,v of {h}+{kv}+{kv} heads x {hd} need "
+                         f"{(h + 2 * kv) * hd}")
+    if info.qkv_layout == "grouped":  # per kv group: [q_1 .. q_g, k] by heads, then v by neurons
+        g = h // kv
+        segments = []
+        for i in range(kv):
+            start = i * (g + 2) * hd
+            segments += [[start, (g + 1) * hd, hd], [start + (g + 1) * hd, hd, 1]]
+    else:  # [q | k | v]
+        segments = [[0, (h + kv) * hd, hd], [(h + kv) * hd, kv * hd, 1]]
+    n_blocks = (h + kv) + kv * hd
+    return Layout(n_blocks, hd * per_row, {"segments": segments, "layout": info.qkv_layout})
+
+
+ADAM_MINI = RuleSet(
+    "adam-mini",
+    {
+        "embedding": "rows",  # by tokens
+        "head": "rows",  # by tokens (output classes)
+        "query": "heads",
+        "key": "heads",  # GQA/MQA: num_kv_heads blocks
+        "qkv": "qkv",
+        "value": "rows",  # by output neurons
+        "attn_out": "rows",
+        "mlp": "rows",
+        "adapter": "rows",  # LoRA A (r x in) and B (out x r): by output neurons, never heads
+        "bias": "elementwise",  # plain Adam
+        "norm": "whole",
+        "other": "whole",
+    },
+    layout=adam_mini_layout,
+    default="whole",
+    extra_rules=("elementwise", "whole", "rows", "heads", "qkv"),
+)
+"""Adam-mini's partition (paper v1.1, Algorithm 3) as a rule set over roles."""
