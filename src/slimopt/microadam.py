@@ -1,0 +1,213 @@
+"""MicroAdam (Modoranu et al., NeurIPS 2024, arXiv:2405.15593).
+
+Adam without dense moments. Per tensor, flattened to 1-D, the state is
+
+* a ring window of the last m sparse gradients: block-relative int16 indices and bf16 values,
+  ``k = ceil(k_init * block)`` entries per Top-K block;
+* the error feedback: whatever Top-K left out, 4-bit quantised (bf16 min/max per bucket);
+* a step counter of its own, so a tensor that skips steps keeps the right row ages.
+
+Per step (the numbers are the lines of the paper's Algorithm 1):
+
+    (4)  a   = g + Q^-1(e)                      error feedback
+    (5)  I   = block Top-K of |a|               k per block
+    (9)  window row (t-1) % m  <-  (I, a[I])
+    (6)  a[I] = 0
+    (7,8) e  = Q(a)                             4-bit, new per-bucket min/max
+         p  <- p * (1 - lr * wd)                decoupled weight decay
+    (10,11) m_hat, v_hat from the window with beta powers by row age;  p <- p - lr * m_hat / (sqrt(v_hat) + eps)
+
+State bytes per parameter: 0.5 (codes) + 4 * m * k_init (window) + 4 / quant_block_size (min/max).
+
+Departures from the official code, all fixes: per-tensor step counters; fp32/bf16/fp16 parameters on
+any device (the working accumulator is fp32); ``p.grad`` is never written; zero-range buckets and code
+overflow handled; betas/eps per param group; any k_init in (0, 1]; state that survives save/load.
+
+On CPU, tensors are processed in chunks of whole Top-K blocks and quantisation buckets, so the dense
+fp32 temporaries stay cache-sized. CUDA tensors use the Triton kernels in ``ops.microadam_triton``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .ops.microadam_window import adam_update_from_window
+from .ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit
+from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk
+from .optimizer import (
+    SlimOptimizer,
+    check_betas,
+    check_choice,
+    check_lr,
+    check_nonnegative,
+    check_positive_int,
+    check_range,
+)
+
+__all__ = ["MicroAdam", "chunk_spans"]
+
+# Dense fp32 temporaries on the torch path cover at most this many entries (rounded up to whole blocks
+# and buckets): a few MiB, so the passes of one chunk stay in cache.
+CHUNK_ELEMENTS = 1 << 18
+
+
+class MicroAdam(SlimOptimizer):
+    """MicroAdam: Top-K sparse gradient window + 4-bit error feedback.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param-group dicts.
+        lr, betas, eps, weight_decay: as in AdamW (weight decay is decoupled).
+        m: number of sparse gradients in the window.
+        k_init: fraction of each Top-K block kept per step, in (0, 1].
+        quant_block_size: bucket size of the 4-bit error-feedback quantiser.
+        topk_block_size: Top-K block size (<= 32768 so indices fit int16).
+        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, m: int = 10, k_init: float = 0.01,
+                 quant_block_size: int = 64, *, topk_block_size: int = 4096, backend: str = "auto") -> None:
+        check_choice("backend", backend, ("auto", "torch", "triton"))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m, k_init=k_init,
+                        quant_block_size=quant_block_size, topk_block_size=topk_block_size)
+        self._validate(defaults)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._validate(group)
+        self.backend = backend
+
+    @staticmethod
+    def _validate(h: dict[str, Any]) -> None:
+        check_lr(h["lr"])
+        check_betas(h["betas"])
+        check_nonnegative("eps", h["eps"])
+        check_nonnegative("weight_decay", h["weight_decay"])
+        check_positive_int("m", h["m"])
+        check_range("k_init", h["k_init"], 0.0, 1.0, low_open=True)
+        check_positive_int("quant_block_size", h["quant_block_size"])
+        check_positive_int("topk_block_size", h["topk_block_size"])
+        if h["topk_block_size"] > MAX_BLOCK_SIZE:
+            raise ValueError(f"Invalid topk_block_size: {h['topk_block_size']} (must be <= {MAX_BLOCK_SIZE})")
+
+    # -- state ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _init_state(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
+        n = p.numel()
+        k_total = block_layout(n, group["topk_block_size"], group["k_init"]).k_total
+        m, buckets = group["m"], num_buckets(n, group["quant_block_size"])
+        state["window_indices"] = torch.zeros(m, k_total, dtype=torch.int16, device=p.device)
+        state["window_values"] = torch.zeros(m, k_total, dtype=torch.bfloat16, device=p.device)
+        state["ef_codes"] = torch.zeros((n + 1) // 2, dtype=torch.uint8, device=p.device)
+        state["ef_min"] = torch.zeros(buckets, dtype=torch.bfloat16, device=p.device)
+        state["ef_max"] = torch.zeros(buckets, dtype=torch.bfloat16, device=p.device)
+
+    def _use_triton(self, p: Tensor) -> bool:
+        if self.backend == "auto":
+            if not p.is_cuda:
+                return False
+            from .ops.microadam_triton import triton_available
+
+            return triton_available()
+        return self.backend == "triton"
+
+    # -- the step -------------------------------------------------------------------------------------
+    def update_group(self, group: dict[str, Any]) -> None:
+        for _, p, grad in self.grads(group):
+            state = self.state[p]
+            if not state:
+                self._init_state(state, p, group)
+            step = int(self.advance_step(state))
+            if p.numel() == 0:
+                continue
+            if self._use_triton(p):
+                from .ops.microadam_triton import microadam_step_triton
+
+                microadam_step_triton(p, grad, state, group, step)
+            else:
+                _microadam_step_torch(p, grad, state, group, step)
+
+
+def _as_float(x: Any) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+class ChunkSpan(NamedTuple):
+    """A piece of a flat tensor made of whole Top-K blocks and whole quantisation buckets."""
+
+    start: int
+    end: int
+    columns: tuple[int, int]  # its window columns
+    buckets: tuple[int, int]  # its min/max entries
+    code_bytes: tuple[int, int]  # its packed EF bytes
+
+
+def chunk_spans(layout: BlockLayout, bucket_size: int) -> Iterator[ChunkSpan]:
+    """Cut a tensor into spans of about CHUNK_ELEMENTS; all offsets are Python ints (no int32 limit)."""
+    n, block_size, k_block = layout.n, layout.block_size, layout.k_block
+    unit = math.lcm(block_size, bucket_size, 2)  # whole blocks, whole buckets, whole nibble pairs
+    chunk = max(unit, CHUNK_ELEMENTS // unit * unit)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        col1 = layout.k_total if end == n else end // block_size * k_block
+        yield ChunkSpan(start, end, (start // block_size * k_block, col1),
+                        (start // bucket_size, num_buckets(end, bucket_size)), (start // 2, (end + 1) // 2))
+
+
+def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
+                          step: int) -> None:
+    """One MicroAdam step of one tensor with plain torch ops (the reference path), chunk by chunk."""
+    n, m = p.numel(), group["m"]
+    block_size, bucket_size, k_init = group["topk_block_size"], group["quant_block_size"], group["k_init"]
+    lr, wd = _as_float(group["lr"]), _as_float(group["weight_decay"])
+    betas, eps = tuple(_as_float(b) for b in group["betas"]), _as_float(group["eps"])
+    layout = block_layout(n, block_size, k_init)
+    window_idx, window_val = state["window_indices"], state["window_values"]
+    codes, ef_min, ef_max = state["ef_codes"], state["ef_min"], state["ef_max"]
+    row = (step - 1) % m
+
+    g_flat = grad.reshape(-1)
+    p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
+    chunk_starts = None
+    for span in chunk_spans(layout, bucket_size):
+        start, end, (col0, col1) = span.start, span.end, span.columns
+        (b0, b1), (c0, c1) = span.buckets, span.code_bytes
+        if chunk_starts is None or chunk_starts.numel() != col1 - col0:
+            chunk_starts = block_starts(block_layout(end - start, block_size, k_init), p.device)
+
+        # (4) error feedback: a = g + Q^-1(e)
+        a = dequantize_4bit(codes[c0:c1], ef_min[b0:b1], ef_max[b0:b1], end - start, bucket_size)
+        a.add_(g_flat[start:end])
+        # (5) block Top-K and (9) the newest window row
+        rel = block_topk(a, block_size, k_init)
+        pos = rel + chunk_starts
+        window_idx[row, col0:col1] = rel.to(torch.int16)
+        window_val[row, col0:col1] = a[pos].to(torch.bfloat16)
+        # (6) drop what was selected, (7, 8) quantise the rest into the new error feedback
+        a[pos] = 0
+        lo, hi = bucket_ranges(a, bucket_size)
+        ef_min[b0:b1], ef_max[b0:b1] = lo, hi
+        codes[c0:c1] = quantize_4bit(a, lo, hi, bucket_size)
+        # (10, 11) moments from the window, decoupled weight decay, update
+        positions = window_idx[:, col0:col1].long() + chunk_starts
+        u = adam_update_from_window(positions, window_val[:, col0:col1], end - start, step, betas, eps)
+        _apply_update(p_flat[start:end], u, lr, wd)
+    if p_flat.data_ptr() != p.data_ptr():
+        p.copy_(p_flat.view_as(p))
+
+
+def _apply_update(p: Tensor, u: Tensor, lr: float, wd: float) -> None:
+    """p <- p * (1 - lr * wd) - lr * u, rounded once to p's dtype."""
+    if p.dtype == torch.float32:
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(u, alpha=-lr)
+    else:
+        work = p.float()
+        if wd:
+            work.mul_(1 - lr * wd)
+        p.copy_(work.add_(u, alpha=-lr))

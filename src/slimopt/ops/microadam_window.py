@@ -1,0 +1,53 @@
+"""MicroAdam's moments, rebuilt at every step from the window of the last m sparse gradients.
+
+The window is a ring of m rows; row r holds the Top-K (position, value) pairs written at some step.
+At step t (counted per tensor, from 1) row ``(t - 1) % m`` is the newest; a row written ``age`` steps
+ago enters the first moment with weight beta1**age and the second with beta2**age, rows not yet
+written (t < m) with weight 0. With Adam's bias corrections this is
+
+    m_hat = (1 - beta1) / (1 - beta1**t) * sum_rows beta1**age * V
+    v_hat = (1 - beta2) / (1 - beta2**t) * sum_rows beta2**age * V**2
+    u     = m_hat / (sqrt(v_hat) + eps)
+
+which is exactly bias-corrected Adam when every coordinate is in every row and m >= t, and otherwise
+an EMA truncated to the window. The update is zero wherever no row holds a coordinate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["adam_update_from_window", "bias_corrections", "row_weights"]
+
+
+def row_weights(step: int, m: int, beta: float) -> list[float]:
+    """beta**age of each ring row at ``step`` (1-based); 0 for rows not written yet."""
+    newest = (step - 1) % m
+    return [beta ** ((newest - r) % m) if r < step else 0.0 for r in range(m)]
+
+
+def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
+    """(1 - beta1) / (1 - beta1**t) and (1 - beta2) / (1 - beta2**t)."""
+    return (1 - beta1) / (1 - beta1**step), (1 - beta2) / (1 - beta2**step)
+
+
+def adam_update_from_window(positions: Tensor, values: Tensor, n: int, step: int, betas: tuple[float, float],
+                            eps: float) -> Tensor:
+    """Dense fp32 Adam direction u (length ``n``) from the window.
+
+    ``positions``: int64 (m, k) positions in 0..n-1; ``values``: (m, k) window values. Duplicate
+    positions across rows add up; rows are summed in order 0..m-1.
+    """
+    beta1, beta2 = betas
+    m = positions.shape[0]
+    w1 = torch.tensor(row_weights(step, m, beta1), dtype=torch.float32, device=values.device)
+    w2 = torch.tensor(row_weights(step, m, beta2), dtype=torch.float32, device=values.device)
+    v = values.float()
+    first = torch.zeros(n, dtype=torch.float32, device=values.device)
+    second = torch.zeros(n, dtype=torch.float32, device=values.device)
+    flat = positions.reshape(-1)
+    first.index_add_(0, flat, (v * w1[:, None]).view(-1))
+    second.index_add_(0, flat, (v * v * w2[:, None]).view(-1))
+    c1, c2 = bias_corrections(step, beta1, beta2)
+    return first.mul_(c1).div_(second.mul_(c2).sqrt_().add_(eps))

@@ -1,0 +1,112 @@
+"""4-bit asymmetric min-max quantisation in buckets, two codes per byte.
+
+A 1-D tensor is cut into consecutive buckets of ``bucket_size`` entries (the last may be shorter).
+Each bucket keeps its minimum ``lo`` and maximum ``hi`` in bf16 and every entry becomes a code in
+0..15 on the uniform grid ``lo + code * (hi - lo) / 15``. Codes are packed two per byte: entry ``2i``
+in the high nibble of byte ``i``, entry ``2i + 1`` in the low nibble (an odd tail leaves a zero low
+nibble).
+
+Two details the original CUDA kernels leave out:
+
+* ``lo`` and ``hi`` are rounded *outwards* to bf16 (down and up), so every entry lies inside the stored
+  range and the round trip is off by at most half a grid step. Rounding to nearest could put an entry
+  outside the range and its code would have to be clamped, costing up to a whole extra step.
+* a bucket whose entries are all equal has step 0: its codes are 0 and it decodes to ``lo`` exactly,
+  instead of dividing 0 by 0. Codes are clamped to 0..15 so one can never spill into its neighbour.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LEVELS",
+    "bucket_ranges",
+    "dequantize_4bit",
+    "num_buckets",
+    "pack_nibbles",
+    "quantize_4bit",
+    "unpack_nibbles",
+]
+
+LEVELS = 15  # 4 bits: codes 0..15, i.e. 15 steps between lo and hi
+
+
+def num_buckets(n: int, bucket_size: int) -> int:
+    return -(-n // bucket_size)
+
+
+def _round_bf16(x: Tensor, down: bool) -> Tensor:
+    """``x`` (fp32) rounded to bf16 towards -inf (``down``) or +inf."""
+    y = x.to(torch.bfloat16)
+    wrong_side = y.float() > x if down else y.float() < x
+    step_to = torch.full_like(y, float("-inf") if down else float("inf"))
+    return torch.where(wrong_side, torch.nextafter(y, step_to), y)
+
+
+def _split(x: Tensor, bucket_size: int) -> tuple[Tensor, Tensor]:
+    """``x`` as (full buckets, bucket_size) rows plus the shorter tail bucket (possibly empty)."""
+    n_full = x.numel() // bucket_size * bucket_size
+    return x[:n_full].view(-1, bucket_size), x[n_full:]
+
+
+def bucket_ranges(x: Tensor, bucket_size: int) -> tuple[Tensor, Tensor]:
+    """Per-bucket (min, max) of the 1-D fp32 tensor ``x``, rounded outwards to bf16."""
+    full, tail = _split(x, bucket_size)
+    lo, hi = full.aminmax(dim=1)
+    if tail.numel():
+        tail_lo, tail_hi = tail.aminmax()
+        lo = torch.cat([lo, tail_lo.view(1)])
+        hi = torch.cat([hi, tail_hi.view(1)])
+    return _round_bf16(lo, down=True), _round_bf16(hi, down=False)
+
+
+def _grid(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 (lo, step, 1/step) per bucket; 1/step is 0 for an empty range (every code is then 0)."""
+    lo32 = lo.float()
+    step = (hi.float() - lo32) / LEVELS
+    inv_step = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+    return lo32, step, inv_step
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """uint8 codes 0..15 (length n) -> ceil(n / 2) bytes, even entries in the high nibble."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
+    """Inverse of ``pack_nibbles``: ``n`` uint8 codes."""
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)
+    return codes[:n]
+
+
+def quantize_4bit(x: Tensor, lo: Tensor, hi: Tensor, bucket_size: int) -> Tensor:
+    """Packed 4-bit codes of the 1-D fp32 ``x`` on the grids given by ``bucket_ranges``."""
+    lo32, _, inv_step = _grid(lo, hi)
+    n_full_buckets = x.numel() // bucket_size
+    full, tail = _split(x, bucket_size)
+    codes = torch.empty(x.numel(), dtype=torch.uint8, device=x.device)
+    code_full, code_tail = _split(codes, bucket_size)
+    # round to nearest: floor(y + 0.5); the clamp guards the grid ends against fp rounding
+    y = (full - lo32[:n_full_buckets, None]) * inv_step[:n_full_buckets, None]
+    code_full.copy_(y.add_(0.5).floor_().clamp_(0, LEVELS))
+    if tail.numel():
+        y = (tail - lo32[-1]) * inv_step[-1]
+        code_tail.copy_(y.add_(0.5).floor_().clamp_(0, LEVELS))
+    return pack_nibbles(codes)
+
+
+def dequantize_4bit(packed: Tensor, lo: Tensor, hi: Tensor, n: int, bucket_size: int) -> Tensor:
+    """The fp32 values (length ``n``) that the packed codes stand for."""
+    lo32, step, _ = _grid(lo, hi)
+    codes = unpack_nibbles(packed, n).float()
+    n_full_buckets = n // bucket_size
+    full, tail = _split(codes, bucket_size)
+    full.mul_(step[:n_full_buckets, None]).add_(lo32[:n_full_buckets, None])
+    if tail.numel():
+        tail.mul_(step[-1]).add_(lo32[-1])
+    return codes

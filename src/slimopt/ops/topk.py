@@ -1,0 +1,84 @@
+"""Block-wise Top-K by magnitude with block-relative indices.
+
+A 1-D tensor of length n is cut into blocks of ``block_size`` entries; the last block may be shorter.
+A full block keeps ``k_block = ceil(block_size * k_init)`` entries, the short tail block
+``ceil(tail * k_init)``; every block keeps at least one. Entries are ranked by ``|x|`` and equal
+magnitudes by position (the lower index wins), so the selected *set* is fully determined by the input;
+within a block the indices come out in ascending order. Indices are relative to the start of their
+block, which keeps them below 2**15 (int16 in the window) whatever the size of the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["MAX_BLOCK_SIZE", "BlockLayout", "block_layout", "block_starts", "block_topk", "k_for"]
+
+MAX_BLOCK_SIZE = 1 << 15  # block-relative indices 0..32767 fit int16
+
+
+def k_for(length: int, k_init: float) -> int:
+    """Entries kept from a block of ``length``: ceil(length * k_init), at least 1, at most length."""
+    # round() first so that e.g. 100 * 0.07 = 7.000000000000001 still gives 7
+    return max(1, min(length, math.ceil(round(length * k_init, 9))))
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a 1-D tensor of ``n`` entries is cut into Top-K blocks."""
+
+    n: int
+    block_size: int
+    k_block: int  # entries kept per full block
+    tail: int  # length of the short last block (0 if n is a multiple of block_size)
+    k_tail: int  # entries kept from it (0 if there is none)
+
+    @property
+    def full_blocks(self) -> int:
+        return self.n // self.block_size
+
+    @property
+    def k_total(self) -> int:
+        return self.full_blocks * self.k_block + self.k_tail
+
+
+def block_layout(n: int, block_size: int, k_init: float) -> BlockLayout:
+    tail = n % block_size
+    return BlockLayout(n, block_size, k_for(block_size, k_init), tail, k_for(tail, k_init) if tail else 0)
+
+
+def block_starts(layout: BlockLayout, device: torch.device | str = "cpu") -> Tensor:
+    """int64 offset of the block each of the ``k_total`` selected entries belongs to (length k_total)."""
+    column = torch.arange(layout.k_total, device=device)
+    return torch.div(column, layout.k_block, rounding_mode="floor").clamp_(max=layout.full_blocks) \
+        * layout.block_size
+
+
+def _topk_rows(rows: Tensor, k: int) -> Tensor:
+    """Ascending column indices of the k largest |rows| per row, ties to the lower column."""
+    width = rows.shape[1]
+    # |x| as int32 bits orders like |x| itself; appending the reversed column makes every key unique
+    magnitude = rows.abs().view(torch.int32).to(torch.int64)
+    reversed_column = torch.arange(width - 1, -1, -1, device=rows.device)
+    keys = magnitude.mul_(width).add_(reversed_column)
+    top = keys.topk(k, dim=1, sorted=False).values
+    columns = (width - 1) - top.remainder_(width)
+    return columns.sort(dim=1).values
+
+
+def block_topk(x: Tensor, block_size: int, k_init: float) -> Tensor:
+    """Block-relative int64 indices (length ``k_total``) of each block's top entries of the fp32 ``x``."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    layout = block_layout(x.numel(), block_size, k_init)
+    n_full = layout.full_blocks * block_size
+    parts = []
+    if layout.full_blocks:
+        parts.append(_topk_rows(x[:n_full].view(-1, block_size), layout.k_block).view(-1))
+    if layout.tail:
+        parts.append(_topk_rows(x[n_full:].view(1, -1), layout.k_tail).view(-1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
