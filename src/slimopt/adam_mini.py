@@ -1,0 +1,164 @@
+"""Adam-mini (Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", ICLR 2025).
+
+AdamW with a block-wise second moment. The parameters are cut into blocks that follow the Transformer's
+near-block-diagonal Hessian (paper v1.1, Algorithm 3); each block keeps one scalar ``v_b``, an EMA of
+``mean(g²)`` over the block, and every element of the block is updated with ``m̂ / (sqrt(v̂_b) + eps)``.
+The first moment stays full size; decoupled weight decay, bias correction and eps placement are AdamW's.
+
+The partition is a parameter plan (``slimopt.plan``, rule set ``ADAM_MINI``), decided from names,
+shapes and ``model.config`` -- not from name substrings alone:
+
+    embedding, output head        one block per token row
+    query, key                    one block per attention head (key: num_kv_heads blocks under GQA/MQA)
+    fused qkv                     q and k by heads, v by output neurons (GPT-2 c_attn: columns)
+    value, attn output, MLP       one block per output neuron (rows; columns for GPT-2's Conv1D)
+    bias                          elementwise (plain AdamW)
+    norm and anything else        one block per tensor
+
+Every tensor's layout is stored in its param group (``param_layouts``), so the optimizer keeps working
+when FSDP2 or Accelerate swap the parameter objects. ``print(opt.partition_table())`` shows the plan.
+
+State per tensor: ``exp_avg`` (m, full size, the parameter's dtype or ``exp_avg_dtype``), ``exp_avg_sq``
+(one float32 value per block; full size for elementwise blocks) and ``step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ops.blockstats import CHUNK_NUMEL, adam_mini_step, block_state_shape
+from .optimizer import SlimOptimizer, as_param_groups, check_betas, check_lr, check_nonnegative, check_positive
+from .plan import ADAM_MINI, ROLES, Plan
+
+__all__ = ["AdamMini"]
+
+_DTYPES = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
+           "fp32": torch.float32, "float32": torch.float32, torch.float32: torch.float32}
+
+
+class AdamMini(SlimOptimizer):
+    """Adam-mini with a validated, printable partition.
+
+    Args:
+        params: ``model.named_parameters()``, ``(name, tensor)`` pairs, or param groups whose
+            ``"params"`` are such pairs or that carry ``"param_names"``. Names decide the partition;
+            unnamed tensors get one block each (with a warning). Prefer :meth:`from_model`, which also
+            reads ``model.config`` and module types (GPT-2 ``Conv1D``).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (the paper uses AdamW's values).
+        num_heads, num_kv_heads, head_dim, hidden_size: attention geometry for the per-head blocks
+            (``head_dim`` may differ from ``hidden_size // num_heads``: Gemma, Qwen3). Win over ``config``.
+        config: a HF-style config (object or dict) to read the geometry from.
+        overrides: ``{name or fnmatch pattern: role or rule}``; rules are ``elementwise``, ``whole``,
+            ``rows``, ``heads``, ``qkv``. E.g. ``{"*.v_proj.weight": "whole"}`` is the repo's advice
+            for short runs (one learning rate per Value tensor).
+        no_decay_roles: roles whose tensors get no weight decay (default norms and biases; embeddings
+            are decayed, as upstream).
+        exp_avg_dtype: dtype of ``m``; ``None`` keeps the parameter's dtype, ``torch.bfloat16`` halves
+            it for fp32 parameters. ``v`` is always float32 (``mean(g²)`` underflows in bf16).
+        nonfinite: ``"raise"`` or ``"skip"`` for NaN/inf gradients (see ``SlimOptimizer``).
+    """
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, num_heads: int | None = None,
+                 num_kv_heads: int | None = None, head_dim: int | None = None, hidden_size: int | None = None,
+                 config: Any = None, overrides: Mapping[str, str] | None = None,
+                 no_decay_roles: tuple[str, ...] = ("norm", "bias"), exp_avg_dtype: Any = None,
+                 nonfinite: str = "raise", chunk_numel: int = CHUNK_NUMEL, _plan: Plan | None = None) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_positive("eps", eps)
+        check_nonnegative("weight_decay", weight_decay)
+        if exp_avg_dtype not in _DTYPES:
+            raise ValueError(f"Invalid exp_avg_dtype: {exp_avg_dtype!r} (must be None, torch.float32 or "
+                             "torch.bfloat16)")
+        unknown_roles = set(no_decay_roles) - set(ROLES)
+        if unknown_roles:
+            raise ValueError(f"Invalid no_decay_roles: {sorted(unknown_roles)} (roles are {', '.join(ROLES)})")
+        self._geometry = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
+                          "hidden_size": hidden_size}
+        self._config = config
+        if _plan is None:
+            groups = _named(as_param_groups(params))
+            _plan = Plan.build(groups, ADAM_MINI, config=config, overrides=overrides, **self._geometry)
+        self.plan = _plan
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "no_decay_roles": tuple(no_decay_roles), "exp_avg_dtype": _DTYPES[exp_avg_dtype],
+                    "chunk_numel": chunk_numel, "nonfinite": nonfinite}
+        super().__init__(_plan.param_groups(), defaults)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, lr: float | Tensor = 1e-3, weight_decay: float = 0.0,
+                   **kwargs: Any) -> AdamMini:
+        """Adam-mini for ``model``'s trainable parameters, partitioned with ``model.config`` and module types.
+
+        Geometry keywords (``num_heads``, ``num_kv_heads``, ``head_dim``, ``hidden_size``) and
+        ``overrides`` win over the config.
+        """
+        kwargs.setdefault("config", getattr(model, "config", None))
+        plan_keys = ("num_heads", "num_kv_heads", "head_dim", "hidden_size", "config", "overrides")
+        plan = Plan.build(model, ADAM_MINI, **{k: kwargs[k] for k in plan_keys if k in kwargs})
+        return cls(None, lr=lr, weight_decay=weight_decay, _plan=plan, **kwargs)
+
+    # -- groups added later (torch calls this for the constructor's groups too) ---------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "param_layouts" not in param_group:  # a group added after construction: plan it now
+            group = _named(as_param_groups([param_group]), offset=len(self.param_groups))[0]
+            if group["params"]:
+                plan = Plan.build([group], ADAM_MINI, config=self._config, **self._geometry)
+                self.plan = Plan(self.plan.rows + plan.rows, ADAM_MINI, self.plan.attention)
+                group = plan.param_groups()[0]
+            else:
+                group = {**group, "param_roles": [], "param_rules": [], "param_layouts": []}
+            param_group = group
+        super().add_param_group(param_group)
+
+    def partition_table(self) -> str:
+        """The partition as a table: one line per tensor (name, shape, role, rule, blocks, block size)."""
+        return self.plan.table()
+
+    # -- the step (paper Algorithm 1) -------------------------------------------------------------------
+    def update_group(self, group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, Tensor) else lr  # torch's addcdiv takes a Python number
+        beta1, beta2 = group["betas"]
+        for index, p, grad in self.grads(group):
+            layout = group["param_layouts"][index]
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                m_dtype = group["exp_avg_dtype"] or p.dtype
+                state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=torch.preserve_format)
+                # one float32 value per block (a full float32 tensor for elementwise blocks)
+                state["exp_avg_sq"] = torch.zeros(block_state_shape(layout, tuple(p.shape)), dtype=torch.float32,
+                                                  device=p.device)
+            step = self.advance_step(state)
+            decays = group["param_roles"][index] not in group["no_decay_roles"]
+            adam_mini_step(p, grad, state["exp_avg"], state["exp_avg_sq"], float(step), layout, lr=lr,
+                           beta1=beta1, beta2=beta2, eps=group["eps"],
+                           weight_decay=group["weight_decay"] if decays else 0.0,
+                           chunk_numel=group["chunk_numel"])
+
+
+def _named(groups: list[dict[str, Any]], offset: int = 0) -> list[dict[str, Any]]:
+    """Give unnamed tensors placeholder names (they plan as role ``other``: one block each).
+
+    torch wants all groups with names or all without, and names make error messages useful, so the
+    placeholders stay in ``param_names``.
+    """
+    out = []
+    for gi, g in enumerate(groups):
+        if "param_names" in g:
+            out.append(g)
+            continue
+        if not g["params"]:
+            out.append({**g, "param_names": []})
+            continue
+        names = [f"param_groups[{gi + offset}].params[{i}]" for i in range(len(g["params"]))]
+        out.append({**g, "param_names": names})
+    return out
+
+

@@ -1,0 +1,214 @@
+"""Adam-mini's kernels: per-block mean of g², and the block-wise Adam update.
+
+A *layout* is the dict a parameter plan stores for each tensor (``slimopt.plan.adam_mini_layout``):
+``rule`` is ``elementwise`` (a block per element), ``whole`` (one block), ``rows`` / ``heads`` (blocks of
+``unit`` consecutive output neurons, along ``out_dim``) or ``qkv`` (output neurons cut into ``segments``
+``[start, length, unit]``). Every block keeps one second-moment value ``v_b``.
+
+``block_mean_sq_reference`` and ``adam_mini_step_reference`` are the obvious versions: an explicit
+element-to-block index and ``scatter_add``; they are what the tests hold the fast path to.
+
+The fast path never materialises ``g²``: per-output-neuron sums of squares come from
+``torch.linalg.vector_norm`` (a reduction, no temporary), grouped into blocks on vectors that are as small
+as the output dimension. The update itself streams each big tensor once, in chunks of whole rows that
+fit in cache: decay, ``m`` and ``p`` of one chunk are updated before the next chunk is read, so ``p``,
+``m`` and ``g`` make one trip to memory instead of one per op.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CHUNK_NUMEL",
+    "adam_mini_step",
+    "adam_mini_step_reference",
+    "block_index",
+    "block_mean_sq",
+    "block_mean_sq_reference",
+    "block_state_shape",
+    "neuron_repeats",
+]
+
+Layout = dict[str, Any]
+
+# Elements per chunk of the fused update: p, m and g of one chunk (3 x 256 KB in fp32) stay in L2 while
+# the three ops run over it, and each op still splits over two threads (torch's grain is 32K elements).
+CHUNK_NUMEL = 1 << 16
+
+
+def block_state_shape(layout: Layout, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the second-moment state: the tensor's shape (elementwise), ``()`` (whole), or ``(n_blocks,)``."""
+    rule = layout["rule"]
+    if rule == "elementwise":
+        return tuple(shape)
+    if rule == "whole":
+        return ()
+    return (int(layout["n_blocks"]),)
+
+
+def _segments(layout: Layout, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """``(start, length, unit)`` runs along the output dimension; ``unit`` neurons share one block."""
+    if layout["rule"] == "qkv":
+        return [tuple(s) for s in layout["segments"]]
+    return [(0, shape[layout["out_dim"]], int(layout.get("unit", 1)))]
+
+
+def neuron_repeats(layout: Layout, shape: tuple[int, ...]) -> list[int]:
+    """For each block (in order), how many consecutive output neurons it covers."""
+    reps: list[int] = []
+    for _, length, unit in _segments(layout, shape):
+        reps += [unit] * (length // unit)
+    return reps
+
+
+# --------------------------------------------------------------------------------------------------
+# reference: explicit block index, float64 scatter
+
+
+def block_index(layout: Layout, shape: tuple[int, ...]) -> Tensor:
+    """The block of every element of a tensor of ``shape`` (int64, same shape)."""
+    rule = layout["rule"]
+    numel = math.prod(shape)
+    if rule == "elementwise":
+        return torch.arange(numel).reshape(shape)
+    if rule == "whole":
+        return torch.zeros(shape, dtype=torch.long)
+    out_dim = layout["out_dim"]
+    of_neuron = torch.repeat_interleave(torch.arange(layout["n_blocks"]),
+                                        torch.tensor(neuron_repeats(layout, shape)))
+    view = [1] * len(shape)
+    view[out_dim] = shape[out_dim]
+    return of_neuron.reshape(view).expand(shape).contiguous()
+
+
+def block_mean_sq_reference(grad: Tensor, layout: Layout) -> Tensor:
+    """mean(g²) over each block, in float64 (shape :func:`block_state_shape`)."""
+    shape = tuple(grad.shape)
+    state_shape = block_state_shape(layout, shape)
+    if layout["rule"] == "elementwise":
+        return grad.double() ** 2
+    index = block_index(layout, shape).reshape(-1)
+    n_blocks = math.prod(state_shape)
+    g2 = grad.double().reshape(-1) ** 2
+    sums = torch.zeros(n_blocks, dtype=torch.float64).scatter_add_(0, index, g2)
+    counts = torch.zeros(n_blocks, dtype=torch.float64).scatter_add_(0, index, torch.ones_like(g2))
+    return (sums / counts).reshape(state_shape)
+
+
+def adam_mini_step_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
+                             layout: Layout, *, lr: float, beta1: float, beta2: float, eps: float,
+                             weight_decay: float) -> None:
+    """One Adam-mini step on one tensor, in place (paper Algorithm 1; ``step`` = t >= 1, advanced).
+
+    ``exp_avg`` is full size, ``exp_avg_sq`` holds one value per block (float32).
+    """
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)  # decoupled weight decay, as AdamW
+    exp_avg.lerp_(grad.to(exp_avg.dtype), 1 - beta1)  # m <- beta1 m + (1 - beta1) g
+    mean_sq = block_mean_sq_reference(grad, layout).to(exp_avg_sq.dtype)
+    exp_avg_sq.mul_(beta2).add_(mean_sq, alpha=1 - beta2)  # v_b <- beta2 v_b + (1 - beta2) mean_b(g²)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom_blocks = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat_b) + eps
+    if layout["rule"] == "elementwise":
+        denom = denom_blocks
+    else:
+        denom = denom_blocks.reshape(-1)[block_index(layout, tuple(param.shape))]
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)  # p <- p - lr m_hat / (sqrt(v_hat_b) + eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# fast path
+
+
+def block_mean_sq(grad: Tensor, layout: Layout) -> Tensor:
+    """mean(g²) over each block in float32, without a g² temporary (shape :func:`block_state_shape`).
+
+    Not for ``elementwise`` layouts (that is plain Adam's ``g²``).
+    """
+    rule = layout["rule"]
+    if rule == "whole":
+        return torch.linalg.vector_norm(grad, dtype=torch.float32).square_().div_(max(grad.numel(), 1))
+    if rule == "elementwise":
+        raise ValueError("block_mean_sq: an elementwise layout has no blocks to average over")
+    out_dim = layout["out_dim"]
+    shape = tuple(grad.shape)
+    other = [d for d in range(grad.dim()) if d != out_dim]
+    per_neuron = math.prod(shape[d] for d in other)
+    sums = torch.linalg.vector_norm(grad, dim=other, dtype=torch.float32).square_()  # (shape[out_dim],)
+    segments = _segments(layout, shape)
+    if len(segments) == 1:  # rows (unit 1) or heads (unit head_dim): blocks of equal size
+        unit = segments[0][2]
+        blocks = sums if unit == 1 else sums.view(-1, unit).sum(1)
+        return blocks.div_(unit * per_neuron)
+    parts, sizes = [], []
+    for start, length, unit in segments:
+        part = sums[start:start + length]
+        parts.append(part if unit == 1 else part.view(-1, unit).sum(1))
+        sizes.append(torch.full((length // unit,), float(unit * per_neuron), device=grad.device))
+    return torch.cat(parts).div_(torch.cat(sizes))
+
+
+def _denominator_view(denom_blocks: Tensor, layout: Layout, shape: tuple[int, ...]) -> Tensor:
+    """Per-block denominators as a tensor that broadcasts against the parameter (no full-size copy)."""
+    rule = layout["rule"]
+    if rule == "whole":
+        return denom_blocks
+    segments = _segments(layout, shape)
+    if len(segments) == 1 and segments[0][2] > 1:  # heads
+        denom_blocks = denom_blocks.repeat_interleave(segments[0][2])
+    elif len(segments) > 1:  # fused qkv
+        reps = torch.tensor(neuron_repeats(layout, shape), device=denom_blocks.device)
+        denom_blocks = denom_blocks.repeat_interleave(reps, output_size=shape[layout["out_dim"]])
+    view = [1] * len(shape)
+    view[layout["out_dim"]] = shape[layout["out_dim"]]
+    return denom_blocks.view(view)
+
+
+def adam_mini_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
+                   layout: Layout, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   chunk_numel: int = CHUNK_NUMEL) -> None:
+    """``adam_mini_step_reference`` without temporaries of the tensor's size, chunked over dim 0.
+
+    Same algorithm, same order of operations on each element; the block means are computed as squared
+    norms, so results agree with the reference to float32 rounding, not bit for bit.
+    """
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    shape = tuple(param.shape)
+    if layout["rule"] == "elementwise":  # plain AdamW, op for op as torch's for-loop AdamW
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype), 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # float32 v, also for bf16 grads
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+        return
+    exp_avg_sq.mul_(beta2).add_(block_mean_sq(grad, layout), alpha=1 - beta2)
+    denom = _denominator_view((exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps), layout, shape)
+    decay = 1 - lr * weight_decay
+    same_dtype = exp_avg.dtype == grad.dtype
+    if param.dim() == 0 or not (param.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous()):
+        chunks = [(param, grad, exp_avg, denom)]
+    else:
+        rows = shape[0]
+        rows_per_chunk = max(1, chunk_numel // max(1, param.numel() // max(rows, 1)))
+        split_denom = denom.dim() > 0 and denom.shape[0] == rows and rows > 1
+        chunks = zip(param.split(rows_per_chunk), grad.split(rows_per_chunk), exp_avg.split(rows_per_chunk),
+                     denom.split(rows_per_chunk) if split_denom else _repeat(denom))
+    for p, g, m, d in chunks:
+        if weight_decay != 0:
+            p.mul_(decay)
+        m.lerp_(g if same_dtype else g.to(m.dtype), 1 - beta1)
+        p.addcdiv_(m, d, value=-step_size)
+
+
+def _repeat(x: Tensor):
+    while True:
+        yield x
