@@ -1,0 +1,105 @@
+"""AdamW (Loshchilov & Hutter) for the tensors a plan routes to it: embeddings, heads, norms, biases.
+
+``adamw_reference`` is the algorithm box, one tensor, op for op as ``torch.optim.AdamW``'s for-loop
+path (so the two agree bit for bit). ``adamw_multi`` is the fast path over many tensors: small tensors
+go through torch's multi-tensor (``_foreach``) ops, and a big tensor is updated in cache-sized chunks.
+
+Why chunks: each of AdamW's half-dozen elementwise ops streams the whole tensor through memory, and a
+token embedding (tens of MB per state tensor) does not fit in cache, so an unfused update is bound by
+DRAM traffic. Running all the ops on one chunk before moving on keeps the chunk's param, grad, moments
+and the ``denom`` scratch in L2, and each element makes one trip to memory instead of about six. The
+ops and their order are torch's, so the result is the same to the bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK_NUMEL", "adamw_multi", "adamw_reference"]
+
+# Elements per chunk: 64K fp32 values per stream, five streams (param, grad, two moments, denom) keep
+# about 1.3 MB in L2, yet each op still splits over two threads (torch's grain size is 32K elements).
+CHUNK_NUMEL = 1 << 16
+
+
+def _bias_corrections(step: float, beta1: float, beta2: float, lr: float) -> tuple[float, float]:
+    """(step size lr / (1 - beta1^t), sqrt(1 - beta2^t)), computed exactly as torch computes them."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return lr / bias_correction1, bias_correction2**0.5
+
+
+def adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float, *,
+                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW step on one tensor, in place. ``step`` is the step number t >= 1 (already advanced)."""
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)  # decoupled weight decay
+    exp_avg.lerp_(grad, 1 - beta1)  # m <- beta1 m + (1 - beta1) g
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v <- beta2 v + (1 - beta2) g^2
+    step_size, bias_correction2_sqrt = _bias_corrections(step, beta1, beta2, lr)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v_hat) + eps
+    param.addcdiv_(exp_avg, denom, value=-step_size)  # p <- p - lr m_hat / (sqrt(v_hat) + eps)
+
+
+def _adamw_chunked(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float, *,
+                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   chunk_numel: int) -> None:
+    """``adamw_reference`` on one big contiguous tensor, chunk by chunk, with one reused scratch."""
+    step_size, bias_correction2_sqrt = _bias_corrections(step, beta1, beta2, lr)
+    decay = 1 - lr * weight_decay
+    flats = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
+    denom = torch.empty(min(chunk_numel, param.numel()), dtype=exp_avg_sq.dtype, device=param.device)
+    for p, g, m, v in zip(*(t.split(chunk_numel) for t in flats)):
+        d = denom[: p.numel()]
+        if weight_decay != 0:
+            p.mul_(decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        torch.sqrt(v, out=d).div_(bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(m, d, value=-step_size)
+
+
+def _adamw_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                   exp_avg_sqs: list[Tensor], steps: list[float], *, lr: float, beta1: float,
+                   beta2: float, eps: float, weight_decay: float) -> None:
+    """``adamw_reference`` on a list of tensors with torch's multi-tensor ops (same ops, same order)."""
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    corrections = [_bias_corrections(s, beta1, beta2, lr) for s in steps]
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, [c[1] for c in corrections])
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-c[0] for c in corrections])
+
+
+def adamw_multi(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                exp_avg_sqs: Sequence[Tensor], steps: Sequence[float], *, lr: float, beta1: float,
+                beta2: float, eps: float, weight_decay: float, chunk_numel: int = CHUNK_NUMEL) -> None:
+    """AdamW on many tensors at once, in place; equal to ``adamw_reference`` on each tensor.
+
+    Tensors larger than ``4 * chunk_numel`` (and contiguous) are updated chunk by chunk; the rest,
+    grouped by device and dtype, with multi-tensor ops.
+    """
+    small: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        tensors = (p, grads[i], exp_avgs[i], exp_avg_sqs[i])
+        big = p.numel() > 4 * chunk_numel and all(t.is_contiguous() for t in tensors)
+        same_dtype = grads[i].dtype == p.dtype
+        if big and same_dtype:
+            _adamw_chunked(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr=lr, beta1=beta1,
+                           beta2=beta2, eps=eps, weight_decay=weight_decay, chunk_numel=chunk_numel)
+        elif not same_dtype:  # mixed dtypes (e.g. fp32 grad on a bf16 param): one tensor at a time
+            adamw_reference(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr=lr, beta1=beta1,
+                            beta2=beta2, eps=eps, weight_decay=weight_decay)
+        else:
+            small.setdefault((p.device, p.dtype, exp_avg_sqs[i].dtype), []).append(i)
+    for index in small.values():
+        _adamw_foreach([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
+                       [exp_avg_sqs[i] for i in index], [steps[i] for i in index], lr=lr, beta1=beta1,
+                       beta2=beta2, eps=eps, weight_decay=weight_decay)

@@ -1,0 +1,93 @@
+"""Gradient normalisations used by SinkGD and SWAN (pure functions over tensors).
+
+SinkGD (Scetbon et al., "Gradient Multi-Normalization", Alg. 3 "SR-Sinkhorn") alternates, L times,
+
+    row step     X <- sqrt(n) * Q(X)^-1 X      (every row gets l2 norm sqrt(n))
+    column step  X <- sqrt(m) * X R(X)^-1      (every column gets l2 norm sqrt(m))
+
+on a gradient G of shape (m, n). Every iterate is D_r G D_c for two positive diagonals, so the L steps
+need only two scale vectors, never L copies of the matrix. Working with squared scales makes this the
+textbook Sinkhorn-Knopp iteration on A = G*G with marginals (n 1_m, m 1_n):
+
+    R <- n / (A C)        C <- m / (A^T R)        X = diag(sqrt R) G diag(sqrt C).
+
+SWAN's GradNorm (Ma et al., Alg. 3) standardises each row across the n columns: (G - mean) / std.
+
+All reductions run in fp32 whatever the gradient dtype. A zero row or column stays zero (its norm is
+clamped at ``eps`` before dividing, so nothing becomes NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "apply_scales",
+    "row_standardize",
+    "sinkhorn_scales",
+    "sr_sinkhorn",
+    "sr_sinkhorn_reference",
+]
+
+
+def sinkhorn_scales(grad: Tensor, iters: int, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Row and column scale vectors ``(r, c)`` such that ``diag(r) G diag(c)`` is SR-Sinkhorn(G, iters).
+
+    ``grad`` is a 2-D tensor (m, n) of any float dtype; ``r`` (m,) and ``c`` (n,) are fp32.
+    """
+    if grad.ndim != 2:
+        raise ValueError(f"sinkhorn_scales expects a matrix, got shape {tuple(grad.shape)}")
+    m, n = grad.shape
+    a = grad.float().square()  # A = G*G, the Sinkhorn-Knopp matrix (fp32 even for bf16 gradients)
+    return _sinkhorn_knopp_sqrt(a, iters, eps)
+
+
+def _sinkhorn_knopp_sqrt(a: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor]:
+    m, n = a.shape
+    tiny = eps * eps  # eps clamps l2 norms; these are squared norms
+    col_sq = torch.ones(n, dtype=torch.float32, device=a.device)  # C: squared column scales
+    row_sq = torch.ones(m, dtype=torch.float32, device=a.device)
+    for _ in range(iters):
+        # row step: squared row norms of diag(sqrt R) G diag(sqrt C) are R * (A C); make them n
+        row_sq = torch.mv(a, col_sq).clamp_min_(tiny).reciprocal_().mul_(n)
+        # column step: squared column norms are C * (A^T R); make them m
+        col_sq = torch.mv(a.t(), row_sq).clamp_min_(tiny).reciprocal_().mul_(m)
+    return row_sq.sqrt_(), col_sq.sqrt_()
+
+
+def apply_scales(grad: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """``diag(r) G diag(c)`` in fp32."""
+    return grad.float().mul(r[:, None]).mul_(c[None, :])
+
+
+def sr_sinkhorn(grad: Tensor, iters: int, eps: float = 1e-8) -> Tensor:
+    """SR-Sinkhorn(G, L) through the two scale vectors (fp32 result)."""
+    r, c = sinkhorn_scales(grad, iters, eps)
+    return apply_scales(grad, r, c)
+
+
+def sr_sinkhorn_reference(grad: Tensor, iters: int, eps: float = 1e-8) -> Tensor:
+    """The paper's Algorithm 3 as written: L explicit row and column normalisations of the matrix.
+
+    Kept as the plain reference the scale-vector kernel is tested against.
+    """
+    x = grad.float()
+    m, n = x.shape
+    for _ in range(iters):
+        x = math.sqrt(n) * x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+        x = math.sqrt(m) * x / x.norm(dim=0, keepdim=True).clamp_min(eps)
+    return x
+
+
+def row_standardize(grad: Tensor, eps: float = 1e-8) -> Tensor:
+    """SWAN's GradNorm: every row minus its mean, divided by its (population) standard deviation.
+
+    Returns fp32. A constant row (std 0) becomes zero rather than NaN.
+    """
+    x = grad.float()
+    centered = x - x.mean(dim=1, keepdim=True)
+    std = centered.square().mean(dim=1, keepdim=True).sqrt_()
+    return centered.div_(std.clamp_min_(eps))

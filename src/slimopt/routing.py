@@ -1,0 +1,281 @@
+"""Hybrid routing for SinkGD and SWAN: hidden matrices take the stateless update, the rest AdamW.
+
+Both papers apply their normalised, stateless update only to the linear weights of attention (q, k, v,
+o) and of the MLP; token embeddings, the output head, norm gains and biases are trained with Adam
+(applying SinkGD to the embeddings as well is known to fail badly). This module holds
+
+* ``routing_rules(conv_as_matrix)``: that split as a rule set over the shared parameter plan
+  (``slimopt.plan``: roles from names and shapes -> rule ``"stateless"`` or ``"adamw"``);
+* ``HybridStatelessOptimizer``: the bookkeeping SinkGD and SWAN share. It routes every tensor to one
+  of two kinds of param group, runs the AdamW fallback (``slimopt.ops.adamw``) on ``"adamw"`` groups,
+  and hands each matrix of a ``"stateless"`` group to the subclass's ``update_matrix``.
+
+How a tensor is routed, in order of precedence:
+
+1. a group marked ``"update": "stateless" | "adamw"`` (or ``"use_adamw": True | False``): all its tensors;
+2. a group built by a plan (``param_rules`` lists, e.g. from ``from_model``): each tensor's rule;
+3. otherwise (``"update": "auto"``, the default): tensors with names are classified by the plan's rules
+   (so ``SinkGD(model.named_parameters())`` routes like the papers); nameless tensors by shape only:
+   matrices stateless, everything else AdamW. With bare ``model.parameters()`` an embedding is a matrix
+   too: pass names, use ``create_optimizer``/``from_model``, or mark the groups.
+
+An ``"auto"`` group that holds both kinds is split into two torch param groups (stateless first), so
+each has its own ``lr`` that schedulers scale. AdamW tensors use ``adamw_lr`` / ``adamw_weight_decay``
+(group key, else constructor argument) and, when neither is set, the group's ``lr`` / ``weight_decay``
+(the papers' convention: one global lr, multiplied by ``scale`` on the stateless matrices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ops.adamw import adamw_multi
+from .optimizer import (
+    SlimOptimizer,
+    check_betas,
+    check_choice,
+    check_lr,
+    check_nonnegative,
+)
+from .plan import Layout, ParamInfo, Plan, RuleSet
+
+__all__ = ["ADAMW", "STATELESS", "HybridStatelessOptimizer", "routing_layout", "routing_rules"]
+
+STATELESS = "stateless"
+ADAMW = "adamw"
+_UPDATES = ("auto", STATELESS, ADAMW)
+# Roles whose weights the papers update with the stateless rule: attention and MLP linear layers.
+_HIDDEN_ROLES = ("query", "key", "value", "qkv", "attn_out", "mlp")
+
+
+# --------------------------------------------------------------------------------------------------
+# the rule set
+
+
+def routing_layout(info: ParamInfo, rule: str, conv_as_matrix: bool = False) -> Layout:
+    """Check ``rule`` against the tensor's shape; a stateless tensor gets its ``matrix`` view (rows, cols).
+
+    Rows are the output dimension (``out_dim``; GPT-2's Conv1D stores ``(in, out)``). A tensor of 3 or more
+    dimensions is a ``(out, in*kh*kw)`` matrix when ``conv_as_matrix``; otherwise it falls back to AdamW.
+    """
+    shape, numel = info.shape, info.numel
+    if rule not in (STATELESS, ADAMW):
+        raise ValueError(f"unknown routing rule {rule!r} (must be {STATELESS!r} or {ADAMW!r})")
+    conv = conv_as_matrix and len(shape) > 2 and info.role not in ("embedding", "head")
+    if rule == ADAMW and not conv:
+        return Layout(1, numel)
+    if len(shape) == 2:
+        rows = shape[info.out_dim]
+        return Layout(1, numel, {"matrix": [rows, numel // rows if rows else 0]})
+    if conv:
+        return Layout(1, numel, {"matrix": [shape[0], numel // shape[0] if shape[0] else 0]}, rule=STATELESS)
+    if len(shape) > 2:
+        return Layout(1, numel, rule=ADAMW,
+                      note=f"a {len(shape)}-D tensor takes AdamW (pass conv_as_matrix=True for (out, rest))")
+    raise ValueError(f"the stateless update needs a matrix, got a {len(shape)}-D tensor")
+
+
+def routing_rules(conv_as_matrix: bool = False) -> RuleSet:
+    """Role -> ``"stateless"`` for attention and MLP weights, ``"adamw"`` for everything else."""
+    return RuleSet(
+        "sinkgd/swan routing",
+        {role: STATELESS for role in _HIDDEN_ROLES},
+        layout=lambda info, rule: routing_layout(info, rule, conv_as_matrix),
+        default=ADAMW,
+        extra_rules=(STATELESS, ADAMW),
+    )
+
+
+def _shape_rule(p: Tensor, conv_as_matrix: bool) -> str:
+    return STATELESS if p.ndim == 2 or (conv_as_matrix and p.ndim > 2) else ADAMW
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared optimizer
+
+
+def _is_named(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+
+
+def _scalar(value: float | Tensor) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+class HybridStatelessOptimizer(SlimOptimizer):
+    """Stateless matrix update + AdamW fallback; subclasses implement ``update_matrix``."""
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, adamw_lr: float | None,
+                 adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float | None,
+                 conv_as_matrix: bool) -> None:
+        check_lr(defaults["lr"])
+        check_nonnegative("weight_decay", defaults["weight_decay"])
+        if adamw_lr is not None:
+            check_lr(adamw_lr, "adamw_lr")
+        check_betas(adamw_betas, "adamw_betas")
+        check_nonnegative("adamw_eps", adamw_eps)
+        if adamw_weight_decay is not None:
+            check_nonnegative("adamw_weight_decay", adamw_weight_decay)
+        self._conv_as_matrix = bool(conv_as_matrix)
+        defaults = {**defaults, "update": "auto", "adamw_lr": adamw_lr, "adamw_betas": tuple(adamw_betas),
+                    "adamw_eps": adamw_eps, "adamw_weight_decay": adamw_weight_decay,
+                    "conv_as_matrix": self._conv_as_matrix}
+        self.plan: Plan | None = None
+        super().__init__(params, defaults)
+
+    # -- construction from a model ------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, lr: float | Tensor | None = None, weight_decay: float = 0.0, *,
+                   overrides: Mapping[str, str] | None = None, print_plan: bool = False,
+                   conv_as_matrix: bool = False, **kwargs: Any) -> HybridStatelessOptimizer:
+        """Route ``model``'s trainable tensors by name and shape (``slimopt.plan``) and build the optimizer.
+
+        ``overrides`` maps a name or ``fnmatch`` pattern to a role or to ``"stateless"``/``"adamw"``;
+        ``print_plan`` prints the routing table. The plan is kept as ``optimizer.plan``.
+        """
+        plan = Plan.build(model, routing_rules(conv_as_matrix), overrides=overrides)
+        if lr is not None:
+            kwargs["lr"] = lr
+        opt = cls(plan.param_groups(), weight_decay=weight_decay, conv_as_matrix=conv_as_matrix, **kwargs)
+        opt.plan = plan
+        if print_plan:
+            print(opt.routing_table())
+        return opt
+
+    # -- param groups: every group is either all-stateless or all-AdamW --------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        params = group.pop("params")
+        params = [params] if isinstance(params, Tensor) else list(params)
+        names = group.pop("param_names", None)
+        if params and all(_is_named(x) for x in params):
+            names, params = [n for n, _ in params], [p for _, p in params]
+        if names is None and self.param_groups and "param_names" in self.param_groups[0]:
+            names = [f"param_groups[{len(self.param_groups)}][{i}]" for i in range(len(params))]
+        update = self._update_of(group)
+        conv = self._conv_as_matrix
+        if update != "auto":
+            rules = [update] * len(params)
+        elif "param_rules" in group:
+            rules = list(group["param_rules"])
+        elif names is not None:
+            planned = Plan.build(list(zip(names, params)), routing_rules(conv), warn=False).rules()
+            rules = [planned.get(n) or _shape_rule(p, conv) for n, p in zip(names, params)]
+        else:
+            rules = [_shape_rule(p, conv) for p in params]
+        for rule in rules:
+            check_choice("param rule", rule, (STATELESS, ADAMW))
+        per_param = {k: v for k, v in group.items()
+                     if k.startswith("param_") and isinstance(v, list) and len(v) == len(params)}
+        shared = {k: v for k, v in group.items() if k not in per_param}
+        kinds = [r for r in (STATELESS, ADAMW) if r in rules] or [STATELESS if update == "auto" else update]
+        for kind in kinds:
+            keep = [i for i, r in enumerate(rules) if r == kind]
+            sub = dict(shared)
+            sub["params"] = [params[i] for i in keep]
+            if names is not None:
+                sub["param_names"] = [names[i] for i in keep]
+            for key, values in per_param.items():
+                sub[key] = [values[i] for i in keep]
+            sub["update"] = kind
+            if kind == ADAMW:
+                self._resolve_adamw(sub)
+            else:
+                self._check_stateless(sub)
+            super().add_param_group(sub)
+
+    def _update_of(self, group: dict[str, Any]) -> str:
+        use_adamw = group.pop("use_adamw", None)
+        update = group.get("update", "auto")
+        check_choice("update", update, _UPDATES)
+        if use_adamw is not None:
+            marked = ADAMW if use_adamw else STATELESS
+            if update not in ("auto", marked):
+                raise ValueError(f"param group says update={update!r} but use_adamw={use_adamw!r}")
+            update = marked
+        return update
+
+    def _resolve_adamw(self, group: dict[str, Any]) -> None:
+        """AdamW tensors: ``adamw_lr``/``adamw_weight_decay`` (group, then constructor), else lr/wd."""
+        for key in ("lr", "weight_decay"):
+            own = group.get(f"adamw_{key}", self.defaults.get(f"adamw_{key}"))
+            if own is not None:
+                group[key] = own
+        if "betas" in group:  # a user-marked AdamW group may say betas/eps the usual way
+            group["adamw_betas"] = tuple(group.pop("betas"))
+        if "eps" in group and "adamw_eps" not in group:
+            group["adamw_eps"] = group.pop("eps")
+        if "lr" in group:
+            check_lr(group["lr"])
+        if "weight_decay" in group:
+            check_nonnegative("weight_decay", group["weight_decay"])
+        if "adamw_betas" in group:
+            check_betas(group["adamw_betas"], "adamw_betas")
+
+    def _check_stateless(self, group: dict[str, Any]) -> None:
+        if "lr" in group:
+            check_lr(group["lr"])
+        if "weight_decay" in group:
+            check_nonnegative("weight_decay", group["weight_decay"])
+
+    # -- the step -------------------------------------------------------------------------------------
+    def update_group(self, group: dict[str, Any]) -> None:
+        if group["update"] == ADAMW:
+            self._adamw_step(group)
+            return
+        layouts = group.get("param_layouts")
+        for index, p, grad in self.grads(group):
+            matrix = layouts[index].get("matrix") if layouts is not None else None
+            if matrix is not None and p.ndim == 2 and matrix[0] != p.shape[0]:  # Conv1D (in, out) storage
+                self.update_matrix(p.t(), grad.t(), group)
+            elif p.ndim > 2:
+                self.update_matrix(p.view(p.shape[0], -1), grad.reshape(p.shape[0], -1), group)
+            elif p.ndim == 2:
+                self.update_matrix(p, grad, group)
+            else:
+                raise RuntimeError(f"{type(self).__name__}: the stateless update needs a matrix, but "
+                                   f"{self.param_name(group, index)} has shape {tuple(p.shape)}; mark its "
+                                   "group update='adamw'")
+
+    def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+        """Apply the method's stateless update to one (rows, cols) matrix view, in place."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for _, p, grad in self.grads(group):
+            state = self.state[p]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            steps.append(_scalar(self.advance_step(state)))
+            params.append(p)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+        if not params:
+            return
+        beta1, beta2 = group["adamw_betas"]
+        adamw_multi(params, grads, exp_avgs, exp_avg_sqs, steps, lr=_scalar(group["lr"]), beta1=beta1,
+                    beta2=beta2, eps=group["adamw_eps"], weight_decay=group["weight_decay"])
+
+    # -- reporting --------------------------------------------------------------------------------------
+    def routing_table(self) -> str:
+        """One line per tensor: name, shape, update rule and its group's lr."""
+        rows = [("parameter", "shape", "update", "lr")]
+        totals = {STATELESS: 0, ADAMW: 0}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"param_groups[{gi}][{i}]" for i in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                rows.append((name, "x".join(map(str, p.shape)) or "()", group["update"], f"{_scalar(group['lr']):g}"))
+                totals[group["update"]] += p.numel()
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"{totals[STATELESS]} elements stateless, {totals[ADAMW]} elements on AdamW")
+        return "\n".join(lines)
+

@@ -1,0 +1,62 @@
+"""SinkGD: stateless Sinkhorn gradient descent (Scetbon, Ma, Gong, Meeds; "Gradient Multi-Normalization
+for Stateless and Scalable LLM Training", arXiv 2502.06742, NeurIPS 2025).
+
+Algorithm 4 for each hidden matrix W (m x n) with gradient G:
+
+    X = SR-Sinkhorn(G, L)          # L times: rows to l2 norm sqrt(n), then columns to sqrt(m)
+    W <- W - lr * scale * X        # no momentum, no second moment: no state at all
+
+SR-Sinkhorn's iterates are all diag(r) G diag(c), so it is computed through two scale vectors
+(``slimopt.ops.normalize.sinkhorn_scales``). Embeddings, the output head, norms and biases take AdamW
+(``slimopt.routing``); only they hold optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from .ops.normalize import sinkhorn_scales
+from .optimizer import check_positive, check_positive_int
+from .routing import HybridStatelessOptimizer
+
+__all__ = ["SinkGD"]
+
+
+class SinkGD(HybridStatelessOptimizer):
+    """SinkGD with the papers' hybrid routing (AdamW for non-hidden tensors).
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param groups (see ``slimopt.routing`` for routing).
+        lr: global learning rate (0.02 in the papers' GaLore-benchmark convention). AdamW tensors use it
+            unless ``adamw_lr`` is given; SinkGD matrices move by ``lr * scale`` per unit-RMS update.
+        iters: L, the number of row-then-column normalisation rounds (5 in the paper).
+        scale: alpha, the multiplier on ``lr`` for the matrices (0.05: effective step 1e-3).
+        weight_decay: decoupled weight decay, W <- W (1 - lr * scale * weight_decay) on the matrices; also
+            AdamW's unless ``adamw_weight_decay`` is given. The paper uses none.
+        eps: clamp on row and column norms (a zero row or column stays zero).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW fallback's hyper-parameters.
+        conv_as_matrix: update 3-D+ weights (convolutions) as (out, in*kh*kw) matrices instead of AdamW.
+        nonfinite: ``"raise"`` (default) or ``"skip"`` tensors whose gradient has a NaN/inf.
+    """
+
+    def __init__(self, params: Any, lr: float | Tensor = 0.02, iters: int = 5, scale: float = 0.05,
+                 weight_decay: float = 0.0, eps: float = 1e-8, *, adamw_lr: float | None = None,
+                 adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
+                 adamw_weight_decay: float | None = None, conv_as_matrix: bool = False,
+                 nonfinite: str = "raise") -> None:
+        check_positive_int("iters", iters)
+        check_positive("scale", scale)
+        check_positive("eps", eps)
+        defaults = {"lr": lr, "iters": iters, "scale": scale, "weight_decay": weight_decay, "eps": eps,
+                    "nonfinite": nonfinite}
+        super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                         adamw_weight_decay=adamw_weight_decay, conv_as_matrix=conv_as_matrix)
+
+    def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+        step_size = float(group["lr"]) * group["scale"]
+        if group["weight_decay"] != 0:
+            param.mul_(1 - step_size * group["weight_decay"])
+        r, c = sinkhorn_scales(grad, group["iters"], group["eps"])  # SR-Sinkhorn(G, L) = diag(r) G diag(c)
+        param.addcmul_(grad * r[:, None], c, value=-step_size)  # W <- W - lr * scale * X

@@ -1,0 +1,76 @@
+"""SWAN: SGD with Whitening And Normalization (Ma, Gong, Scetbon, Meeds, et al.; "SWAN: SGD with
+Normalization and Whitening Enables Stateless LLM Training", arXiv 2412.13148, ICML 2025).
+
+Algorithm 1 for each hidden matrix W (m x n, m <= n; a tall matrix is handled transposed):
+
+    G~ = GradNorm(G)               # each row minus its mean, divided by its standard deviation
+    X  = GradWhitening(G~)         # (G~ G~^T)^(-1/2) G~, coupled Newton-Schulz in fp32 on the m x m side
+    X <- sqrt(mn) X / ||X||_F      # optional: entry-RMS 1, the same step scale as SinkGD and Adam
+    W <- W - lr * scale * X        # stateless
+
+Embeddings, the output head, norms and biases take AdamW (``slimopt.routing``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+from .ops.newton_schulz import whiten
+from .ops.normalize import row_standardize
+from .optimizer import check_positive, check_positive_int
+from .routing import HybridStatelessOptimizer
+
+__all__ = ["SWAN", "swan_direction"]
+
+
+def swan_direction(grad: Tensor, ns_iters: int, rescale: bool = True, eps: float = 1e-8) -> Tensor:
+    """GradWhitening(GradNorm(G)) for one matrix, fp32; rows are the shorter side (transposed if tall)."""
+    tall = grad.shape[0] > grad.shape[1]
+    g = grad.t() if tall else grad
+    x = whiten(row_standardize(g, eps), ns_iters, eps)
+    if rescale:
+        x.mul_(math.sqrt(x.numel()) / x.norm().clamp_min(eps).item())
+    return x.t() if tall else x
+
+
+class SWAN(HybridStatelessOptimizer):
+    """SWAN with the papers' hybrid routing (AdamW for non-hidden tensors).
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param groups (see ``slimopt.routing`` for routing).
+        lr: global learning rate; AdamW tensors use it unless ``adamw_lr`` is given.
+        ns_iters: coupled Newton-Schulz steps of the whitening (10: converged to fp32 precision for
+            moderately conditioned gradients; very ill-conditioned ones keep their smallest singular
+            directions below 1, as any fixed-step polar approximation does).
+        scale: multiplier on ``lr`` for the matrices (0.05, the GaLore-benchmark convention).
+        rescale: scale each update to entry-RMS 1 (sqrt(mn) / Frobenius norm) before the step.
+        weight_decay: decoupled, W <- W (1 - lr * scale * weight_decay) on the matrices; also AdamW's
+            unless ``adamw_weight_decay`` is given.
+        eps: guards the row standard deviations and norms (zero rows stay zero).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW fallback's hyper-parameters.
+        conv_as_matrix: update 3-D+ weights (convolutions) as (out, in*kh*kw) matrices instead of AdamW.
+        nonfinite: ``"raise"`` (default) or ``"skip"`` tensors whose gradient has a NaN/inf.
+    """
+
+    def __init__(self, params: Any, lr: float | Tensor = 0.02, ns_iters: int = 10, scale: float = 0.05,
+                 rescale: bool = True, weight_decay: float = 0.0, eps: float = 1e-8, *,
+                 adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.999),
+                 adamw_eps: float = 1e-8, adamw_weight_decay: float | None = None,
+                 conv_as_matrix: bool = False, nonfinite: str = "raise") -> None:
+        check_positive_int("ns_iters", ns_iters)
+        check_positive("scale", scale)
+        check_positive("eps", eps)
+        defaults = {"lr": lr, "ns_iters": ns_iters, "scale": scale, "rescale": bool(rescale),
+                    "weight_decay": weight_decay, "eps": eps, "nonfinite": nonfinite}
+        super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                         adamw_weight_decay=adamw_weight_decay, conv_as_matrix=conv_as_matrix)
+
+    def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+        step_size = float(group["lr"]) * group["scale"]
+        if group["weight_decay"] != 0:
+            param.mul_(1 - step_size * group["weight_decay"])
+        update = swan_direction(grad, group["ns_iters"], group["rescale"], group["eps"])
+        param.add_(update, alpha=-step_size)
