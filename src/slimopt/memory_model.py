@@ -295,18 +295,18 @@ def _adamw_8bit(t: TensorFacts, *, scale_block: int | None = None, step_bytes: i
     return 2 * t.numel + scales + step_bytes
 
 
-def microadam_k(numel: int, k_init: float, topk_block: int) -> int:
+def microadam_k(numel: int, k_init: float, topk_block_size: int) -> int:
     """Top-K entries kept per window row: ceil(k_init · block) per Top-K block, the last block shorter."""
-    block = min(topk_block, numel)
+    block = min(topk_block_size, numel)
     full, rest = divmod(numel, block)
     return full * math.ceil(block * k_init) + (math.ceil(rest * k_init) if rest else 0)
 
 
 def _microadam(t: TensorFacts, *, m: int = 10, k_init: float = 0.01, quant_block_size: int = 100_000,
-               topk_block: int = 20_864, step_bytes: int = 4) -> int:
-    # topk_block: the official kernels' Top-K block on an A100 (it fits int16 block-relative indices)
+               topk_block_size: int = 20_864, step_bytes: int = 4) -> int:
+    # 20,864: the official kernels' Top-K block on an A100 (block-relative indices fit int16)
     d = t.numel
-    window = m * microadam_k(d, k_init, topk_block) * (2 + 2)  # int16 index + bf16 value
+    window = m * microadam_k(d, k_init, topk_block_size) * (2 + 2)  # int16 index + bf16 value
     error_feedback = math.ceil(d / 2)  # two 4-bit codes per byte
     min_max = 2 * (d // quant_block_size + 1) * 2  # bf16 min and max per bucket
     return window + error_feedback + min_max + step_bytes
@@ -340,9 +340,9 @@ OPTIMIZER_STATE: dict[str, StateRule] = {
         StateRule("adamw-fp32", "m, v fp32: 8 B/param", _adamw, {"state_bytes": 4}),
         StateRule("adamw-bf16", "m, v bf16: 4 B/param", _adamw, {"state_bytes": 2}),
         StateRule("adamw-8bit", "m, v 8-bit: 2 B/param", _adamw_8bit, {"scale_block": None}),
-        StateRule("microadam-m10", "window m=10 of k=1% (int16+bf16) + 4-bit EF + bf16 min/max",
+        StateRule("microadam-m10", "window m=10 of k=1% (int16+bf16) + 4-bit EF + bf16 min/max per 100k",
                   _microadam, {"m": 10, "k_init": 0.01, "quant_block_size": 100_000}),
-        StateRule("microadam-m20", "window m=20 of k=1% (int16+bf16) + 4-bit EF + bf16 min/max",
+        StateRule("microadam-m20", "window m=20 of k=1% (int16+bf16) + 4-bit EF + bf16 min/max per 100k",
                   _microadam, {"m": 20, "k_init": 0.01, "quant_block_size": 100_000}),
         StateRule("adam-mini", "m fp32 + one fp32 v per block (tokens, heads, neurons, tensors)",
                   _adam_mini, {"m_bytes": 4, "v_bytes": 4}),
