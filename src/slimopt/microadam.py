@@ -41,6 +41,7 @@ from .ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bi
 from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk
 from .optimizer import (
     SlimOptimizer,
+    as_param_groups,
     check_betas,
     check_choice,
     check_lr,
@@ -67,19 +68,28 @@ class MicroAdam(SlimOptimizer):
         quant_block_size: bucket size of the 4-bit error-feedback quantiser.
         topk_block_size: Top-K block size (<= 32768 so indices fit int16).
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        nonfinite: ``"raise"`` or ``"skip"`` a tensor whose gradient has NaN/inf (see SlimOptimizer).
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, m: int = 10, k_init: float = 0.01,
-                 quant_block_size: int = 64, *, topk_block_size: int = 4096, backend: str = "auto") -> None:
+                 quant_block_size: int = 64, *, topk_block_size: int = 4096, backend: str = "auto",
+                 nonfinite: str = "raise") -> None:
         check_choice("backend", backend, ("auto", "torch", "triton"))
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m, k_init=k_init,
-                        quant_block_size=quant_block_size, topk_block_size=topk_block_size)
+                        quant_block_size=quant_block_size, topk_block_size=topk_block_size, nonfinite=nonfinite)
         self._validate(defaults)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._validate(group)
         self.backend = backend
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = as_param_groups([param_group])[0]
+        if "param_names" not in param_group and any("param_names" in g for g in self.param_groups):
+            # torch refuses to mix named and unnamed groups: name the new tensors by position
+            where = f"param_groups[{len(self.param_groups)}]"
+            param_group["param_names"] = [f"{where}.params[{j}]" for j in range(len(param_group["params"]))]
+        super().add_param_group(param_group)
+        self._validate(self.param_groups[-1])
 
     @staticmethod
     def _validate(h: dict[str, Any]) -> None:
