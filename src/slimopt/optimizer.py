@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .distributed import finite_flags
+
 __all__ = [
     "SlimOptimizer",
     "as_param_groups",
@@ -194,17 +196,15 @@ class SlimOptimizer(Optimizer):
         A NaN in a "raise" group raises here, naming the parameter, with the optimizer untouched; in a
         "skip" group the tensor is left out of this step (returned as (group, index) pairs).
         """
-        flags: dict[torch.device, tuple[list[tuple[int, int]], list[Tensor]]] = {}
+        where, grads = [], []
         for gi, group in enumerate(self.param_groups):
             for index, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is not None and grad.layout == torch.strided and not grad.is_complex():
-                    where, finite = flags.setdefault(grad.device, ([], []))
                     where.append((gi, index))
-                    finite.append(torch.isfinite(grad).all())
-        bad = []
-        for where, finite in flags.values():  # one sync per device
-            bad += [w for w, ok in zip(where, torch.stack(finite).tolist()) if not ok]
+                    grads.append(grad)
+        # one sync per device; ranks holding shards of one tensor agree (slimopt.distributed)
+        bad = [w for w, ok in zip(where, finite_flags(grads)) if not ok]
         if not bad:
             return set()
         for gi, index in bad:
