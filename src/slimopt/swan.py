@@ -30,7 +30,7 @@ def swan_direction(grad: Tensor, ns_iters: int, rescale: bool = True, eps: float
     """GradWhitening(GradNorm(G)) for one matrix, fp32; rows are the shorter side (transposed if tall)."""
     tall = grad.shape[0] > grad.shape[1]
     g = grad.t() if tall else grad
-    x = whiten(row_standardize(g, eps), ns_iters, eps)
+    x = whiten(row_standardize(g, eps), ns_iters)
     if rescale:
         x.mul_(math.sqrt(x.numel()) / x.norm().clamp_min(eps).item())
     return x.t() if tall else x

@@ -86,19 +86,14 @@ def adamw_multi(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seq
     Tensors larger than ``4 * chunk_numel`` (and contiguous) are updated chunk by chunk; the rest,
     grouped by device and dtype, with multi-tensor ops.
     """
-    small: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
+    small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
         tensors = (p, grads[i], exp_avgs[i], exp_avg_sqs[i])
-        big = p.numel() > 4 * chunk_numel and all(t.is_contiguous() for t in tensors)
-        same_dtype = grads[i].dtype == p.dtype
-        if big and same_dtype:
+        if p.numel() > 4 * chunk_numel and all(t.is_contiguous() for t in tensors):
             _adamw_chunked(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr=lr, beta1=beta1,
                            beta2=beta2, eps=eps, weight_decay=weight_decay, chunk_numel=chunk_numel)
-        elif not same_dtype:  # mixed dtypes (e.g. fp32 grad on a bf16 param): one tensor at a time
-            adamw_reference(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr=lr, beta1=beta1,
-                            beta2=beta2, eps=eps, weight_decay=weight_decay)
         else:
-            small.setdefault((p.device, p.dtype, exp_avg_sqs[i].dtype), []).append(i)
+            small.setdefault((p.device, p.dtype), []).append(i)
     for index in small.values():
         _adamw_foreach([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
                        [exp_avg_sqs[i] for i in index], [steps[i] for i in index], lr=lr, beta1=beta1,

@@ -35,7 +35,7 @@ def inverse_sqrt_newton_schulz(a: Tensor, iters: int) -> Tensor:
     return z
 
 
-def whiten(grad: Tensor, iters: int, eps: float = 1e-8) -> Tensor:
+def whiten(grad: Tensor, iters: int) -> Tensor:
     """(G G^T)^(-1/2) G for a matrix ``grad``, computed in fp32 on the smaller Gram side.
 
     A tall matrix (m > n) is whitened as ((G^T G)^(-1/2) G^T)^T, which is the same polar factor.
@@ -47,7 +47,7 @@ def whiten(grad: Tensor, iters: int, eps: float = 1e-8) -> Tensor:
     if tall:
         g = g.t()
     gram = g @ g.t()
-    scale = torch.linalg.matrix_norm(gram).clamp_min_(eps * eps)  # ||G G^T||_F >= its top eigenvalue
+    scale = torch.linalg.matrix_norm(gram).clamp_min_(1e-30)  # ||G G^T||_F >= its top eigenvalue
     z = inverse_sqrt_newton_schulz(gram.div_(scale), iters)
     out = (z @ g).div_(scale.sqrt_())  # (G G^T / s)^(-1/2) G / sqrt(s) = (G G^T)^(-1/2) G
     return out.t() if tall else out

@@ -13,8 +13,9 @@ textbook Sinkhorn-Knopp iteration on A = G*G with marginals (n 1_m, m 1_n):
 
 SWAN's GradNorm (Ma et al., Alg. 3) standardises each row across the n columns: (G - mean) / std.
 
-All reductions run in fp32 whatever the gradient dtype. A zero row or column stays zero (its norm is
-clamped at ``eps`` before dividing, so nothing becomes NaN).
+All reductions run in fp32 whatever the gradient dtype. A zero row or column stays zero (norms are
+clamped at ``eps`` times G's RMS scale before dividing, so nothing becomes NaN and the result does not
+depend on the gradient's overall scale).
 """
 
 from __future__ import annotations
@@ -47,14 +48,19 @@ def sinkhorn_scales(grad: Tensor, iters: int, eps: float = 1e-8) -> tuple[Tensor
 
 def _sinkhorn_knopp_sqrt(a: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor]:
     m, n = a.shape
-    tiny = eps * eps  # eps clamps l2 norms; these are squared norms
     col_sq = torch.ones(n, dtype=torch.float32, device=a.device)  # C: squared column scales
-    row_sq = torch.ones(m, dtype=torch.float32, device=a.device)
+    row_sq = torch.ones(m, dtype=torch.float32, device=a.device)  # R: squared row scales
+    floor = None
     for _ in range(iters):
-        # row step: squared row norms of diag(sqrt R) G diag(sqrt C) are R * (A C); make them n
-        row_sq = torch.mv(a, col_sq).clamp_min_(tiny).reciprocal_().mul_(n)
-        # column step: squared column norms are C * (A^T R); make them m
-        col_sq = torch.mv(a.t(), row_sq).clamp_min_(tiny).reciprocal_().mul_(m)
+        # row step: the squared row norms of diag(sqrt R) G diag(sqrt C) are R * (A C); make them n
+        row_norm_sq = torch.mv(a, col_sq)
+        if floor is None:
+            # Clamp relative to G's mean square (the first A C holds G's squared row norms), so that
+            # the result does not depend on G's scale. After this step the scales are unit-free.
+            floor = row_norm_sq.sum().mul_(eps * eps / (m * n)).clamp_min_(1e-30)
+        row_sq = row_norm_sq.clamp_min_(floor).reciprocal_().mul_(n)
+        # column step: the squared column norms are C * (A^T R); make them m
+        col_sq = torch.mv(a.t(), row_sq).clamp_min_(eps * eps).reciprocal_().mul_(m)
     return row_sq.sqrt_(), col_sq.sqrt_()
 
 
@@ -72,10 +78,12 @@ def sr_sinkhorn(grad: Tensor, iters: int, eps: float = 1e-8) -> Tensor:
 def sr_sinkhorn_reference(grad: Tensor, iters: int, eps: float = 1e-8) -> Tensor:
     """The paper's Algorithm 3 as written: L explicit row and column normalisations of the matrix.
 
-    Kept as the plain reference the scale-vector kernel is tested against.
+    Kept as the plain reference the scale-vector kernel is tested against. G is first divided by its
+    RMS (SR-Sinkhorn is scale-free), so that ``eps`` clamps norms relative to G's own scale.
     """
     x = grad.float()
     m, n = x.shape
+    x = x / x.square().mean().sqrt().clamp_min(1e-30)
     for _ in range(iters):
         x = math.sqrt(n) * x / x.norm(dim=1, keepdim=True).clamp_min(eps)
         x = math.sqrt(m) * x / x.norm(dim=0, keepdim=True).clamp_min(eps)
@@ -85,9 +93,11 @@ def sr_sinkhorn_reference(grad: Tensor, iters: int, eps: float = 1e-8) -> Tensor
 def row_standardize(grad: Tensor, eps: float = 1e-8) -> Tensor:
     """SWAN's GradNorm: every row minus its mean, divided by its (population) standard deviation.
 
-    Returns fp32. A constant row (std 0) becomes zero rather than NaN.
+    Returns fp32. Standard deviations are clamped at ``eps`` times their RMS over the rows, so a
+    constant row becomes zero rather than NaN and the result does not depend on G's scale.
     """
     x = grad.float()
     centered = x - x.mean(dim=1, keepdim=True)
-    std = centered.square().mean(dim=1, keepdim=True).sqrt_()
-    return centered.div_(std.clamp_min_(eps))
+    var = centered.square().mean(dim=1, keepdim=True)
+    floor = var.mean().sqrt_().mul_(eps).clamp_min_(1e-30)
+    return centered.div_(var.sqrt_().clamp_min_(floor))
