@@ -220,3 +220,18 @@ def test_measured_state_matches_the_formula(family, optimizer_name):
     assert measured == pytest.approx(analytic, rel=0.01)
     if optimizer_name.startswith("adamw"):
         assert measured == analytic
+
+
+def test_set_overrides_formula_options(capsys):
+    assert mm.parse_settings(["galore.rank=128", "adamw-8bit.scale_block=none"]) == {
+        "galore": {"rank": 128}, "adamw-8bit": {"scale_block": None}}
+    with pytest.raises(ValueError, match="no option 'r'"):
+        mm.parse_settings(["galore.r=3"])
+    with pytest.raises(ValueError, match="OPTIMIZER.KEY=VALUE"):
+        mm.parse_settings(["lion.rank=3"])
+    argv = ["memory", "--model", "llama2-7b", "--optimizer", "microadam-m10", "--set",
+            "microadam-m10.quant_block_size=64", "--json"]
+    assert mm.run(build_parser(argv).parse_args(argv)) == 0
+    row = json.loads(capsys.readouterr().out)["optimizers"][0]
+    assert row["options"]["quant_block_size"] == 64 and "published" not in row  # no longer the paper's setting
+    assert 0.9625 <= row["bytes_per_param"] < 0.9625 * 1.002  # 0.5 + 0.4 + 4/64

@@ -33,6 +33,7 @@ Units: GB = 1e9 bytes, GiB = 2^30 bytes; both are printed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -393,8 +394,14 @@ def _is_facts(obj: Any) -> bool:
     return isinstance(obj, list) and bool(obj) and all(isinstance(t, TensorFacts) for t in obj)
 
 
-def state_table(model: str, optimizers: Iterable[str] | None = None) -> dict[str, Any]:
-    """Everything ``slimopt memory`` prints for one published model, as JSON-able data."""
+def state_table(model: str, optimizers: Iterable[str] | None = None,
+                options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything ``slimopt memory`` prints for one published model, as JSON-able data.
+
+    ``options`` maps an optimizer to overrides of its formula's defaults, e.g. ``{"galore": {"rank": 128}}``
+    (GaLore's rank defaults to the one used for the model's size).
+    """
+    options = options or {}
     if model not in MODELS:
         raise KeyError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     spec = MODELS[model]
@@ -404,14 +411,17 @@ def state_table(model: str, optimizers: Iterable[str] | None = None) -> dict[str
     reference = sum(tensor_state_bytes(facts, "adamw-fp32").values())
     rows = []
     for name in names:
-        options = {"rank": spec.galore_rank} if name == "galore" else {}
-        total = sum(tensor_state_bytes(facts, name, **options).values())
+        chosen = {"rank": spec.galore_rank} if name == "galore" else {}
+        chosen.update(options.get(name, {}))
+        total = sum(tensor_state_bytes(facts, name, **chosen).values())
         row = {
             "optimizer": name, "bytes": total, "bytes_per_param": total / n_params,
             "GB": total / GB, "GiB": total / GiB, "vs_adamw_fp32": total / reference,
-            "options": {**_rule(name).defaults, **options}, "formula": _rule(name).summary,
+            "options": {**_rule(name).defaults, **chosen}, "formula": _rule(name).summary,
         }
-        if (model, name) in PUBLISHED:
+        if chosen:
+            row["formula"] += " [" + ", ".join(f"{k}={v}" for k, v in chosen.items()) + "]"
+        if (model, name) in PUBLISHED and not options.get(name):
             value, unit, where = PUBLISHED[(model, name)]
             row["published"] = {"value": value, "unit": unit, "source": where}
         rows.append(row)
@@ -430,7 +440,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"published model (repeatable, or 'all'): {', '.join(MODELS)}")
     parser.add_argument("--optimizer", action="append", metavar="NAME",
                         help=f"restrict to these optimizers (repeatable): {', '.join(OPTIMIZER_STATE)}")
+    parser.add_argument("--set", action="append", default=[], metavar="OPTIMIZER.KEY=VALUE",
+                        help="override a formula option, e.g. galore.rank=128, microadam-m10.quant_block_size=64, "
+                             "adamw-8bit.scale_block=256")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _parse_value(text: str) -> Any:
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ValueError(f"not a number: {text!r}")
+
+
+def parse_settings(settings: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``["galore.rank=128"]`` -> ``{"galore": {"rank": 128}}``; names and keys are checked."""
+    out: dict[str, dict[str, Any]] = {}
+    for setting in settings:
+        target, _, value = setting.partition("=")
+        optimizer, _, key = target.rpartition(".")
+        if not value or not key or optimizer not in OPTIMIZER_STATE:
+            raise ValueError(f"--set {setting!r}: expected OPTIMIZER.KEY=VALUE with OPTIMIZER one of "
+                             f"{', '.join(OPTIMIZER_STATE)}")
+        known = [p for p in inspect.signature(OPTIMIZER_STATE[optimizer].bytes).parameters if p != "t"]
+        if key not in known:
+            raise ValueError(f"--set {setting!r}: {optimizer} has no option {key!r} (options: {', '.join(known)})")
+        out.setdefault(optimizer, {})[key] = _parse_value(value)
+    return out
 
 
 def _format(table: dict[str, Any]) -> str:
@@ -451,7 +491,7 @@ def _format(table: dict[str, Any]) -> str:
         out.append("  ".join(cells) + "  " + line[-1])
         if i == 0:
             out.append("  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
-    sources = sorted({r["published"]["source"] for r in table["optimizers"] if "published" in r})
+    sources = list(dict.fromkeys(r["published"]["source"] for r in table["optimizers"] if "published" in r))
     if sources:
         out.append("paper: " + "; ".join(sources))
     return "\n".join(out)
@@ -472,7 +512,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown: {', '.join(unknown)}; models: {', '.join(MODELS)}; "
               f"optimizers: {', '.join(OPTIMIZER_STATE)}")
         return 2
-    tables = [state_table(m, args.optimizer) for m in models]
+    try:
+        settings = parse_settings(args.set)
+    except ValueError as exc:
+        print(exc)
+        return 2
+    tables = [state_table(m, args.optimizer, settings) for m in models]
     if args.json:
         print(json.dumps(tables[0] if len(tables) == 1 else tables, indent=1))
     else:
