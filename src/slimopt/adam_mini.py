@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ops.blockstats import CHUNK_NUMEL, adam_mini_step, block_state_shape
+from .distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
+from .ops.blockstats import adam_mini_step, block_mean_sq, block_state_shape
 from .optimizer import SlimOptimizer, as_param_groups, check_betas, check_lr, check_nonnegative, check_positive
 from .plan import ADAM_MINI, ROLES, Plan
 
@@ -67,7 +68,7 @@ class AdamMini(SlimOptimizer):
                  num_kv_heads: int | None = None, head_dim: int | None = None, hidden_size: int | None = None,
                  config: Any = None, overrides: Mapping[str, str] | None = None,
                  no_decay_roles: tuple[str, ...] = ("norm", "bias"), exp_avg_dtype: Any = None,
-                 nonfinite: str = "raise", chunk_numel: int = CHUNK_NUMEL, _plan: Plan | None = None) -> None:
+                 nonfinite: str = "raise", _plan: Plan | None = None) -> None:
         check_lr(lr)
         check_betas(betas)
         check_positive("eps", eps)
@@ -87,7 +88,7 @@ class AdamMini(SlimOptimizer):
         self.plan = _plan
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                     "no_decay_roles": tuple(no_decay_roles), "exp_avg_dtype": _DTYPES[exp_avg_dtype],
-                    "chunk_numel": chunk_numel, "nonfinite": nonfinite}
+                    "nonfinite": nonfinite}
         super().__init__(_plan.param_groups(), defaults)
 
     @classmethod
@@ -132,15 +133,22 @@ class AdamMini(SlimOptimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 m_dtype = group["exp_avg_dtype"] or p.dtype
                 state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=torch.preserve_format)
-                # one float32 value per block (a full float32 tensor for elementwise blocks)
-                state["exp_avg_sq"] = torch.zeros(block_state_shape(layout, tuple(p.shape)), dtype=torch.float32,
-                                                  device=p.device)
+                # one float32 value per block (a full float32 tensor, sharded like p, for elementwise blocks)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32) if layout["rule"] == "elementwise" \
+                    else torch.zeros(block_state_shape(layout, tuple(p.shape)), dtype=torch.float32,
+                                     device=local(p).device)
             step = self.advance_step(state)
             decays = group["param_roles"][index] not in group["no_decay_roles"]
-            adam_mini_step(p, grad, state["exp_avg"], state["exp_avg_sq"], float(step), layout, lr=lr,
-                           beta1=beta1, beta2=beta2, eps=group["eps"],
-                           weight_decay=group["weight_decay"] if decays else 0.0,
-                           chunk_numel=group["chunk_numel"])
+            sharded = {}
+            if is_sharded(p) and layout["rule"] != "elementwise":
+                # FSDP2: every rank keeps all blocks' v; block sums of g² are completed across ranks by one
+                # all-reduce (of a scalar, or of one value per output neuron), so every rank's v agrees.
+                sums = sq_sum(grad) if layout["rule"] == "whole" else sq_sums_along(grad, dim=layout["out_dim"])
+                sharded = {"mean_sq": block_mean_sq(local(grad), layout, sums=sums, shape=tuple(p.shape)),
+                           "offset": local_offset(p), "full_shape": tuple(p.shape)}
+            adam_mini_step(local(p), local(grad), local(state["exp_avg"]), local(state["exp_avg_sq"]), float(step),
+                           layout, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                           weight_decay=group["weight_decay"] if decays else 0.0, **sharded)
 
 
 def _named(groups: list[dict[str, Any]], offset: int = 0) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .distributed import local, padded_local, shard_state
 from .ops.microadam_window import adam_update_from_window
 from .ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit
 from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk
@@ -55,6 +56,10 @@ __all__ = ["MicroAdam", "chunk_spans"]
 # Dense fp32 temporaries on the torch path cover at most this many entries (rounded up to whole blocks
 # and buckets): a few MiB, so the passes of one chunk stay in cache.
 CHUNK_ELEMENTS = 1 << 18
+
+# State that describes one rank's own rows under FSDP2, and the dimension along which the ranks' parts
+# are concatenated into one DTensor (so that DCP saves every rank's part).
+PER_RANK_STATE = {"window_indices": 1, "window_values": 1, "ef_codes": 0, "ef_min": 0, "ef_max": 0}
 
 
 class MicroAdam(SlimOptimizer):
@@ -127,19 +132,25 @@ class MicroAdam(SlimOptimizer):
 
     # -- the step -------------------------------------------------------------------------------------
     def update_group(self, group: dict[str, Any]) -> None:
-        for _, p, grad in self.grads(group):
-            state = self.state[p]
-            if not state:
-                self._init_state(state, p, group)
-            step = int(self.advance_step(state))
-            if p.numel() == 0:
-                continue
-            if self._use_triton(p):
-                from .ops.microadam_triton import microadam_step_triton
+        for _, param, full_grad in self.grads(group):
+            state = self.state[param]
+            # Under FSDP2 every rank compresses its own rows, padded to the largest shard so that all
+            # ranks' states have one shape and form one DTensor (docs/distributed.md: what changes).
+            with padded_local(param, full_grad) as (p, grad):
+                if not state:
+                    self._init_state(state, p, group)
+                    for key, dim in PER_RANK_STATE.items():
+                        state[key] = shard_state(state[key], param, dim)
+                step = int(self.advance_step(state))
+                if p.numel() == 0:
+                    continue
+                work = {key: local(value) for key, value in state.items()}
+                if self._use_triton(p):
+                    from .ops.microadam_triton import microadam_step_triton
 
-                microadam_step_triton(p, grad, state, group, step)
-            else:
-                _microadam_step_torch(p, grad, state, group, step)
+                    microadam_step_triton(p, grad, work, group, step)
+                else:
+                    _microadam_step_torch(p, grad, work, group, step)
 
 
 def _as_float(x: Any) -> float:

@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .ops.normalize import sinkhorn_scales
+from .distributed import global_shape, local, partial_sums
+from .ops.normalize import add_scaled_, sinkhorn_scales
 from .optimizer import check_positive, check_positive_int
 from .routing import HybridStatelessOptimizer
 
@@ -56,7 +57,12 @@ class SinkGD(HybridStatelessOptimizer):
 
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         step_size = float(group["lr"]) * group["scale"]
+        # Under FSDP2 each rank holds some rows: row sums are local, column sums take one all-reduce of
+        # an n-vector per iteration (slimopt.distributed; no-ops for unsharded tensors).
+        param_local, grad_local = local(param), local(grad)
         if group["weight_decay"] != 0:
-            param.mul_(1 - step_size * group["weight_decay"])
-        r, c = sinkhorn_scales(grad, group["iters"], group["eps"])  # SR-Sinkhorn(G, L) = diag(r) G diag(c)
-        param.addcmul_(grad * r[:, None], c, value=-step_size)  # W <- W - lr * scale * X
+            param_local.mul_(1 - step_size * group["weight_decay"])
+        scratch = self.scratch(grad_local)
+        r, c = sinkhorn_scales(grad_local, group["iters"], group["eps"], complete=partial_sums(grad),
+                               shape=global_shape(grad), out=scratch)  # SR-Sinkhorn(G, L) = diag(r) G diag(c)
+        add_scaled_(param_local, grad_local, r, c, -step_size, out=scratch)  # W <- W - lr * scale * X

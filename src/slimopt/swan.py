@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .distributed import full, local_part
+from .distributed import local as local_tensor
 from .ops.newton_schulz import whiten
 from .ops.normalize import row_standardize
 from .optimizer import check_positive, check_positive_int
@@ -70,7 +72,10 @@ class SWAN(HybridStatelessOptimizer):
 
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         step_size = float(group["lr"]) * group["scale"]
+        # Under FSDP2 each rank gathers the whole gradient, whitens it as on one device and keeps its
+        # own rows (slimopt.distributed.full / local_part; no-ops for unsharded tensors).
+        param = local_tensor(param)
         if group["weight_decay"] != 0:
             param.mul_(1 - step_size * group["weight_decay"])
-        update = swan_direction(grad, group["ns_iters"], group["rescale"], group["eps"])
-        param.add_(update, alpha=-step_size)
+        update = swan_direction(full(grad), group["ns_iters"], group["rescale"], group["eps"])
+        param.add_(local_part(update, grad), alpha=-step_size)

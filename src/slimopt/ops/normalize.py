@@ -21,52 +21,83 @@ depend on the gradient's overall scale).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "add_scaled_",
     "apply_scales",
     "row_standardize",
     "sinkhorn_scales",
     "sr_sinkhorn",
     "sr_sinkhorn_reference",
+    "square_fp32",
 ]
 
 
-def sinkhorn_scales(grad: Tensor, iters: int, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+def _own_sums(partial: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return partial  # the whole matrix is here: every sum is already complete
+
+
+def sinkhorn_scales(grad: Tensor, iters: int, eps: float = 1e-8, *,
+                    complete: Callable[[Tensor, tuple[int, ...]], Tensor] | None = None,
+                    shape: tuple[int, int] | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Row and column scale vectors ``(r, c)`` such that ``diag(r) G diag(c)`` is SR-Sinkhorn(G, iters).
 
-    ``grad`` is a 2-D tensor (m, n) of any float dtype; ``r`` (m,) and ``c`` (n,) are fp32.
+    ``grad`` is a 2-D tensor (m, n) of any float dtype; ``r`` (m,) and ``c`` (n,) are fp32. ``out``, an
+    fp32 tensor of G's shape, holds G*G if given (a reused scratch spares a fresh allocation per matrix,
+    whose page faults cost more than the arithmetic on CPU); it is overwritten.
+
+    For a G split across devices, ``grad`` is the local block, ``shape`` G's global shape and
+    ``complete(partial, dims)`` turns a sum over G's ``dims`` taken on the local block into the sum over
+    all of G (``slimopt.distributed.partial_sums``: one small all-reduce when ``dims`` is split).
     """
     if grad.ndim != 2:
         raise ValueError(f"sinkhorn_scales expects a matrix, got shape {tuple(grad.shape)}")
-    m, n = grad.shape
-    a = grad.float().square()  # A = G*G, the Sinkhorn-Knopp matrix (fp32 even for bf16 gradients)
-    return _sinkhorn_knopp_sqrt(a, iters, eps)
+    a = square_fp32(grad, out)  # A = G*G, the Sinkhorn-Knopp matrix (fp32 even for bf16 gradients)
+    return _sinkhorn_knopp_sqrt(a, iters, eps, complete or _own_sums, tuple(shape or a.shape))
 
 
-def _sinkhorn_knopp_sqrt(a: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor]:
-    m, n = a.shape
-    col_sq = torch.ones(n, dtype=torch.float32, device=a.device)  # C: squared column scales
-    row_sq = torch.ones(m, dtype=torch.float32, device=a.device)  # R: squared row scales
+def square_fp32(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """x*x computed in fp32 (a bf16 x is widened first: squaring in bf16 would round to 8 bits)."""
+    if out is None:
+        return x.float().square()
+    if x.dtype == torch.float32:
+        return torch.mul(x, x, out=out)
+    return out.copy_(x).square_()
+
+
+def _sinkhorn_knopp_sqrt(a: Tensor, iters: int, eps: float, complete: Callable[[Tensor, tuple[int, ...]], Tensor],
+                         shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    m, n = shape
+    col_sq = torch.ones(a.shape[1], dtype=torch.float32, device=a.device)  # C: squared column scales
+    row_sq = torch.ones(a.shape[0], dtype=torch.float32, device=a.device)  # R: squared row scales
     floor = None
     for _ in range(iters):
         # row step: the squared row norms of diag(sqrt R) G diag(sqrt C) are R * (A C); make them n
-        row_norm_sq = torch.mv(a, col_sq)
+        row_norm_sq = complete(torch.mv(a, col_sq), (1,))
         if floor is None:
             # Clamp relative to G's mean square (the first A C holds G's squared row norms), so that
             # the result does not depend on G's scale. After this step the scales are unit-free.
-            floor = row_norm_sq.sum().mul_(eps * eps / (m * n)).clamp_min_(1e-30)
+            floor = complete(row_norm_sq.sum(), (0,)).mul_(eps * eps / (m * n)).clamp_min_(1e-30)
         row_sq = row_norm_sq.clamp_min_(floor).reciprocal_().mul_(n)
         # column step: the squared column norms are C * (A^T R); make them m
-        col_sq = torch.mv(a.t(), row_sq).clamp_min_(eps * eps).reciprocal_().mul_(m)
+        col_sq = complete(torch.mv(a.t(), row_sq), (0,)).clamp_min_(eps * eps).reciprocal_().mul_(m)
     return row_sq.sqrt_(), col_sq.sqrt_()
 
 
 def apply_scales(grad: Tensor, r: Tensor, c: Tensor) -> Tensor:
     """``diag(r) G diag(c)`` in fp32."""
     return grad.float().mul(r[:, None]).mul_(c[None, :])
+
+
+def add_scaled_(param: Tensor, grad: Tensor, r: Tensor, c: Tensor, alpha: float,
+                out: Tensor | None = None) -> Tensor:
+    """``param += alpha * diag(r) G diag(c)`` in place, in two passes (``out``: optional fp32 scratch)."""
+    rows = torch.mul(grad, r[:, None], out=out) if out is not None else grad * r[:, None]  # fp32: r is
+    return param.addcmul_(rows, c, value=alpha)
 
 
 def sr_sinkhorn(grad: Tensor, iters: int, eps: float = 1e-8) -> Tensor:
