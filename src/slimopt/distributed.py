@@ -411,14 +411,16 @@ def _rule(group: dict[str, Any], index: int) -> str | None:
     return rules[index] if rules is not None else None
 
 
-def comm_bytes_per_step(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def comm_bytes_per_step(optimizer: torch.optim.Optimizer, world: int | None = None) -> dict[str, int]:
     """Bytes this rank contributes to collectives per optimizer step, beyond gradient reduction.
 
-    All-reduces count their buffer; the gather of SWAN counts the bytes received. Computed from the
-    global shapes and placements of the parameters the optimizer holds and the method's own rules:
-    zero under DDP (replicated parameters), and nothing for torch's optimizers. Keys: ``"total"`` and one
-    per kind of collective. The distributed tests hold these numbers against what the collectives
-    issued through this module actually moved (:data:`COMM`).
+    All-reduces count their buffer; SWAN's gather counts the bytes received. Computed from the global
+    shapes and placements of the parameters the optimizer holds and the method's own rules: zero under
+    DDP (replicated parameters), nothing for torch's optimizers. With ``world`` given, plain parameters
+    are counted as if FSDP2 sharded each on dim 0 over ``world`` ranks (for planning, e.g. on a model
+    built on the meta device; the numbers are rank 0's, which holds the largest shard). Keys: ``"total"``
+    and one per kind of collective. The distributed tests hold these numbers against what the
+    collectives issued through this module moved (:data:`COMM`).
     """
     name = type(optimizer).__name__
     out: dict[str, int] = {}
@@ -429,13 +431,18 @@ def comm_bytes_per_step(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     slim = any(c.__name__ == "SlimOptimizer" for c in type(optimizer).__mro__)
     for group in optimizer.param_groups:
         for index, p in enumerate(group["params"]):
-            if not is_sharded(p):
+            shape = global_shape(p)
+            if is_sharded(p):
+                hops = len(_shard_mesh_dims(p))  # one all-reduce per mesh dimension that shards p
+                local_numel = local(p).numel()
+            elif world is not None and world > 1 and p.ndim:
+                hops = 1
+                local_numel = -(-shape[0] // world) * math.prod(shape[1:])
+            else:
                 continue
-            hops = len(_shard_mesh_dims(p))  # one all-reduce per mesh dimension that shards p
             acc = 8 if p.dtype == torch.float64 else 4  # reductions accumulate in float32 (float64)
             if slim:
                 add("finite", 4 * hops)  # one int32 flag per sharded gradient, in one all-reduce
-            shape = global_shape(p)
             if name == "AdamMini":
                 layout = group["param_layouts"][index]
                 if layout["rule"] == "whole":
@@ -451,6 +458,6 @@ def comm_bytes_per_step(optimizer: torch.optim.Optimizer) -> dict[str, int]:
                     iters = group["iters"]
                     add("sums", 4 * hops * (iters * cols + 1 if not transposed else iters * rows))
                 else:  # SWAN gathers the matrix
-                    add("gather", (math.prod(shape) - local(p).numel()) * p.element_size())
+                    add("gather", (math.prod(shape) - local_numel) * p.element_size())
     out["total"] = sum(out.values())
     return out
