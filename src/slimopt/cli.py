@@ -15,6 +15,7 @@ _SUBCOMMANDS = {
     "memory": ("slimopt.memory_model", "analytic optimizer-state memory of published models"),
     "data": ("slimopt.data", "fetch the real text, labels, tokenizer and weights into the cache"),
     "bench": ("slimopt.bench.cli", "run the papers' experiments against the baselines"),
+    "plan": ("slimopt.planner", "which optimizers fit a model on a GPU"),
 }
 
 

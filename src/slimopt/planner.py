@@ -1,0 +1,320 @@
+"""Which optimizers fit a model on a GPU: ``slimopt plan --model NAME --gpu-mem GiB [--seq-len --batch]``.
+
+Training memory is four terms; the planner estimates each one per optimizer and says which fit:
+
+* **weights**: parameters x bytes per parameter (4 in fp32 and AMP, 2 in pure bf16), plus, under AMP,
+  the bf16 copies of the weights that autocast makes and the backward pass keeps (2 B/param);
+* **gradients**: one per parameter, in the parameter's dtype;
+* **optimizer state**: the analytic table of :mod:`slimopt.memory_model` (one formula per optimizer,
+  the same numbers ``slimopt memory`` prints, exact for slimopt's classes), with the options slimopt's
+  classes use by default and state in the parameter dtype where the class keeps it so;
+* **activations**: the tensors autograd saves for backward, per token and layer, written out for the
+  HF implementations (sdpa attention) and checked against saved-tensor hooks on tiny real models in
+  the tests: Llama (RMSNorm, SwiGLU) exactly in fp32; GPT-2's ``gelu_new`` MLP saves about five
+  f-sized tensors. Plus the loss: fp32 log-probabilities over the vocabulary and, at the start of
+  backward, their gradient (for a 32k vocabulary these are often the largest single tensors).
+
+The total is the sum of the four; the true peak is somewhat lower (activations are freed as gradients
+appear) and a CUDA context, the allocator's fragmentation and kernels' workspaces come on top, so an
+optimizer "fits" when the total stays under ``(1 - headroom)`` of the GPU's memory (default 10%).
+GiB everywhere (2^30 bytes, as ``torch.cuda`` and ``nvidia-smi`` count): an "80 GB" H100 has ~79.2 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .memory_model import MODELS, analytic_state_bytes, model_shapes, tensor_facts
+
+__all__ = ["PLANNED", "Arch", "Plan", "activation_bytes", "add_arguments", "arch_of", "plan", "planned_state_bytes",
+           "run"]
+
+GiB = 2**30
+PRECISIONS = ("amp", "bf16", "fp32")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# architecture facts the activation estimate needs
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int  # 0: no language-model head (a classifier)
+    head_dim: int
+    mlp_saved: float  # f-sized tensors the MLP saves per token (see MLP_SAVED)
+
+
+# What autograd saves per token, in bytes, read off the HF implementations (transformers 5, sdpa attention)
+# with saved-tensor hooks and written out term by term; the tests hold the sum against tiny real models.
+# h: hidden size, q = heads x head_dim, kv = kv_heads x head_dim, a: heads, f: MLP width.
+#
+# Norms, bytes = c_h * h + c_0 per norm. Llama's RMSNorm is Python code that upcasts to fp32 and keeps its
+# input, x * rsqrt and its output (+ a bf16 copy for the next matmul under autocast); LayerNorm is one
+# fused op keeping input, output and its statistics.
+_NORM = {("rms", "fp32"): (12, 4), ("rms", "amp"): (10, 4), ("rms", "bf16"): (7, 4),
+         ("layernorm", "fp32"): (8, 8), ("layernorm", "amp"): (6, 8), ("layernorm", "bf16"): (4, 4)}
+# f-sized tensors an MLP keeps, by activation. SwiGLU: gate and up outputs, silu(gate), their product.
+# GPT-2's "gelu_new" is Python (0.5 x (1 + tanh(...))): 5.25 f measured. Exact GELU, ReLU: input, output.
+MLP_SAVED = {"llama": 4.0, "gpt2": 5.25, "bert": 2.0, "opt": 2.0}
+
+
+def _norm_bytes(arch: Arch, precision: str) -> int:
+    c_h, c_0 = _NORM[("rms" if arch.family == "llama" else "layernorm", precision)]
+    return c_h * arch.hidden + c_0
+
+
+def _attention_bytes(arch: Arch, precision: str) -> int:
+    """q, k, v (after RoPE), the attention output and the output projection's input, sdpa's fp32
+    log-sum-exp per head. Llama's fp32 path keeps one copy of the output (a view feeds o_proj); under
+    autocast one more fp32 h-vector is kept (measured; RoPE's cos/sin are fp32, so q and k go through
+    fp32 there)."""
+    e = 4 if precision == "fp32" else 2
+    h, a = arch.hidden, arch.heads
+    q, kv = a * arch.head_dim, arch.kv_heads * arch.head_dim
+    if arch.family == "llama":
+        extra = {"fp32": 0, "amp": 2 * q + 4 * h, "bf16": 2 * q}[precision]
+        return e * (q + 2 * kv) + e * q + extra + 4 * a
+    return e * (q + 2 * kv) + 2 * e * q + 4 * a
+
+
+def arch_of(model: str) -> Arch:
+    spec = MODELS[model]
+    c = spec.config
+    if spec.family == "llama":
+        heads = c["num_attention_heads"]
+        return Arch("llama", c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
+                    c["num_key_value_heads"], c["vocab_size"], c["hidden_size"] // heads, MLP_SAVED["llama"])
+    if spec.family == "gpt2":
+        h = c["n_embd"]
+        return Arch("gpt2", c["n_layer"], h, c.get("n_inner") or 4 * h, c["n_head"], c["n_head"], c["vocab_size"],
+                    h // c["n_head"], MLP_SAVED["gpt2"])
+    if spec.family == "opt":
+        h = c["hidden_size"]
+        heads = c["num_attention_heads"]
+        return Arch("opt", c["num_hidden_layers"], h, c["ffn_dim"], heads, heads, c["vocab_size"], h // heads,
+                    MLP_SAVED["opt"])
+    if spec.family == "bert":
+        h = c["hidden_size"]
+        heads = c["num_attention_heads"]
+        return Arch("bert", c["num_hidden_layers"], h, c["intermediate_size"], heads, heads, 0, h // heads,
+                    MLP_SAVED["bert"])
+    raise KeyError(f"no activation model for family {spec.family!r}")
+
+
+def activation_bytes(arch: Arch, seq_len: int, batch: int, precision: str = "amp", *, flash: bool = True,
+                     checkpointing: bool = False, loss_grad: bool = True) -> int:
+    """Bytes autograd keeps for backward in one training step (plus the loss gradient's peak).
+
+    ``precision``: "fp32"; "amp" (fp32 weights and residual stream, bf16 matmuls under autocast);
+    "bf16" (everything bf16). ``flash``: sdpa's fused attention (saves a log-sum-exp per head and
+    token) rather than the eager path (saves the ``heads x seq_len`` softmax per token).
+    ``checkpointing``: each layer keeps only its input; one layer's activations are live at a time.
+    ``loss_grad``: count the gradient of the log-probabilities, live at the start of backward.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"Invalid precision: {precision!r} (must be one of {', '.join(PRECISIONS)})")
+    e = 4 if precision == "fp32" else 2  # matmul inputs and outputs
+    r = 2 if precision == "bf16" else 4  # the residual stream (fp32 under autocast)
+    norm = _norm_bytes(arch, precision)
+    attention = _attention_bytes(arch, precision)
+    if not flash:
+        attention += e * arch.heads * seq_len  # the softmax matrix
+    mlp = e * arch.mlp_saved * arch.ffn
+    per_layer = 2 * norm + attention + mlp
+    # after the layers: the final norm, fp32 log-probabilities over the vocabulary and (first thing in
+    # backward) their gradient, token ids and labels
+    outside = norm + (4 + 4 * loss_grad) * arch.vocab + 16
+    tokens = seq_len * batch
+    if checkpointing:
+        layers = arch.layers * arch.hidden * r + per_layer  # kept layer inputs + one layer recomputed
+    else:
+        layers = arch.layers * per_layer
+    return int(math.ceil(tokens * (layers + outside)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optimizers and their state formulas
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A row of the plan: ``formula`` (a key of memory_model.OPTIMIZER_STATE) with ``options``."""
+
+    name: str
+    formula: str
+    in_slimopt: bool
+    note: str
+
+
+def _class_defaults(target: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Default arguments of a slimopt class, so that the plan counts what the class really allocates."""
+    module, _, attribute = target.partition(":")
+    try:
+        cls = getattr(__import__(module, fromlist=[attribute]), attribute)
+    except (ImportError, AttributeError):
+        return {}
+    params = inspect.signature(cls.__init__).parameters
+    return {k: params[k].default for k in keys if k in params and params[k].default is not inspect.Parameter.empty}
+
+
+PLANNED: dict[str, Planned] = {
+    p.name: p
+    for p in [
+        Planned("adamw", "adamw", True, "torch AdamW; m and v in the parameter dtype"),
+        Planned("adamw-8bit", "adamw-8bit", False, "baseline (bitsandbytes/torchao), not in slimopt"),
+        Planned("microadam", "microadam-m10", True, "window of sparse gradients + 4-bit error feedback"),
+        Planned("adammini", "adam-mini", True, "m in the parameter dtype, one fp32 v per block"),
+        Planned("sinkgd", "sinkgd", True, "stateless hidden matrices; AdamW (parameter dtype) for the rest"),
+        Planned("swan", "swan", True, "stateless hidden matrices; AdamW (parameter dtype) for the rest"),
+        Planned("galore", "galore", False, "baseline (GaLore, rank as the paper for this size), not in slimopt"),
+    ]
+}
+
+
+def planned_state_bytes(name: str, model: Any, param_bytes: int = 4, *, config: Any = None,
+                        galore_rank: int = 256) -> int:
+    """Optimizer-state bytes the plan counts for optimizer ``name`` (a key of :data:`PLANNED`) on
+    ``model``: an ``nn.Module``, (name, shape) pairs, or memory_model ``TensorFacts``. ``param_bytes``
+    is the parameter dtype's size (AdamW-type state is kept in it)."""
+    planned = PLANNED[name]
+    facts = model if isinstance(model, list) and model and hasattr(model[0], "adam_mini_blocks") \
+        else tensor_facts(model, config)
+    if planned.formula == "adamw":
+        return analytic_state_bytes(facts, "adamw-fp32", state_bytes=param_bytes)
+    if planned.formula == "microadam-m10":
+        options = _class_defaults("slimopt.microadam:MicroAdam", ("m", "k_init", "quant_block_size", "topk_block_size"))
+        return analytic_state_bytes(facts, "microadam-m10", **options)
+    if planned.formula == "adam-mini":
+        return analytic_state_bytes(facts, "adam-mini", m_bytes=param_bytes)
+    if planned.formula in ("sinkgd", "swan"):
+        return analytic_state_bytes(facts, planned.formula, state_bytes=param_bytes)
+    if planned.formula == "galore":
+        return analytic_state_bytes(facts, "galore", rank=galore_rank, state_bytes=param_bytes)
+    return analytic_state_bytes(facts, planned.formula)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class Plan:
+    model: str
+    params: int
+    gpu_gib: float
+    budget_gib: float
+    seq_len: int
+    batch: int
+    precision: str
+    checkpointing: bool
+    rows: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1, precision: str = "amp",
+         checkpointing: bool = False, flash: bool = True, headroom: float = 0.1,
+         optimizers: list[str] | None = None) -> Plan:
+    """Memory of training ``model`` with each optimizer, and whether it fits in ``gpu_mem_gib``."""
+    if model not in MODELS:
+        raise KeyError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"Invalid precision: {precision!r} (must be one of {', '.join(PRECISIONS)})")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"Invalid headroom: {headroom} (must be in [0, 1))")
+    if gpu_mem_gib <= 0 or seq_len < 1 or batch < 1:
+        raise ValueError("gpu memory, seq_len and batch must be positive")
+    names = optimizers or list(PLANNED)
+    unknown = [n for n in names if n not in PLANNED]
+    if unknown:
+        raise KeyError(f"unknown optimizer(s) {unknown}; known: {', '.join(PLANNED)}")
+    spec = MODELS[model]
+    facts = tensor_facts(model_shapes(model), spec.config)
+    n = sum(t.numel for t in facts)
+    param_bytes = 2 if precision == "bf16" else 4
+    weights = n * param_bytes + (2 * n if precision == "amp" else 0)
+    gradients = n * param_bytes
+    arch = arch_of(model)
+    act = activation_bytes(arch, seq_len, batch, precision, flash=flash, checkpointing=checkpointing)
+    act_per_sample = activation_bytes(arch, seq_len, 1, precision, flash=flash, checkpointing=checkpointing)
+    budget = gpu_mem_gib * (1 - headroom) * GiB
+    rows = []
+    for name in names:
+        planned = PLANNED[name]
+        state = planned_state_bytes(name, facts, param_bytes, galore_rank=spec.galore_rank)
+        static = weights + gradients + state
+        total = static + act
+        max_batch = max(0, int((budget - static) // act_per_sample)) if budget > static else 0
+        rows.append({
+            "optimizer": name, "in_slimopt": planned.in_slimopt, "note": planned.note,
+            "weights_gib": weights / GiB, "gradients_gib": gradients / GiB, "state_gib": state / GiB,
+            "activations_gib": act / GiB, "total_gib": total / GiB, "fits": total <= budget,
+            "max_batch": max_batch,
+        })
+    return Plan(model, n, gpu_mem_gib, budget / GiB, seq_len, batch, precision, checkpointing, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="NAME", help=f"published model: {', '.join(MODELS)}")
+    parser.add_argument("--gpu-mem", type=float, required=True, metavar="GiB",
+                        help="GPU memory in GiB (2^30 bytes; an '80 GB' H100 has about 79.2)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="amp",
+                        help="amp: fp32 weights, bf16 autocast (default); bf16: everything bf16; fp32")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    parser.add_argument("--eager-attention", action="store_true",
+                        help="attention that keeps the softmax matrix (default: sdpa/flash)")
+    parser.add_argument("--headroom", type=float, default=0.1,
+                        help="fraction of the GPU left for the CUDA context, fragmentation, workspaces (0.1)")
+    parser.add_argument("--optimizer", action="append", metavar="NAME",
+                        help=f"restrict to these (repeatable): {', '.join(PLANNED)}")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _format(p: Plan) -> str:
+    header = ("optimizer", "weights", "grads", "state", "activations", "total", "fits", "max batch")
+    lines = [header]
+    for r in p.rows:
+        lines.append((r["optimizer"] + ("" if r["in_slimopt"] else " *"), f"{r['weights_gib']:.2f}",
+                      f"{r['gradients_gib']:.2f}", f"{r['state_gib']:.2f}", f"{r['activations_gib']:.2f}",
+                      f"{r['total_gib']:.2f}", "yes" if r["fits"] else "no", str(r["max_batch"])))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = [f"{p.model}: {p.params:,} parameters; seq {p.seq_len} x batch {p.batch}, {p.precision}"
+           f"{', activation checkpointing' if p.checkpointing else ''}",
+           f"GPU {p.gpu_gib:g} GiB, usable {p.budget_gib:.2f} GiB after headroom; all columns GiB (2^30 bytes)"]
+    for i, line in enumerate(lines):
+        out.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    out.append("* baseline for comparison, not part of slimopt. 'max batch': largest micro-batch that fits.")
+    out.append("Estimate: total = weights + grads + state + activations; the measured peak is usually a little lower.")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = plan(args.model, args.gpu_mem, seq_len=args.seq_len, batch=args.batch, precision=args.precision,
+                      checkpointing=args.checkpointing, flash=not args.eager_attention, headroom=args.headroom,
+                      optimizers=args.optimizer)
+    except (KeyError, ValueError) as exc:
+        print(exc.args[0] if exc.args else exc)
+        return 2
+    print(json.dumps(result.as_dict(), indent=1) if args.json else _format(result))
+    return 0
