@@ -181,6 +181,29 @@ def run_checkpoint(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
     return results
 
 
+UNEVEN = dict(lr=1e-2, m=3, k_init=0.25, topk_block_size=2, quant_block_size=2)
+
+
+def train_uneven(rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """MicroAdam on a 10-row matrix: 3+3+3+1 rows over 4 ranks, so the last shard is padded. Rows of 6
+    entries and blocks/buckets of 2 keep every real block whole, so the result must equal one process."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 10, bias=False)).double()
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    opt = slimopt.MicroAdam(list(model.named_parameters()), **UNEVEN)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(STEPS):
+        x = torch.randn(BATCH, 6, generator=gen, dtype=torch.float64)
+        opt.zero_grad()
+        per_rank = BATCH // world
+        model(x[rank * per_rank:(rank + 1) * per_rank]).pow(2).mean().backward()
+        opt.step()
+    return full_params(model)
+
+
 def check_helpers(rank: int, world: int) -> dict[str, Any]:
     """Facts every rank checks about the helpers on real FSDP2 shards; rank 0 reports all ranks' answers."""
     model = shard(make_model())
@@ -217,7 +240,8 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        results = {"helpers": check_helpers(rank, world), "parity": run_parity(rank, world),
+        results = {"helpers": check_helpers(rank, world), "uneven": train_uneven(rank, world),
+                   "parity": run_parity(rank, world),
                    "checkpoint": run_checkpoint(rank, world, os.path.join(out_dir, "ckpt"))}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, f"results_{world}.pt"))

@@ -138,3 +138,9 @@ def test_helpers_on_real_shards_and_nonfinite_agreement(runs, world):
     # a NaN in the last rank's shard only: every rank raises, or every rank skips that tensor
     assert [r["nonfinite"]["raise"] for r in ranks] == ["raised"] * world
     assert [r["nonfinite"]["skip"] for r in ranks] == ["stepped, target untouched"] * world
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_microadam_uneven_shards_are_padded_not_miscut(runs, world):
+    # 10 rows over 4 ranks: 3+3+3+1, the last shard padded with zero rows to 3 (over 2 ranks: 5+5)
+    assert_close_params(runs[world]["uneven"], worker.train_uneven(), 1e-9, f"MicroAdam, uneven shards, {world} ranks")
