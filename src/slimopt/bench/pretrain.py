@@ -1,0 +1,337 @@
+"""``slimopt bench pretrain``: train the LLaMA-style decoder on real text with each optimizer and compare.
+
+    data (slimopt.data corpora or --text) -> tokens -> fixed train/val split
+    -> model preset (same initial weights for every optimizer with the same seed)
+    -> optimizer (ours and the baselines through one factory; optional short lr sweep)
+    -> loop (warm-up + cosine, clipping, bf16 autocast on GPU)
+    -> results.json, report.md, loss_vs_step.png, loss_vs_time.png, memory.png
+
+``--quick`` is the README demo: Shakespeare only, a small preset, adamw / microadam / adammini / sinkgd /
+swan, a few minutes on two CPU cores. Ctrl-C stops the current run and still writes what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
+from .data import TOKENIZERS, load_text, make_token_data
+from .model import PRESETS, build_model
+from .plots import loss_curves, memory_bars
+from .report import markdown_table, run_metadata, write_json
+from .train import RunResult, TrainConfig, train
+
+__all__ = ["add_arguments", "run", "summarize"]
+
+QUICK_OPTIMIZERS = ["adamw", "microadam", "adammini", "sinkgd", "swan"]
+SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="the demo: Shakespeare, preset 'tiny', 300 steps, adamw/microadam/adammini/"
+                             "sinkgd/swan (minutes on 2 CPU cores)")
+    parser.add_argument("--corpus", default=None,
+                        help="comma-separated slimopt.data corpora: shakespeare, moby-dick, sotu, news "
+                             "(default: all four; --quick: shakespeare)")
+    parser.add_argument("--text", default=None, metavar="PATH", help="train on this UTF-8 file instead")
+    parser.add_argument("--tokenizer", default="byte", choices=TOKENIZERS, help="byte (256) or gpt2 (50257)")
+    parser.add_argument("--preset", default=None, choices=list(PRESETS),
+                        help="model preset (default cpu; --quick: tiny)")
+    parser.add_argument("--optimizers", default=None,
+                        help=f"comma-separated (default {','.join(QUICK_OPTIMIZERS)}); known: "
+                             + ", ".join(known_names()))
+    parser.add_argument("--lr", type=float, default=None, help="one peak lr for all (default: per optimizer)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1000; --quick: 300)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between validations")
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--seeds", default="1", help="N (seeds 0..N-1) or a comma list like 0,3,7")
+    parser.add_argument("--sweep", action="store_true",
+                        help="first a short lr sweep per optimizer (x0.25 ... x4 of its default, a quarter "
+                             "of the steps, seed 0), then the full runs at the best lr")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default=None, help="result folder (default runs/pretrain-<time>)")
+    parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+
+# --------------------------------------------------------------------------------------------------
+# progress: rich when present, plain prints otherwise
+
+
+class _Progress:
+    def __init__(self, plain: bool) -> None:
+        self.rich = None
+        if not plain:
+            try:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.rich = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+            except ImportError:
+                pass
+
+    def __enter__(self) -> _Progress:
+        if self.rich:
+            self.rich.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.rich:
+            self.rich.__exit__(*exc)
+
+    def log(self, message: str) -> None:
+        (self.rich.console.print if self.rich else print)(message)
+
+    def tracker(self, label: str, total: int):
+        task = self.rich.add_task(label, total=total, info="") if self.rich else None
+        last_val: list[float | None] = [None]
+
+        def update(result: RunResult, val: float | None) -> None:
+            if val is not None:
+                last_val[0] = val
+            train_loss = result.train_curve[-1][2] if result.train_curve else float("nan")
+            info = f"train {train_loss:.3f}  val {last_val[0]:.3f}" if last_val[0] is not None else ""
+            if self.rich:
+                self.rich.update(task, completed=result.steps_done, info=info)
+            elif val is not None:
+                print(f"  {label} step {result.steps_done}/{total}: {info}", flush=True)
+
+        return update
+
+
+# --------------------------------------------------------------------------------------------------
+# one run, a sweep, the whole comparison
+
+
+def _one_run(name: str, lr: float, seed: int, data, config: TrainConfig, preset: str, device: torch.device,
+             weight_decay: float, progress: _Progress, label: str) -> RunResult:
+    torch.manual_seed(seed)  # same initial weights for every optimizer with this seed
+    model = build_model(preset, vocab_size=data.vocab_size).to(device)
+    optimizer = make_optimizer(model, name, lr=lr, weight_decay=weight_decay)
+    seeded = TrainConfig(**{**config.__dict__, "seed": seed})
+    result = train(model, optimizer, data, seeded, name=name, lr=lr,
+                   on_progress=progress.tracker(label, config.steps))
+    del model, optimizer
+    return result
+
+
+def _sweep(name: str, data, config: TrainConfig, preset: str, device: torch.device, weight_decay: float,
+           progress: _Progress) -> tuple[float, list[dict[str, Any]], bool]:
+    short = TrainConfig(**{**config.__dict__, "steps": max(20, config.steps // 4),
+                           "eval_every": max(10, config.steps // 4)})
+    trials = []
+    for factor in SWEEP_FACTORS:
+        lr = default_lr(name) * factor
+        result = _one_run(name, lr, 0, data, short, preset, device, weight_decay, progress,
+                          f"sweep {name} lr {lr:.3g}")
+        loss = result.final_val_loss if not result.diverged and result.final_val_loss is not None else math.inf
+        trials.append({"lr": lr, "final_val_loss": loss if math.isfinite(loss) else None,
+                       "diverged": result.diverged, "steps": result.steps_done})
+        if result.interrupted:
+            return lr, trials, True
+    best = min(trials, key=lambda t: math.inf if t["final_val_loss"] is None else t["final_val_loss"])
+    return best["lr"], trials, False
+
+
+def _seeds(text: str) -> list[int]:
+    if "," in text:
+        return [int(s) for s in text.split(",")]
+    return list(range(int(text)))
+
+
+def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict[str, Any]]:
+    """One row per optimizer: means over seeds, and tokens to reach the reference's final val loss."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_name.setdefault(r["optimizer"], []).append(r)
+    ref_runs = by_name.get(reference) or next(iter(by_name.values()), [])
+    ref_losses = [r["final_val_loss"] for r in ref_runs if r["final_val_loss"] is not None]
+    target = statistics.mean(ref_losses) if ref_losses else None
+    ref_step = [r["optimizer_step_median_s"] for r in ref_runs if r["optimizer_step_median_s"]]
+    ref_step_s = statistics.median(ref_step) if ref_step else None
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+
+    rows = []
+    for name, group in by_name.items():
+        losses = [r["final_val_loss"] for r in group if r["final_val_loss"] is not None and not r["diverged"]]
+        reach = []
+        for r in group:
+            hit = next((tokens for _, tokens, _, loss in r["val_curve"] if target is not None and loss <= target),
+                       None)
+            reach.append(hit)
+        step_s = mean(r["optimizer_step_median_s"] for r in group)
+        rows.append({
+            "optimizer": name,
+            "lr": group[0]["lr"],
+            "seeds": [r["seed"] for r in group],
+            "final_val_loss": statistics.mean(losses) if losses else None,
+            "final_val_loss_std": statistics.stdev(losses) if len(losses) > 1 else None,
+            "final_val_ppl": math.exp(statistics.mean(losses)) if losses else None,
+            "tokens_to_reference_loss": mean(reach) if all(t is not None for t in reach) else None,
+            "reference_loss": target,
+            "state_bytes": mean(r["state_bytes"] for r in group),
+            "state_bytes_per_param": mean(r["state_bytes"] / r["n_params"] for r in group
+                                          if r["state_bytes"] is not None),
+            "peak_memory_bytes": mean(r["peak_memory_bytes"] for r in group),
+            "optimizer_step_median_s": step_s,
+            "optimizer_step_ratio": step_s / ref_step_s if step_s and ref_step_s else None,
+            "tokens_per_s": mean(r["tokens_per_s"] for r in group),
+            "diverged": any(r["diverged"] for r in group),
+            "interrupted": any(r["interrupted"] for r in group),
+        })
+    return rows
+
+
+def _report(result: dict[str, Any]) -> str:
+    s, meta = result["settings"], result["meta"]
+    machine = meta["machine"]
+    where = machine["gpu"] or f"{machine['cpu']} ({machine['torch_threads']} threads)"
+    mib = (lambda b: None if b is None else b / 2**20)  # noqa: E731
+    lines = [
+        f"# Pre-training: {s['preset']} on {s['data']} ({s['tokenizer']} tokens)",
+        "",
+        f"{s['n_params'] / 1e6:.2f}M parameters; {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens; "
+        f"warm-up {s['warmup_fraction']:.0%} + cosine to {s['min_lr_fraction']:.0%}; clip {s['grad_clip']}; "
+        f"train {s['train_tokens']:,} / val {s['val_tokens']:,} tokens; seeds {s['seeds']}.",
+        f"{where}; torch {meta['versions']['torch']}; commit {meta['git_commit']}; `{meta['command']}`",
+        "",
+        f"Reference: **{result['reference']}** (its mean final validation loss is the target for "
+        "\"tokens to reference loss\").",
+        "",
+    ]
+    rows = []
+    for r in sorted(result["summary"], key=lambda r: math.inf if r["final_val_loss"] is None
+                    else r["final_val_loss"]):
+        loss = None if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f}" + (
+            f" ± {r['final_val_loss_std']:.4f}" if r["final_val_loss_std"] is not None else "")
+        flags = ("diverged " if r["diverged"] else "") + ("interrupted" if r["interrupted"] else "")
+        rows.append([r["optimizer"] + (f" ({flags.strip()})" if flags else ""), f"{r['lr']:.3g}", loss,
+                     r["final_val_ppl"], r["tokens_to_reference_loss"] and f"{r['tokens_to_reference_loss']:,.0f}",
+                     mib(r["state_bytes"]), r["state_bytes_per_param"], mib(r["peak_memory_bytes"]),
+                     r["optimizer_step_median_s"] and r["optimizer_step_median_s"] * 1e3,
+                     r["optimizer_step_ratio"], r["tokens_per_s"] and round(r["tokens_per_s"])])
+    lines.append(markdown_table(
+        ["optimizer", "lr", "final val loss", "val ppl", "tokens to ref. loss", "state MiB", "state B/param",
+         f"peak MiB ({result['memory_kind']})", "opt. step ms", "step x ref.", "tokens/s"], rows))
+    if result["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(f"{n}: {why}" for n, why in result["skipped"].items())]
+    if result["sweeps"]:
+        lines += ["", "## Learning-rate sweep", ""]
+        sweep_rows = [[name, f"{t['lr']:.3g}", t["final_val_loss"], "yes" if t["diverged"] else ""]
+                      for name, trials in result["sweeps"].items() for t in trials]
+        lines.append(markdown_table(["optimizer", "lr", "val loss (short run)", "diverged"], sweep_rows))
+    if result["plots"]:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in result["plots"]]
+    if result["interrupted"]:
+        lines += ["", "**Interrupted** (Ctrl-C): only the runs above finished."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    if args.corpus:
+        corpora = args.corpus.split(",")
+    else:
+        corpora = ["shakespeare"] if quick else ["shakespeare", "moby-dick", "sotu", "news"]
+    preset = args.preset or ("tiny" if quick else "cpu")
+    steps = args.steps or (300 if quick else 1000)
+    names = args.optimizers.split(",") if args.optimizers else list(QUICK_OPTIMIZERS)
+    unknown = [n for n in names if n not in known_names()]
+    if unknown:
+        print(f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(known_names())}")
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                         eval_every=args.eval_every or max(1, steps // 6), eval_batches=args.eval_batches)
+    seeds = _seeds(args.seeds)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+
+    text, description = load_text(corpora, args.text)
+    data = make_token_data(text, args.tokenizer, description=description)
+    n_params = sum(p.numel() for p in build_model(preset, vocab_size=data.vocab_size).parameters())
+    print(f"pretrain: {preset} ({n_params / 1e6:.2f}M params) on {description}: {len(data.train):,} train / "
+          f"{len(data.val):,} val {args.tokenizer} tokens; {steps} steps; {device}, {torch.get_num_threads()} "
+          f"threads; optimizers {', '.join(names)}; seeds {seeds}")
+
+    runs: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    interrupted = False
+    with _Progress(args.no_progress) as progress:
+        for name in names:
+            try:
+                lr = args.lr or default_lr(name)
+                if args.sweep and args.lr is None:
+                    lr, sweeps[name], interrupted = _sweep(name, data, config, preset, device,
+                                                           args.weight_decay, progress)
+                    progress.log(f"{name}: sweep picked lr {lr:.3g}")
+                for seed in seeds if not interrupted else []:
+                    result = _one_run(name, lr, seed, data, config, preset, device, args.weight_decay, progress,
+                                      f"{name} (lr {lr:.3g}, seed {seed})")
+                    runs.append(result.to_dict())
+                    if result.interrupted:
+                        interrupted = True
+                        break
+            except OptimizerUnavailable as exc:
+                progress.log(f"skipping {name}: {exc}")
+                skipped[name] = str(exc)
+            if interrupted:
+                progress.log("interrupted: writing the runs that finished")
+                break
+
+    reference = "adamw" if any(r["optimizer"] == "adamw" for r in runs) else (runs[0]["optimizer"] if runs else None)
+    result: dict[str, Any] = {
+        "meta": run_metadata(),
+        "settings": {"preset": preset, "model_config": PRESETS[preset].to_dict() | {"vocab_size": data.vocab_size},
+                     "n_params": n_params, "data": description, "tokenizer": args.tokenizer,
+                     "train_tokens": len(data.train), "val_tokens": len(data.val), "seeds": seeds,
+                     "device": str(device), "weight_decay": args.weight_decay, "sweep": args.sweep,
+                     **config.__dict__},
+        "reference": reference,
+        "memory_kind": runs[0]["memory_kind"] if runs else "",
+        "summary": summarize(runs, reference) if runs else [],
+        "runs": runs,
+        "skipped": skipped,
+        "sweeps": sweeps,
+        "interrupted": interrupted,
+        "plots": [],
+    }
+    title = f"{preset} on {description}, {steps} steps"
+    for path in (loss_curves(runs, out / "loss_vs_step.png", x="step", title=title),
+                 loss_curves(runs, out / "loss_vs_time.png", x="time", title=title),
+                 memory_bars([(r["optimizer"], r["state_bytes"] and r["state_bytes"] / 2**20,
+                               r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20)
+                              for r in result["summary"]], out / "memory.png",
+                             peak_label=f"peak ({result['memory_kind']})", title=title)):
+        if path is not None:
+            result["plots"].append(str(path))
+    write_json(out / "results.json", result)
+    report = _report(result)
+    (out / "report.md").write_text(report)
+    print(report)
+    print(f"wrote {out}/results.json, report.md" + (" and plots" if result["plots"] else ""))
+    return 130 if interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slimopt bench pretrain", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))

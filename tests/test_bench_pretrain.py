@@ -1,0 +1,96 @@
+"""The pre-training benchmark end to end on a small text, plus its data split and schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from slimopt.bench.baselines import BASELINES, Baseline, OptimizerUnavailable
+from slimopt.bench.data import encode, make_token_data
+from slimopt.bench.pretrain import main, summarize
+from slimopt.bench.train import lr_factor
+
+
+def _synthetic_text(n_words: int = 12_000) -> str:
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "house", "red", "blue"]
+    return " ".join(rng.choice(words) for _ in range(n_words)) + "\n"
+
+
+def test_byte_encoding_round_trips():
+    text = "naïve café — ok"
+    assert bytes(encode(text).tolist()).decode("utf-8") == text
+
+
+def test_split_is_fixed_disjoint_and_complete():
+    ids = torch.arange(100_000) % 128  # ASCII: one byte per character
+    text = bytes(ids.tolist()).decode("ascii")
+    data = make_token_data(text, chunk_tokens=1000, val_every=20)
+    again = make_token_data(text, chunk_tokens=1000, val_every=20)
+    assert torch.equal(data.val, again.val) and torch.equal(data.train, again.train)
+    n_tokens = len(encode(text))
+    assert len(data.train) + len(data.val) == n_tokens
+    assert len(data.val) == 5 * 1000  # chunks 10, 30, 50, 70, 90 of 100
+    val_batches = data.val_batches(4, 32, 3)
+    assert len(val_batches) == 3 and val_batches[0][0].shape == (4, 32)
+    assert torch.equal(val_batches[0][1][:, :-1], val_batches[0][0][:, 1:])  # targets are inputs shifted by one
+
+
+def test_warmup_then_cosine():
+    factors = [lr_factor(s, 100, 0.1, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # monotone decay after warm-up
+    assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def _unavailable(*args, **kwargs):
+    raise OptimizerUnavailable("needs `pip install not-installed`")
+
+
+def test_tiny_pretrain_run_writes_results_report_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setitem(BASELINES, "missing", Baseline("missing", 1e-3, "not here", _unavailable))
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(_synthetic_text())
+    out = tmp_path / "run"
+    code = main(["--text", str(text_file), "--preset", "tiny", "--steps", "12", "--batch-size", "4",
+                 "--seq-len", "32", "--eval-every", "6", "--eval-batches", "2", "--threads", "1",
+                 "--optimizers", "adamw,adafactor,missing", "--out", str(out), "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["meta"]["git_commit"] is None or len(result["meta"]["git_commit"]) == 40
+    assert result["skipped"]["missing"].startswith("needs")
+    assert [r["optimizer"] for r in result["runs"]] == ["adamw", "adafactor"]
+    adamw = result["runs"][0]
+    assert [v[0] for v in adamw["val_curve"]] == [0, 6, 12]
+    assert adamw["val_curve"][-1][3] < adamw["val_curve"][0][3] - 1.0  # 13 words: learnt well below ln(256)
+    assert adamw["tokens_seen"] == 12 * 4 * 32
+    # AdamW's exact state: two float32 moments per parameter plus a 4-byte step per tensor.
+    n_tensors = 4 * 9 + 3  # tiny: 4 layers of 9 tensors, embedding, final norm, head
+    assert adamw["state_bytes"] == 8 * adamw["n_params"] + 4 * n_tensors
+    rows = {r["optimizer"]: r for r in result["summary"]}
+    assert rows["adamw"]["tokens_to_reference_loss"] <= adamw["tokens_seen"]
+    assert rows["adamw"]["optimizer_step_ratio"] == 1.0
+    report = (out / "report.md").read_text()
+    assert "| adamw |" in report and "Skipped" in report
+    for png in ("loss_vs_step.png", "loss_vs_time.png", "memory.png"):
+        assert (out / png).stat().st_size > 5_000
+
+
+def test_tokens_to_reference_loss():
+    def fake(name, curve, seed=0):
+        return {"optimizer": name, "seed": seed, "lr": 1.0, "final_val_loss": curve[-1][1], "diverged": False,
+                "interrupted": False, "val_curve": [(s, s * 10, 0.0, loss) for s, loss in curve],
+                "state_bytes": 8, "n_params": 1, "peak_memory_bytes": None, "optimizer_step_median_s": 1.0,
+                "tokens_per_s": 1.0}
+
+    runs = [fake("adamw", [(0, 5.0), (10, 3.0), (20, 2.0)]),
+            fake("fast", [(0, 5.0), (10, 1.9), (20, 1.5)]),
+            fake("slow", [(0, 5.0), (10, 4.0), (20, 2.5)])]
+    rows = {r["optimizer"]: r for r in summarize(runs, "adamw")}
+    assert rows["adamw"]["tokens_to_reference_loss"] == 200
+    assert rows["fast"]["tokens_to_reference_loss"] == 100
+    assert rows["slow"]["tokens_to_reference_loss"] is None
