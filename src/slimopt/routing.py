@@ -125,6 +125,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
                     "adamw_eps": adamw_eps, "adamw_weight_decay": adamw_weight_decay,
                     "conv_as_matrix": self._conv_as_matrix}
         self.plan: Plan | None = None
+        self._scratch: dict[torch.device, Tensor] = {}
         super().__init__(params, defaults)
 
     # -- construction from a model ------------------------------------------------------------------
@@ -244,6 +245,19 @@ class HybridStatelessOptimizer(SlimOptimizer):
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         """Apply the method's stateless update to one (rows, cols) matrix view, in place."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def scratch(self, like: Tensor) -> Tensor:
+        """An fp32 work buffer shaped like ``like``, valid until the next call.
+
+        One flat buffer per device, the size of the largest matrix seen, reused by every matrix and
+        every step: a fresh multi-MB temporary per matrix costs page faults that outweigh the arithmetic
+        of a memory-bound update on CPU. It is scratch, not state (not saved, not in ``state_bytes``).
+        """
+        numel = like.numel()
+        buffer = self._scratch.get(like.device)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch[like.device] = torch.empty(numel, dtype=torch.float32, device=like.device)
+        return buffer[:numel].view(like.shape)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

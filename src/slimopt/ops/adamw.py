@@ -1,14 +1,19 @@
 """AdamW (Loshchilov & Hutter) for the tensors a plan routes to it: embeddings, heads, norms, biases.
 
 ``adamw_reference`` is the algorithm box, one tensor, op for op as ``torch.optim.AdamW``'s for-loop
-path (so the two agree bit for bit). ``adamw_multi`` is the fast path over many tensors: small tensors
-go through torch's multi-tensor (``_foreach``) ops, and a big tensor is updated in cache-sized chunks.
+path (so the two agree bit for bit). ``adamw_multi`` is the fast path over many tensors:
 
-Why chunks: each of AdamW's half-dozen elementwise ops streams the whole tensor through memory, and a
-token embedding (tens of MB per state tensor) does not fit in cache, so an unfused update is bound by
-DRAM traffic. Running all the ops on one chunk before moving on keeps the chunk's param, grad, moments
-and the ``denom`` scratch in L2, and each element makes one trip to memory instead of about six. The
-ops and their order are torch's, so the result is the same to the bit.
+* where torch has its single-pass fused kernel (``torch._fused_adamw_``, what ``AdamW(fused=True)``
+  runs; CPU and CUDA, fp32/fp16/bf16, contiguous tensors), it is used: every element of param, grad
+  and both moments is read and written once. It agrees with the for-loop to about one ulp (it
+  contracts multiply-adds differently);
+* otherwise small tensors go through torch's multi-tensor (``_foreach``) ops and a big tensor is
+  updated in cache-sized chunks, all of AdamW's ops on one chunk before the next, with one reused
+  ``denom`` scratch: no tensor-sized temporaries (whose page faults dominate on CPU) and the same ops
+  in the same order as torch, so the same bits.
+
+Why it matters: each of the unfused path's half-dozen elementwise ops streams the whole tensor through
+memory, and a token embedding (tens of MB per state tensor) does not fit in cache.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_NUMEL", "adamw_multi", "adamw_reference"]
+__all__ = ["CHUNK_NUMEL", "adamw_multi", "adamw_reference", "fused_available"]
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Elements per chunk: 64K fp32 values per stream, five streams (param, grad, two moments, denom) keep
 # about 1.3 MB in L2, yet each op still splits over two threads (torch's grain size is 32K elements).
@@ -78,22 +85,49 @@ def _adamw_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
     torch._foreach_addcdiv_(params, exp_avgs, denoms, [-c[0] for c in corrections])
 
 
+def fused_available(tensors: Sequence[Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these (param, grad, exp_avg, exp_avg_sq) tensors."""
+    p = tensors[0]
+    return (hasattr(torch, "_fused_adamw_") and p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES
+            and all(t.dtype == p.dtype and t.device == p.device and t.is_contiguous() for t in tensors))
+
+
+def _adamw_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 steps: list[float], *, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float) -> None:
+    # The kernel reads each tensor's step t (already advanced) from a float32 tensor on its device.
+    step_tensors = list(torch.tensor(steps, dtype=torch.float32, device=params[0].device).unbind(0))
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_tensors, amsgrad=False, lr=lr,
+                        beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False,
+                        grad_scale=None, found_inf=None)
+
+
 def adamw_multi(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                 exp_avg_sqs: Sequence[Tensor], steps: Sequence[float], *, lr: float, beta1: float,
-                beta2: float, eps: float, weight_decay: float, chunk_numel: int = CHUNK_NUMEL) -> None:
-    """AdamW on many tensors at once, in place; equal to ``adamw_reference`` on each tensor.
+                beta2: float, eps: float, weight_decay: float, chunk_numel: int = CHUNK_NUMEL,
+                fused: bool | None = None) -> None:
+    """AdamW on many tensors at once, in place; equal to ``adamw_reference`` on each tensor (to ~1 ulp
+    on the fused path, bitwise on the others).
 
-    Tensors larger than ``4 * chunk_numel`` (and contiguous) are updated chunk by chunk; the rest,
-    grouped by device and dtype, with multi-tensor ops.
+    ``fused=None`` uses torch's fused kernel wherever it applies, ``False`` never. Without it, tensors
+    larger than ``4 * chunk_numel`` (and contiguous) are updated chunk by chunk; the rest, grouped by
+    device and dtype, with multi-tensor ops.
     """
+    fusable: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
         tensors = (p, grads[i], exp_avgs[i], exp_avg_sqs[i])
-        if p.numel() > 4 * chunk_numel and all(t.is_contiguous() for t in tensors):
+        if fused is not False and fused_available(tensors):
+            fusable.setdefault((p.device, p.dtype), []).append(i)
+        elif p.numel() > 4 * chunk_numel and all(t.is_contiguous() for t in tensors):
             _adamw_chunked(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr=lr, beta1=beta1,
                            beta2=beta2, eps=eps, weight_decay=weight_decay, chunk_numel=chunk_numel)
         else:
             small.setdefault((p.device, p.dtype), []).append(i)
+    for index in fusable.values():
+        _adamw_fused([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
+                     [exp_avg_sqs[i] for i in index], [steps[i] for i in index], lr=lr, beta1=beta1,
+                     beta2=beta2, eps=eps, weight_decay=weight_decay)
     for index in small.values():
         _adamw_foreach([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
                        [exp_avg_sqs[i] for i in index], [steps[i] for i in index], lr=lr, beta1=beta1,
