@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
-from .ops.blockstats import adam_mini_step, block_mean_sq, block_state_shape
+from .ops.blockstats import adam_mini_multi, adam_mini_step, block_mean_sq, block_state_shape
 from .optimizer import SlimOptimizer, as_param_groups, check_betas, check_lr, check_nonnegative, check_positive
 from .plan import ADAM_MINI, ROLES, Plan
 
@@ -126,6 +126,9 @@ class AdamMini(SlimOptimizer):
         lr = group["lr"]
         lr = float(lr) if isinstance(lr, Tensor) else lr  # torch's addcdiv takes a Python number
         beta1, beta2 = group["betas"]
+        eps, weight_decay = group["eps"], group["weight_decay"]
+        blocks: dict[str, list[Any]] = {k: [] for k in ("p", "g", "m", "v", "layout", "step", "wd", "mean_sq",
+                                                        "offset", "full_shape")}
         for index, p, grad in self.grads(group):
             layout = group["param_layouts"][index]
             state = self.state[p]
@@ -137,18 +140,28 @@ class AdamMini(SlimOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32) if layout["rule"] == "elementwise" \
                     else torch.zeros(block_state_shape(layout, tuple(p.shape)), dtype=torch.float32,
                                      device=local(p).device)
-            step = self.advance_step(state)
-            decays = group["param_roles"][index] not in group["no_decay_roles"]
-            sharded = {}
-            if is_sharded(p) and layout["rule"] != "elementwise":
+            step = float(self.advance_step(state))
+            wd = weight_decay if group["param_roles"][index] not in group["no_decay_roles"] else 0.0
+            if layout["rule"] == "elementwise":  # plain AdamW (biases): a few small tensors
+                adam_mini_step(local(p), local(grad), local(state["exp_avg"]), local(state["exp_avg_sq"]), step,
+                               layout, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
+                continue
+            mean_sq = offset = full_shape = None
+            if is_sharded(p):
                 # FSDP2: every rank keeps all blocks' v; block sums of g² are completed across ranks by one
                 # all-reduce (of a scalar, or of one value per output neuron), so every rank's v agrees.
                 sums = sq_sum(grad) if layout["rule"] == "whole" else sq_sums_along(grad, dim=layout["out_dim"])
-                sharded = {"mean_sq": block_mean_sq(local(grad), layout, sums=sums, shape=tuple(p.shape)),
-                           "offset": local_offset(p), "full_shape": tuple(p.shape)}
-            adam_mini_step(local(p), local(grad), local(state["exp_avg"]), local(state["exp_avg_sq"]), float(step),
-                           layout, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                           weight_decay=group["weight_decay"] if decays else 0.0, **sharded)
+                mean_sq = block_mean_sq(local(grad), layout, sums=sums, shape=tuple(p.shape))
+                offset, full_shape = local_offset(p), tuple(p.shape)
+            for key, value in (("p", local(p)), ("g", local(grad)), ("m", local(state["exp_avg"])),
+                               ("v", state["exp_avg_sq"]), ("layout", layout), ("step", step), ("wd", wd),
+                               ("mean_sq", mean_sq), ("offset", offset), ("full_shape", full_shape)):
+                blocks[key].append(value)
+        if blocks["p"]:
+            adam_mini_multi(blocks["p"], blocks["g"], blocks["m"], [local(v) for v in blocks["v"]],
+                            blocks["layout"], blocks["step"], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decays=blocks["wd"], mean_sqs=blocks["mean_sq"], offsets=blocks["offset"],
+                            full_shapes=blocks["full_shape"])
 
 
 def _named(groups: list[dict[str, Any]], offset: int = 0) -> list[dict[str, Any]]:

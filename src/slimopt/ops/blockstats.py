@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "adam_mini_multi",
     "adam_mini_step",
     "adam_mini_step_reference",
     "block_index",
@@ -186,11 +187,10 @@ def adam_mini_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     holding every block): ``mean_sq`` the blocks' means over the whole tensor, ``full_shape`` its global
     shape and ``offset`` where the local part starts in it.
     """
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    shape = tuple(param.shape)
     if layout["rule"] == "elementwise":  # plain AdamW, op for op as torch's for-loop AdamW
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype), 1 - beta1)
@@ -198,13 +198,44 @@ def adam_mini_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
         return
-    exp_avg_sq.mul_(beta2).add_(block_mean_sq(grad, layout) if mean_sq is None else mean_sq, alpha=1 - beta2)
-    denom_blocks = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    denom = _denominator_view(denom_blocks, layout, shape if full_shape is None else tuple(full_shape))
-    out_dim = layout.get("out_dim", 0)
-    if full_shape is not None and denom.dim() and denom.shape[out_dim] != shape[out_dim]:
-        denom = denom.narrow(out_dim, offset[out_dim], shape[out_dim])  # the local part's neurons
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)  # decoupled weight decay
-    exp_avg.lerp_(grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype), 1 - beta1)  # m
-    param.addcdiv_(exp_avg, denom, value=-step_size)  # p <- p - lr m_hat / (sqrt(v_hat_b) + eps), v_b broadcast
+    adam_mini_multi([param], [grad], [exp_avg], [exp_avg_sq], [layout], [step], lr=lr, beta1=beta1, beta2=beta2,
+                    eps=eps, weight_decays=[weight_decay], mean_sqs=None if mean_sq is None else [mean_sq],
+                    offsets=None if offset is None else [offset],
+                    full_shapes=None if full_shape is None else [full_shape])
+
+
+def adam_mini_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                    layouts: list[Layout], steps: list[float], *, lr: float, beta1: float, beta2: float,
+                    eps: float, weight_decays: list[float], mean_sqs: list[Tensor | None] | None = None,
+                    offsets: list[tuple[int, ...] | None] | None = None,
+                    full_shapes: list[tuple[int, ...] | None] | None = None) -> None:
+    """:func:`adam_mini_step` on many tensors with block layouts (not ``elementwise``) at once.
+
+    Per tensor only the block means (a reduction) and the broadcast view of the denominators; everything
+    else is one multi-tensor (``torch._foreach_*``) op per line of the algorithm, so a step over a
+    model's hundred tensors costs a few dozen small kernel launches instead of a thousand.
+    """
+    n = len(params)
+    mean_sqs = mean_sqs or [None] * n
+    offsets = offsets or [None] * n
+    full_shapes = full_shapes or [None] * n
+    means = [block_mean_sq(g, layout) if ms is None else ms for g, layout, ms in zip(grads, layouts, mean_sqs)]
+    torch._foreach_mul_(exp_avg_sqs, beta2)  # v_b <- beta2 v_b + (1 - beta2) mean_b(g²)
+    torch._foreach_add_(exp_avg_sqs, means, alpha=1 - beta2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)  # sqrt(v_hat_b) + eps
+    torch._foreach_div_(denoms, [math.sqrt(1 - beta2**t) for t in steps])
+    torch._foreach_add_(denoms, eps)
+    views = []
+    for p, d, layout, offset, full_shape in zip(params, denoms, layouts, offsets, full_shapes):
+        shape = tuple(p.shape)
+        d = _denominator_view(d, layout, shape if full_shape is None else tuple(full_shape))
+        out_dim = layout.get("out_dim", 0)
+        if full_shape is not None and d.dim() and d.shape[out_dim] != shape[out_dim]:
+            d = d.narrow(out_dim, offset[out_dim], shape[out_dim])  # a shard's own neurons
+        views.append(d)
+    for wd in sorted(set(weight_decays) - {0.0}):  # decoupled weight decay
+        torch._foreach_mul_([p for p, w in zip(params, weight_decays) if w == wd], 1 - lr * wd)
+    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m <- beta1 m + (1 - beta1) g
+    # p <- p - lr m_hat / (sqrt(v_hat_b) + eps), the block's denominator broadcast over the block
+    torch._foreach_addcdiv_(params, exp_avgs, views, [-lr / (1 - beta1**t) for t in steps])
