@@ -13,7 +13,7 @@ import slimopt
 import slimopt.microadam as microadam_module
 from slimopt import MicroAdam
 from slimopt.microadam import chunk_spans
-from slimopt.ops.microadam_window import row_weights
+from slimopt.ops.microadam_window import adam_update_from_window, apply_window_update_, row_weights
 from slimopt.ops.topk import block_layout
 
 # --------------------------------------------------------------------------------------------------
@@ -303,3 +303,20 @@ def test_empty_and_tiny_tensors():
     opt.step()
     assert torch.allclose(ps[1], torch.tensor([0.9]))  # first step: Adam's sign step on the selected entry
     assert ps[2].tolist() == pytest.approx([0.9, 1.0, 1.0])  # one of three kept; ties to the lower index
+
+
+@pytest.mark.parametrize("dtype,wd", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.1)])
+def test_sparse_window_update_equals_dense_reference(dtype, wd):
+    """apply_window_update_ (u only at window positions) against the dense direction + dense update."""
+    torch.manual_seed(9)
+    n, m, k = 5000, 4, 300
+    positions = torch.stack([torch.randperm(n)[:k] for _ in range(m)])  # unique within a row, repeats across
+    values = torch.randn(m, k).bfloat16()
+    p = torch.randn(n).to(dtype)
+    u = adam_update_from_window(positions, values, n, 6, (0.9, 0.999), 1e-8)
+    expected = (p.float() * (1 - 1e-2 * wd)).add_(u, alpha=-1e-2).to(dtype)
+    scratch = (torch.zeros(n), torch.zeros(n))
+    apply_window_update_(p, positions, values, 6, (0.9, 0.999), 1e-8, 1e-2, wd, scratch)
+    assert scratch[0].eq(0).all() and scratch[1].eq(0).all()
+    # same fp32 operations; torch may or may not fuse p + alpha * u into one FMA: 1 ulp of p
+    torch.testing.assert_close(p, expected, rtol=torch.finfo(dtype).eps, atol=0)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slimopt.ops.topk import block_layout, block_starts, block_topk, k_for
+from slimopt.ops.topk import block_layout, block_starts, block_topk, block_topk_fast, k_for
 
 
 def slow_block_topk(x: torch.Tensor, block_size: int, k_init: float) -> list[int]:
@@ -54,3 +54,16 @@ def test_index_math_beyond_int32():
     layout = block_layout(n, 32768, 0.01)
     assert layout.full_blocks * layout.block_size + layout.tail == n
     assert layout.k_total == layout.full_blocks * 328 + math.ceil(12_345 * 0.01)
+
+
+@pytest.mark.parametrize("n,block,k_init", [(8192, 4096, 0.01), (65536, 32768, 0.01), (5000, 1024, 0.02),
+                                            (4096, 4096, 0.3), (3000, 1000, 0.01)])
+@pytest.mark.parametrize("data", ["gauss", "bf16_ties", "heavy_tail", "sorted", "constant"])
+def test_fast_selection_equals_reference(n, block, k_init, data):
+    """The group prefilter must give exactly block_topk's answer, ties and adversarial layouts included
+    (sorted data puts every large entry in a few groups; constant data ties everything)."""
+    torch.manual_seed(n)
+    x = {"gauss": lambda: torch.randn(n), "bf16_ties": lambda: torch.randn(n).bfloat16().float(),
+         "heavy_tail": lambda: torch.randn(n) ** 5, "sorted": lambda: torch.randn(n).sort().values,
+         "constant": lambda: torch.full((n,), -0.5)}[data]()
+    assert torch.equal(block_topk_fast(x, block, k_init), block_topk(x, block, k_init))

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 
 from .distributed import local, padded_local, shard_state
-from .ops.microadam_window import adam_update_from_window
+from .ops.microadam_window import apply_window_update_
 from .ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit
-from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk
+from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast
 from .optimizer import (
     SlimOptimizer,
     as_param_groups,
@@ -167,11 +167,15 @@ class ChunkSpan(NamedTuple):
     code_bytes: tuple[int, int]  # its packed EF bytes
 
 
+def _chunk_length(block_size: int, bucket_size: int) -> int:
+    unit = math.lcm(block_size, bucket_size, 2)  # whole blocks, whole buckets, whole nibble pairs
+    return max(unit, CHUNK_ELEMENTS // unit * unit)
+
+
 def chunk_spans(layout: BlockLayout, bucket_size: int) -> Iterator[ChunkSpan]:
     """Cut a tensor into spans of about CHUNK_ELEMENTS; all offsets are Python ints (no int32 limit)."""
     n, block_size, k_block = layout.n, layout.block_size, layout.k_block
-    unit = math.lcm(block_size, bucket_size, 2)  # whole blocks, whole buckets, whole nibble pairs
-    chunk = max(unit, CHUNK_ELEMENTS // unit * unit)
+    chunk = _chunk_length(block_size, bucket_size)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         col1 = layout.k_total if end == n else end // block_size * k_block
@@ -194,6 +198,9 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
     g_flat = grad.reshape(-1)
     p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
     chunk_starts = None
+    chunk = min(n, _chunk_length(block_size, bucket_size))
+    scratch = (torch.zeros(chunk, dtype=torch.float32, device=p.device),
+               torch.zeros(chunk, dtype=torch.float32, device=p.device))  # moments, zeroed again after use
     for span in chunk_spans(layout, bucket_size):
         start, end, (col0, col1) = span.start, span.end, span.columns
         (b0, b1), (c0, c1) = span.buckets, span.code_bytes
@@ -204,31 +211,18 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
         a = dequantize_4bit(codes[c0:c1], ef_min[b0:b1], ef_max[b0:b1], end - start, bucket_size)
         a.add_(g_flat[start:end])
         # (5) block Top-K and (9) the newest window row
-        rel = block_topk(a, block_size, k_init)
+        rel = block_topk_fast(a, block_size, k_init)
         pos = rel + chunk_starts
         window_idx[row, col0:col1] = rel.to(torch.int16)
-        window_val[row, col0:col1] = a[pos].to(torch.bfloat16)
+        window_val[row, col0:col1] = a.index_select(0, pos)
         # (6) drop what was selected, (7, 8) quantise the rest into the new error feedback
-        a[pos] = 0
+        a.index_fill_(0, pos, 0.0)
         lo, hi = bucket_ranges(a, bucket_size)
         ef_min[b0:b1], ef_max[b0:b1] = lo, hi
-        codes[c0:c1] = quantize_4bit(a, lo, hi, bucket_size)
+        quantize_4bit(a, lo, hi, bucket_size, out=codes[c0:c1])
         # (10, 11) moments from the window, decoupled weight decay, update
         positions = window_idx[:, col0:col1].long() + chunk_starts
-        u = adam_update_from_window(positions, window_val[:, col0:col1], end - start, step, betas, eps)
-        _apply_update(p_flat[start:end], u, lr, wd)
+        apply_window_update_(p_flat[start:end], positions, window_val[:, col0:col1], step, betas, eps, lr, wd,
+                             scratch)
     if p_flat.data_ptr() != p.data_ptr():
         p.copy_(p_flat.view_as(p))
-
-
-def _apply_update(p: Tensor, u: Tensor, lr: float, wd: float) -> None:
-    """p <- p * (1 - lr * wd) - lr * u, rounded once to p's dtype."""
-    if p.dtype == torch.float32:
-        if wd:
-            p.mul_(1 - lr * wd)
-        p.add_(u, alpha=-lr)
-    else:
-        work = p.float()
-        if wd:
-            work.mul_(1 - lr * wd)
-        p.copy_(work.add_(u, alpha=-lr))

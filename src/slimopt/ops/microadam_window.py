@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["adam_update_from_window", "bias_corrections", "row_weights"]
+__all__ = ["adam_update_from_window", "apply_window_update_", "bias_corrections", "row_weights"]
 
 
 def row_weights(step: int, m: int, beta: float) -> list[float]:
@@ -51,3 +51,33 @@ def adam_update_from_window(positions: Tensor, values: Tensor, n: int, step: int
     second.index_add_(0, flat, (v * v * w2[:, None]).view(-1))
     c1, c2 = bias_corrections(step, beta1, beta2)
     return first.mul_(c1).div_(second.mul_(c2).sqrt_().add_(eps))
+
+
+def apply_window_update_(p: Tensor, positions: Tensor, values: Tensor, step: int, betas: tuple[float, float],
+                         eps: float, lr: float, weight_decay: float, scratch: tuple[Tensor, Tensor]) -> None:
+    """p <- p * (1 - lr * wd) - lr * u in place, with u from the window, touching only window positions.
+
+    Same arithmetic as ``adam_update_from_window`` followed by the dense update (tested), but u is
+    only evaluated where the window has entries (at most m*k of the n positions), which is where it is
+    non-zero. ``scratch``: two zeroed fp32 buffers of at least p.numel() entries, left zeroed.
+    (index_select / scatter_ / scatter_add_ rather than advanced indexing: several times faster on CPU.)
+    """
+    beta1, beta2 = betas
+    m = positions.shape[0]
+    w1 = torch.tensor(row_weights(step, m, beta1), dtype=torch.float32, device=values.device)
+    w2 = torch.tensor(row_weights(step, m, beta2), dtype=torch.float32, device=values.device)
+    v = values.float()
+    flat = positions.reshape(-1)
+    first, second = scratch[0][: p.numel()], scratch[1][: p.numel()]
+    first.scatter_add_(0, flat, (v * w1[:, None]).view(-1))  # rows in order 0..m-1, as the reference
+    second.scatter_add_(0, flat, v.mul_(v).mul_(w2[:, None]).view(-1))
+    c1, c2 = bias_corrections(step, beta1, beta2)
+    u = first.index_select(0, flat).mul_(c1).div_(second.index_select(0, flat).mul_(c2).sqrt_().add_(eps))
+    first.zero_()
+    second.zero_()
+    updated = p.index_select(0, flat).float()  # gathered before the decay: a low-precision p rounds once
+    if weight_decay:
+        updated.mul_(1 - lr * weight_decay)
+        p.mul_(1 - lr * weight_decay)
+    # duplicate positions (one per row holding them) all write the same value
+    p.scatter_(0, flat, updated.add_(u, alpha=-lr).to(p.dtype))

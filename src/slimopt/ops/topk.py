@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BLOCK_SIZE", "BlockLayout", "block_layout", "block_starts", "block_topk", "k_for"]
+__all__ = ["MAX_BLOCK_SIZE", "BlockLayout", "block_layout", "block_starts", "block_topk", "block_topk_fast", "k_for"]
 
 MAX_BLOCK_SIZE = 1 << 15  # block-relative indices 0..32767 fit int16
 
@@ -58,16 +58,23 @@ def block_starts(layout: BlockLayout, device: torch.device | str = "cpu") -> Ten
         * layout.block_size
 
 
+def _unique_keys(magnitude: Tensor, column: Tensor, width: int) -> Tensor:
+    """int64 keys that order like |x| and, among equal |x|, put the lower column first.
+
+    ``magnitude`` is |x| (fp32, non-negative): its int32 bits order like the values themselves."""
+    return magnitude.view(torch.int32).to(torch.int64).mul_(width).add_((width - 1) - column)
+
+
+def _column_of(keys: Tensor, width: int) -> Tensor:
+    return (width - 1) - keys.remainder(width)
+
+
 def _topk_rows(rows: Tensor, k: int) -> Tensor:
     """Ascending column indices of the k largest |rows| per row, ties to the lower column."""
     width = rows.shape[1]
-    # |x| as int32 bits orders like |x| itself; appending the reversed column makes every key unique
-    magnitude = rows.abs().view(torch.int32).to(torch.int64)
-    reversed_column = torch.arange(width - 1, -1, -1, device=rows.device)
-    keys = magnitude.mul_(width).add_(reversed_column)
+    keys = _unique_keys(rows.abs(), torch.arange(width, device=rows.device), width)
     top = keys.topk(k, dim=1, sorted=False).values
-    columns = (width - 1) - top.remainder_(width)
-    return columns.sort(dim=1).values
+    return _column_of(top, width).sort(dim=1).values
 
 
 def block_topk(x: Tensor, block_size: int, k_init: float) -> Tensor:
@@ -79,6 +86,55 @@ def block_topk(x: Tensor, block_size: int, k_init: float) -> Tensor:
     parts = []
     if layout.full_blocks:
         parts.append(_topk_rows(x[:n_full].view(-1, block_size), layout.k_block).view(-1))
+    if layout.tail:
+        parts.append(_topk_rows(x[n_full:].view(1, -1), layout.k_tail).view(-1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The same selection, cheaper on CPU: most of a block can be ruled out before any ranking.
+#
+# Cut a block into groups of G entries (strided) and keep the k groups with the largest maxima; L is the smallest
+# of those k maxima. Each kept group holds an entry >= L, so the k-th largest |x| is >= L, and every
+# entry >= L sits in a group whose maximum is >= L. If exactly k groups reach L (no tie at L), those
+# are the kept groups: the top k, ties included, lie among their k*G entries, and ranking just those
+# gives exactly ``block_topk``'s answer. A block with more than k groups reaching L is ranked in full.
+# G ~ sqrt(B/k) balances the two small rankings (B/G group maxima, k*G candidates).
+
+
+def _topk_rows_by_groups(rows: Tensor, k: int) -> Tensor:
+    n_rows, width = rows.shape
+    group = 1 << max(1, round(math.log2(max(width / k, 1)) / 2))
+    if width % group or width // group < 2 * k:  # dense selections or odd widths: rank in full
+        return _topk_rows(rows, k)
+    # group j of a block is the strided set {j, j + S, j + 2S, ...}: the maxima then reduce over
+    # contiguous rows of length S, which vectorises far better than many tiny contiguous groups
+    stride = width // group
+    magnitude = rows.abs()
+    groups = magnitude.view(n_rows, group, stride)
+    group_max = groups.amax(dim=1)
+    kept_max, kept = group_max.topk(k, dim=1, sorted=False)
+    bound = kept_max.amin(dim=1, keepdim=True)
+    candidates = groups.gather(2, kept.unsqueeze(1).expand(-1, group, -1)).view(n_rows, group * k)
+    offsets = torch.arange(0, width, stride, device=rows.device).view(1, group, 1)
+    column = (kept.unsqueeze(1) + offsets).view(n_rows, group * k)
+    top = _unique_keys(candidates, column, width).topk(k, dim=1, sorted=False).values
+    columns = _column_of(top, width).sort(dim=1).values
+    tied = ((group_max >= bound).sum(dim=1) > k).nonzero().view(-1)
+    if tied.numel():
+        columns[tied] = _topk_rows(rows[tied], k)
+    return columns
+
+
+def block_topk_fast(x: Tensor, block_size: int, k_init: float) -> Tensor:
+    """Same result as ``block_topk`` (tested), ranking only the entries of the k strongest groups."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    layout = block_layout(x.numel(), block_size, k_init)
+    n_full = layout.full_blocks * block_size
+    parts = []
+    if layout.full_blocks:
+        parts.append(_topk_rows_by_groups(x[:n_full].view(-1, block_size), layout.k_block).view(-1))
     if layout.tail:
         parts.append(_topk_rows(x[n_full:].view(1, -1), layout.k_tail).view(-1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
