@@ -101,8 +101,9 @@ class _Progress:
         def update(result: RunResult, val: float | None) -> None:
             if val is not None:
                 last_val[0] = val
-            train_loss = result.train_curve[-1][2] if result.train_curve else float("nan")
-            info = f"train {train_loss:.3f}  val {last_val[0]:.3f}" if last_val[0] is not None else ""
+            parts = [f"train {result.train_curve[-1][2]:.3f}"] if result.train_curve else []
+            parts += [f"val {last_val[0]:.3f}"] if last_val[0] is not None else []
+            info = "  ".join(parts)
             if self.rich:
                 self.rich.update(task, completed=result.steps_done, info=info)
             elif val is not None:

@@ -1,0 +1,121 @@
+"""``slimopt bench memory``: the analytic optimizer-state formulas beside the bytes really allocated.
+
+For each harness model preset and optimizer: build the model, give every parameter a gradient, take one
+optimizer step (state is allocated lazily) and count ``slimopt.state_bytes`` exactly; next to it the
+formula from ``slimopt.memory_model`` evaluated on the same named shapes, with the optimizer's own
+hyper-parameters (read from ``optimizer.defaults``, e.g. MicroAdam's m, k and block sizes). A mismatch
+means either the formula or the implementation keeps something the other does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer, split_hidden_matrices
+from .model import PRESETS, build_model
+from .report import markdown_table, run_metadata, write_json
+
+__all__ = ["ANALYTIC_NAME", "add_arguments", "compare", "run"]
+
+# harness optimizer name -> memory_model formula name
+ANALYTIC_NAME = {
+    "adamw": "adamw-fp32",
+    "adamw-foreach": "adamw-fp32",
+    "adamw-forloop": "adamw-fp32",
+    "adamw-fused": "adamw-fp32",
+    "microadam": "microadam-m10",
+    "adammini": "adam-mini",
+    "adam-mini-official": "adam-mini",
+    "sinkgd": "sinkgd",
+    "swan": "swan",
+    "galore": "galore",
+    "adamw8bit": "adamw-8bit",
+}
+
+
+def _formula_options(formula: str, optimizer: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """The optimizer's own hyper-parameters that the formula takes (m, k_init, block sizes, rank ...)."""
+    from slimopt.memory_model import OPTIMIZER_STATE
+
+    accepted = set(inspect.signature(OPTIMIZER_STATE[formula].bytes).parameters) - {"t"}
+    options: dict[str, Any] = {}
+    for group in optimizer.param_groups:
+        for key in accepted & set(group):
+            if isinstance(group[key], (int, float)) and not isinstance(group[key], bool):
+                options.setdefault(key, group[key])
+    if formula == "galore":  # our GaLore baseline's rank: a quarter of the width
+        hidden, _ = split_hidden_matrices(model)
+        width = getattr(model.config, "hidden_size", None) or min(hidden[0][1].shape)
+        options["rank"] = max(1, width // 4)
+    return options
+
+
+def compare(preset: str, names: list[str], *, seed: int = 0, log=print) -> list[dict[str, Any]]:
+    from slimopt import state_bytes
+    from slimopt.memory_model import analytic_state_bytes
+
+    rows = []
+    for name in names:
+        torch.manual_seed(seed)
+        model = build_model(preset)
+        n_params = sum(p.numel() for p in model.parameters())
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        try:
+            optimizer = make_optimizer(model, name, lr=default_lr(name))
+        except OptimizerUnavailable as exc:
+            log(f"  skipping {name}: {exc}")
+            continue
+        optimizer.step()
+        measured = state_bytes(optimizer)
+        formula = ANALYTIC_NAME.get(name)
+        options = _formula_options(formula, optimizer, model) if formula else {}
+        analytic = analytic_state_bytes(model, formula, **options) if formula else None
+        rows.append({
+            "preset": preset, "optimizer": name, "n_params": n_params, "measured_bytes": measured,
+            "measured_bytes_per_param": measured / n_params, "formula": formula, "formula_options": options,
+            "analytic_bytes": analytic,
+            "analytic_minus_measured": analytic - measured if analytic is not None else None,
+        })
+        log(f"  {preset:8s} {name:18s} measured {measured:>12,d} B  analytic "
+            f"{analytic if analytic is not None else '-':>12}")
+        del model, optimizer
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presets", default="tiny,cpu,step42m", help="comma-separated model presets")
+    parser.add_argument("--optimizers", default="adamw,microadam,adammini,sinkgd,swan,adam-mini-official,galore",
+                        help="comma-separated optimizer names")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="runs/memory", help="folder for results.json and report.md")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = args.presets.split(",")
+    names = args.optimizers.split(",")
+    bad = [p for p in presets if p not in PRESETS] + [n for n in names if n not in known_names()]
+    if bad:
+        print(f"unknown preset/optimizer: {', '.join(bad)}")
+        return 2
+    rows = [row for preset in presets for row in compare(preset, names)]
+    table = markdown_table(
+        ["preset", "params", "optimizer", "measured B", "B/param", "formula", "analytic B", "analytic - measured"],
+        [[r["preset"], f"{r['n_params']:,}", r["optimizer"], f"{r['measured_bytes']:,}",
+          r["measured_bytes_per_param"], r["formula"],
+          None if r["analytic_bytes"] is None else f"{r['analytic_bytes']:,}", r["analytic_minus_measured"]]
+         for r in rows])
+    out = Path(args.out)
+    write_json(out / "results.json", {"meta": run_metadata(), "rows": rows})
+    (out / "report.md").write_text("# Optimizer state: measured (after one step) vs analytic formula\n\n"
+                                   + table + "\n")
+    print(table)
+    print(f"wrote {out}/results.json and report.md")
+    return 0
