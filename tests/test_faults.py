@@ -205,7 +205,7 @@ def _damage(kind: str, sd):
     if kind == "nan in state":
         pid, key = _first_state_tensor(sd, lambda key, t: t.is_floating_point() and t.numel() > 0)
         sd["state"][pid][key].view(-1)[0] = float("nan")
-        return sd, "NaN or inf"
+        return sd, "NaN"
     if kind == "state for an unknown parameter":
         sd["state"][999] = copy.deepcopy(next(iter(sd["state"].values())))
         return sd, "no group lists"

@@ -284,8 +284,8 @@ class SlimOptimizer(Optimizer):
         defines (a state dict from another optimizer lacks some); parameter names where both sides
         have them (another model); and, per parameter, that the saved state has exactly the keys,
         shapes and dtypes that a step of this optimizer with the saved hyper-parameters would create
-        (found by running ``update_group`` on shape-only "meta" copies of the parameters), with finite
-        floating-point values. Per-parameter plan metadata (``param_roles``, ``param_layouts``, ...) must
+        (found by running ``update_group`` on shape-only "meta" copies of the parameters), and no NaN.
+        Per-parameter plan metadata (``param_roles``, ``param_layouts``, ...) must
         equal this optimizer's: a state laid out for another partition is not this one's.
         """
         where = f"Cannot load {type(self).__name__} state"
@@ -427,11 +427,11 @@ def _show(layout: Any) -> str:
 
 
 def _check_finite_state(where: str, state: Any, key: str = "") -> None:
-    """Optimizer state never holds NaN or inf (non-finite gradients are refused or skipped), so a
-    saved one that does is damaged."""
+    """Optimizer state never holds NaN (non-finite gradients are refused or skipped), so a saved one
+    that does is damaged. Inf is let through: a second moment can overflow under huge finite gradients."""
     if isinstance(state, Tensor):
-        if state.is_floating_point() and state.numel() and not bool(torch.isfinite(state).all()):
-            raise ValueError(f"{where}: {key} holds NaN or inf values (a damaged checkpoint?)")
+        if state.is_floating_point() and state.numel() and bool(torch.isnan(state).any()):
+            raise ValueError(f"{where}: {key} holds NaN values (a damaged checkpoint?)")
     elif isinstance(state, dict):
         for k, v in state.items():
             _check_finite_state(where, v, f"{key}.{k}" if key else str(k))
