@@ -94,3 +94,12 @@ def test_tokens_to_reference_loss():
     assert rows["adamw"]["tokens_to_reference_loss"] == 200
     assert rows["fast"]["tokens_to_reference_loss"] == 100
     assert rows["slow"]["tokens_to_reference_loss"] is None
+
+
+def test_gpt2_tokenizer_gives_gpt2_ids():
+    from slimopt.data import is_cached
+
+    if not is_cached("gpt2-tokenizer"):
+        pytest.skip("needs `slimopt data fetch gpt2-tokenizer`")
+    # Reference ids from GPT-2's published vocabulary: "Hello" 15496, " world" 995, "," 11, "\n" 198.
+    assert encode("Hello world,\n", "gpt2").tolist() == [15496, 995, 11, 198]
