@@ -132,6 +132,7 @@ class MicroAdam(SlimOptimizer):
 
     # -- the step -------------------------------------------------------------------------------------
     def update_group(self, group: dict[str, Any]) -> None:
+        workspace = None  # CPU buffers shared by this group's tensors during this step
         for _, param, full_grad in self.grads(group):
             state = self.state[param]
             # Under FSDP2 every rank compresses its own rows, padded to the largest shard so that all
@@ -150,7 +151,9 @@ class MicroAdam(SlimOptimizer):
 
                     microadam_step_triton(p, grad, work, group, step)
                 else:
-                    _microadam_step_torch(p, grad, work, group, step)
+                    if workspace is None or workspace.device != p.device:
+                        workspace = Workspace(p.device)
+                    _microadam_step_torch(p, grad, work, group, step, workspace)
 
 
 def _as_float(x: Any) -> float:
@@ -183,8 +186,29 @@ def chunk_spans(layout: BlockLayout, bucket_size: int) -> Iterator[ChunkSpan]:
                         (start // bucket_size, num_buckets(end, bucket_size)), (start // 2, (end + 1) // 2))
 
 
+class Workspace:
+    """fp32 buffers reused across the chunks and tensors of one step: a fresh MiB-sized tensor costs
+    page faults on every allocation, which on CPU is a noticeable part of a cache-sized pass."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.buffers = device, {}
+
+    def empty(self, name: str, numel: int) -> Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return buffer[:numel]
+
+    def zeros(self, name: str, count: int, numel: int) -> tuple[Tensor, ...]:
+        """``count`` zeroed buffers; callers must leave them zeroed."""
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape[1] < numel:
+            buffer = self.buffers[name] = torch.zeros(count, numel, dtype=torch.float32, device=self.device)
+        return tuple(buffer[:, :numel])
+
+
 def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
-                          step: int) -> None:
+                          step: int, workspace: Workspace) -> None:
     """One MicroAdam step of one tensor with plain torch ops (the reference path), chunk by chunk."""
     n, m = p.numel(), group["m"]
     block_size, bucket_size, k_init = group["topk_block_size"], group["quant_block_size"], group["k_init"]
@@ -199,8 +223,8 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
     p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
     chunk_starts = None
     chunk = min(n, _chunk_length(block_size, bucket_size))
-    scratch = (torch.zeros(chunk, dtype=torch.float32, device=p.device),
-               torch.zeros(chunk, dtype=torch.float32, device=p.device))  # moments, zeroed again after use
+    scratch = workspace.zeros("moments", 2, chunk)  # zeroed again after use
+    accumulator, work = workspace.empty("accumulator", chunk + 1), workspace.empty("work", chunk + 1)
     for span in chunk_spans(layout, bucket_size):
         start, end, (col0, col1) = span.start, span.end, span.columns
         (b0, b1), (c0, c1) = span.buckets, span.code_bytes
@@ -208,10 +232,10 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
             chunk_starts = block_starts(block_layout(end - start, block_size, k_init), p.device)
 
         # (4) error feedback: a = g + Q^-1(e)
-        a = dequantize_4bit(codes[c0:c1], ef_min[b0:b1], ef_max[b0:b1], end - start, bucket_size)
+        a = dequantize_4bit(codes[c0:c1], ef_min[b0:b1], ef_max[b0:b1], end - start, bucket_size, out=accumulator)
         a.add_(g_flat[start:end])
         # (5) block Top-K and (9) the newest window row
-        rel = block_topk_fast(a, block_size, k_init)
+        rel = block_topk_fast(a, block_size, k_init, scratch=work)
         pos = rel + chunk_starts
         window_idx[row, col0:col1] = rel.to(torch.int16)
         window_val[row, col0:col1] = a.index_select(0, pos)
@@ -219,7 +243,7 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
         a.index_fill_(0, pos, 0.0)
         lo, hi = bucket_ranges(a, bucket_size)
         ef_min[b0:b1], ef_max[b0:b1] = lo, hi
-        quantize_4bit(a, lo, hi, bucket_size, out=codes[c0:c1])
+        quantize_4bit(a, lo, hi, bucket_size, out=codes[c0:c1], scratch=work)
         # (10, 11) moments from the window, decoupled weight decay, update
         positions = window_idx[:, col0:col1].long() + chunk_starts
         apply_window_update_(p_flat[start:end], positions, window_val[:, col0:col1], step, betas, eps, lr, wd,

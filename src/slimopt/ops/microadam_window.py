@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["adam_update_from_window", "apply_window_update_", "bias_corrections", "row_weights"]
+__all__ = ["adam_update_from_window", "apply_window_update_", "bias_corrections", "dense_update_", "row_weights"]
 
 
 def row_weights(step: int, m: int, beta: float) -> list[float]:
@@ -61,6 +61,7 @@ def apply_window_update_(p: Tensor, positions: Tensor, values: Tensor, step: int
     only evaluated where the window has entries (at most m*k of the n positions), which is where it is
     non-zero. ``scratch``: two zeroed fp32 buffers of at least p.numel() entries, left zeroed.
     (index_select / scatter_ / scatter_add_ rather than advanced indexing: several times faster on CPU.)
+    Duplicate positions (one per row holding them) scatter the same u.
     """
     beta1, beta2 = betas
     m = positions.shape[0]
@@ -73,11 +74,22 @@ def apply_window_update_(p: Tensor, positions: Tensor, values: Tensor, step: int
     second.scatter_add_(0, flat, v.mul_(v).mul_(w2[:, None]).view(-1))
     c1, c2 = bias_corrections(step, beta1, beta2)
     u = first.index_select(0, flat).mul_(c1).div_(second.index_select(0, flat).mul_(c2).sqrt_().add_(eps))
-    first.zero_()
     second.zero_()
-    updated = p.index_select(0, flat).float()  # gathered before the decay: a low-precision p rounds once
-    if weight_decay:
-        updated.mul_(1 - lr * weight_decay)
-        p.mul_(1 - lr * weight_decay)
-    # duplicate positions (one per row holding them) all write the same value
-    p.scatter_(0, flat, updated.add_(u, alpha=-lr).to(p.dtype))
+    # spread u back to a dense vector (zero off the window) and update p densely, as the reference does:
+    # cheaper than a gather + scatter of p, and rounds exactly like it
+    first.zero_().scatter_(0, flat, u)
+    dense_update_(p, first, lr, weight_decay)
+    first.zero_()
+
+
+def dense_update_(p: Tensor, u: Tensor, lr: float, weight_decay: float) -> None:
+    """p <- p * (1 - lr * wd) - lr * u, rounded once to p's dtype."""
+    if p.dtype == torch.float32:
+        if weight_decay:
+            p.mul_(1 - lr * weight_decay)
+        p.add_(u, alpha=-lr)
+    else:
+        work = p.float()
+        if weight_decay:
+            work.mul_(1 - lr * weight_decay)
+        p.copy_(work.add_(u, alpha=-lr))

@@ -84,13 +84,19 @@ def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
     return codes[:n]
 
 
-def quantize_4bit(x: Tensor, lo: Tensor, hi: Tensor, bucket_size: int, out: Tensor | None = None) -> Tensor:
-    """Packed 4-bit codes of the 1-D fp32 ``x`` on the grids given by ``bucket_ranges`` (into ``out``)."""
+def quantize_4bit(x: Tensor, lo: Tensor, hi: Tensor, bucket_size: int, out: Tensor | None = None,
+                  scratch: Tensor | None = None) -> Tensor:
+    """Packed 4-bit codes of the 1-D fp32 ``x`` on the grids given by ``bucket_ranges`` (into ``out``).
+
+    ``scratch``: optional fp32 buffer of >= n + 1 entries (reused buffers spare the page faults that a
+    fresh MiB-sized allocation costs on every call)."""
     n = x.numel()
     lo32, _, inv_step = _grid(lo, hi)
     n_full_buckets = n // bucket_size
     full, tail = _split(x, bucket_size)
-    y = torch.empty(n + n % 2, dtype=torch.float32, device=x.device)
+    if scratch is None:
+        scratch = torch.empty(n + n % 2, dtype=torch.float32, device=x.device)
+    y = scratch[: n + n % 2]
     y_full, y_tail = _split(y[:n], bucket_size)
     # round to nearest: floor(y + 0.5), clamped to the grid against fp rounding; the uint8 cast below
     # truncates, which is the floor for the non-negative clamped values
@@ -99,16 +105,19 @@ def quantize_4bit(x: Tensor, lo: Tensor, hi: Tensor, bucket_size: int, out: Tens
         torch.sub(tail, lo32[-1], out=y_tail).mul_(inv_step[-1])
     if n % 2:
         y[n] = 0.0  # the low nibble of an odd tail's last byte
-    codes = y.add_(0.5).clamp_(0, LEVELS).to(torch.uint8).view(-1, 2)
+    codes = y.add_(0.5).clamp_(0, LEVELS).to(torch.uint8).view(-1, 2)  # uint8 is 1/4 the size: a fresh one
     if out is None:
         out = torch.empty(codes.shape[0], dtype=torch.uint8, device=x.device)
     return torch.add(codes[:, 1], codes[:, 0], alpha=16, out=out)  # even entry in the high nibble
 
 
-def dequantize_4bit(packed: Tensor, lo: Tensor, hi: Tensor, n: int, bucket_size: int) -> Tensor:
-    """The fp32 values (length ``n``) that the packed codes stand for."""
+def dequantize_4bit(packed: Tensor, lo: Tensor, hi: Tensor, n: int, bucket_size: int,
+                    out: Tensor | None = None) -> Tensor:
+    """The fp32 values (length ``n``) that the packed codes stand for (into ``out``, >= 2 * bytes long)."""
     lo32, step, _ = _grid(lo, hi)
-    codes = torch.empty(2 * packed.numel(), dtype=torch.float32, device=packed.device)
+    if out is None:
+        out = torch.empty(2 * packed.numel(), dtype=torch.float32, device=packed.device)
+    codes = out[: 2 * packed.numel()]
     pairs = codes.view(-1, 2)
     pairs[:, 0].copy_(packed >> 4)
     pairs[:, 1].copy_(packed & 0xF)

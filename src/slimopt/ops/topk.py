@@ -102,7 +102,7 @@ def block_topk(x: Tensor, block_size: int, k_init: float) -> Tensor:
 # G ~ sqrt(B/k) balances the two small rankings (B/G group maxima, k*G candidates).
 
 
-def _topk_rows_by_groups(rows: Tensor, k: int) -> Tensor:
+def _topk_rows_by_groups(rows: Tensor, k: int, scratch: Tensor | None = None) -> Tensor:
     n_rows, width = rows.shape
     group = 1 << max(1, round(math.log2(max(width / k, 1)) / 2))
     if width % group or width // group < 2 * k:  # dense selections or odd widths: rank in full
@@ -110,7 +110,7 @@ def _topk_rows_by_groups(rows: Tensor, k: int) -> Tensor:
     # group j of a block is the strided set {j, j + S, j + 2S, ...}: the maxima then reduce over
     # contiguous rows of length S, which vectorises far better than many tiny contiguous groups
     stride = width // group
-    magnitude = rows.abs()
+    magnitude = rows.abs() if scratch is None else torch.abs(rows, out=scratch[: rows.numel()].view_as(rows))
     groups = magnitude.view(n_rows, group, stride)
     group_max = groups.amax(dim=1)
     kept_max, kept = group_max.topk(k, dim=1, sorted=False)
@@ -126,15 +126,17 @@ def _topk_rows_by_groups(rows: Tensor, k: int) -> Tensor:
     return columns
 
 
-def block_topk_fast(x: Tensor, block_size: int, k_init: float) -> Tensor:
-    """Same result as ``block_topk`` (tested), ranking only the entries of the k strongest groups."""
+def block_topk_fast(x: Tensor, block_size: int, k_init: float, scratch: Tensor | None = None) -> Tensor:
+    """Same result as ``block_topk`` (tested), ranking only the entries of the k strongest groups.
+
+    ``scratch``: optional fp32 buffer of >= x.numel() entries for |x|."""
     if x.dtype != torch.float32:
         x = x.float()
     layout = block_layout(x.numel(), block_size, k_init)
     n_full = layout.full_blocks * block_size
     parts = []
     if layout.full_blocks:
-        parts.append(_topk_rows_by_groups(x[:n_full].view(-1, block_size), layout.k_block).view(-1))
+        parts.append(_topk_rows_by_groups(x[:n_full].view(-1, block_size), layout.k_block, scratch).view(-1))
     if layout.tail:
         parts.append(_topk_rows(x[n_full:].view(1, -1), layout.k_tail).view(-1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
