@@ -31,7 +31,7 @@ _SPECS: dict[str, OptimizerSpec] = {
                       "MicroAdam: Top-K sparse gradients, 4-bit error feedback, windowed moments"),
         OptimizerSpec("adammini", "slimopt.adam_mini:AdamMini", 1e-2,
                       "Adam-mini: one second moment per Hessian block"),
-        OptimizerSpec("sinkgd", "slimopt.sinkgd:SinkGD", 0.5,
+        OptimizerSpec("sinkgd", "slimopt.sinkgd:SinkGD", 0.02,
                       "SinkGD: stateless Sinkhorn row/column normalisation (AdamW for non-matrices)"),
         OptimizerSpec("swan", "slimopt.swan:SWAN", 0.02,
                       "SWAN: stateless row standardisation + whitening (AdamW for non-matrices)"),
