@@ -28,7 +28,15 @@ import torch.nn.functional as F
 
 from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
 from .plots import memory_bars
-from .report import markdown_table, peak_rss_bytes, reset_peak_rss, rss_bytes, run_metadata, write_json
+from .report import (
+    markdown_table,
+    peak_rss_bytes,
+    release_freed_memory,
+    reset_peak_rss,
+    rss_bytes,
+    run_metadata,
+    write_json,
+)
 from .train import lr_factor
 
 __all__ = ["add_arguments", "finetune_lr", "run"]
@@ -109,6 +117,7 @@ def _one_run(name: str, lr: float, train_set, test_set, n_labels: int, pad_id: i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        release_freed_memory()
         reset_peak_rss()
     rss_before = rss_bytes()
     losses, step_times, queue = [], [], []

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["markdown_table", "peak_rss_bytes", "reset_peak_rss", "rss_bytes", "run_metadata", "write_json"]
+__all__ = ["markdown_table", "peak_rss_bytes", "release_freed_memory", "reset_peak_rss", "rss_bytes",
+           "run_metadata", "write_json"]
 
 
 def _cpu_model() -> str:
@@ -128,6 +129,31 @@ def rss_bytes() -> int | None:
 
 def peak_rss_bytes() -> int | None:
     return _status_kib("VmHWM")
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS, so that the next run's RSS peak counts only its own memory.
+
+    glibc raises its mmap threshold after large frees and then serves big tensors from the heap, which it
+    keeps after they are freed; a later run would reuse those pages without raising RSS. Pinning the
+    threshold at 1 MiB (``mallopt(M_MMAP_THRESHOLD)``) keeps large tensors in their own mappings.
+    """
+    import gc
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
 
 
 def reset_peak_rss() -> bool:

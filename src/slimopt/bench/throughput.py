@@ -28,7 +28,15 @@ import torch
 
 from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
 from .model import build_model, count_parameters
-from .report import markdown_table, peak_rss_bytes, reset_peak_rss, rss_bytes, run_metadata, write_json
+from .report import (
+    markdown_table,
+    peak_rss_bytes,
+    release_freed_memory,
+    reset_peak_rss,
+    rss_bytes,
+    run_metadata,
+    write_json,
+)
 
 __all__ = ["add_arguments", "default_optimizers", "main", "measure_step_times", "run"]
 
@@ -68,6 +76,7 @@ class _StepMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
         else:
+            release_freed_memory()
             self.before = rss_bytes() if reset_peak_rss() else None
         self.delta: int | None = None
         return self

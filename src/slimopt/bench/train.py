@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from slimopt import state_bytes
 
 from .data import TokenData
-from .report import peak_rss_bytes, reset_peak_rss, rss_bytes
+from .report import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes
 
 __all__ = ["RunResult", "TrainConfig", "evaluate", "lr_factor", "train"]
 
@@ -122,6 +122,7 @@ def train(model: torch.nn.Module, optimizer: Any, data: TokenData, config: Train
         torch.cuda.reset_peak_memory_stats(device)
         result.memory_kind = "cuda max allocated"
     else:
+        release_freed_memory()
         reset_peak_rss()
         result.memory_kind = "cpu peak rss"
     rss_before = rss_bytes()
