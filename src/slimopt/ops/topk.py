@@ -94,11 +94,12 @@ def block_topk(x: Tensor, block_size: int, k_init: float) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # The same selection, cheaper on CPU: most of a block can be ruled out before any ranking.
 #
-# Cut a block into groups of G entries (strided) and keep the k groups with the largest maxima; L is the smallest
-# of those k maxima. Each kept group holds an entry >= L, so the k-th largest |x| is >= L, and every
-# entry >= L sits in a group whose maximum is >= L. If exactly k groups reach L (no tie at L), those
-# are the kept groups: the top k, ties included, lie among their k*G entries, and ranking just those
-# gives exactly ``block_topk``'s answer. A block with more than k groups reaching L is ranked in full.
+# Cut a block into groups of G entries (strided) and rank the group maxima; L is the k-th largest.
+# The top k groups each hold an entry >= L, so the k-th largest |x| is >= L, and every entry >= L sits
+# in a group whose maximum is >= L. Unless another group ties with the k-th at L, those are the top k
+# groups: the top k entries, ties included, lie among their entries, and ranking just those gives
+# exactly ``block_topk``'s answer. We keep k + 1 groups (one spare candidate group is harmless); if the
+# (k+1)-th maximum equals the k-th, more groups may reach L and the block is ranked in full.
 # G ~ sqrt(B/k) balances the two small rankings (B/G group maxima, k*G candidates).
 
 
@@ -113,14 +114,17 @@ def _topk_rows_by_groups(rows: Tensor, k: int, scratch: Tensor | None = None) ->
     magnitude = rows.abs() if scratch is None else torch.abs(rows, out=scratch[: rows.numel()].view_as(rows))
     groups = magnitude.view(n_rows, group, stride)
     group_max = groups.amax(dim=1)
-    kept_max, kept = group_max.topk(k, dim=1, sorted=False)
-    bound = kept_max.amin(dim=1, keepdim=True)
-    candidates = groups.gather(2, kept.unsqueeze(1).expand(-1, group, -1)).view(n_rows, group * k)
+    # keep k + 1 groups: an extra candidate group is harmless, and the (k+1)-th maximum tells whether
+    # another group ties with the k-th (then more than k + 1 groups may reach L)
+    kept_max, kept = group_max.topk(k + 1, dim=1, sorted=False)
+    smallest = kept_max.amin(dim=1, keepdim=True)
+    tied = ((kept_max == smallest).sum(dim=1) > 1).nonzero().view(-1)
+    kept_groups = k + 1
+    candidates = groups.gather(2, kept.unsqueeze(1).expand(-1, group, -1)).view(n_rows, group * kept_groups)
     offsets = torch.arange(0, width, stride, device=rows.device).view(1, group, 1)
-    column = (kept.unsqueeze(1) + offsets).view(n_rows, group * k)
+    column = (kept.unsqueeze(1) + offsets).view(n_rows, group * kept_groups)
     top = _unique_keys(candidates, column, width).topk(k, dim=1, sorted=False).values
     columns = _column_of(top, width).sort(dim=1).values
-    tied = ((group_max >= bound).sum(dim=1) > k).nonzero().view(-1)
     if tied.numel():
         columns[tied] = _topk_rows(rows[tied], k)
     return columns
