@@ -146,6 +146,17 @@ def _sweep(name: str, data, config: TrainConfig, preset: str, device: torch.devi
     return best["lr"], trials, False
 
 
+def _warm_up(preset: str, data, config: TrainConfig, device: torch.device) -> int:
+    """One throw-away forward/backward, so one-time allocations (thread pools, autograd and allocator
+    caches) are not charged to the first optimizer's peak memory. Returns the parameter count."""
+    model = build_model(preset, vocab_size=data.vocab_size).to(device)
+    inputs, targets = data.train_batch(config.batch_size, config.seq_len, torch.Generator().manual_seed(0))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(inputs.to(device))
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten()).backward()
+    return sum(p.numel() for p in model.parameters())
+
+
 def _seeds(text: str) -> list[int]:
     if "," in text:
         return [int(s) for s in text.split(",")]
@@ -267,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
     text, description = load_text(corpora, args.text)
     data = make_token_data(text, args.tokenizer, description=description)
-    n_params = sum(p.numel() for p in build_model(preset, vocab_size=data.vocab_size).parameters())
+    n_params = _warm_up(preset, data, config, device)
     print(f"pretrain: {preset} ({n_params / 1e6:.2f}M params) on {description}: {len(data.train):,} train / "
           f"{len(data.val):,} val {args.tokenizer} tokens; {steps} steps; {device}, {torch.get_num_threads()} "
           f"threads; optimizers {', '.join(names)}; seeds {seeds}")
