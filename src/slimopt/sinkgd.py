@@ -39,19 +39,21 @@ class SinkGD(HybridStatelessOptimizer):
         eps: clamp on row and column norms (a zero row or column stays zero).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW fallback's hyper-parameters.
         conv_as_matrix: update 3-D+ weights (convolutions) as (out, in*kh*kw) matrices instead of AdamW.
+        triton: run CUDA matrices through the Triton twin (``slimopt.ops.sinkhorn_triton``: G*G squared on
+            the fly, no fp32 scratch). Off by default: so far validated under Triton's interpreter only.
         nonfinite: ``"raise"`` (default) or ``"skip"`` tensors whose gradient has a NaN/inf.
     """
 
     def __init__(self, params: Any, lr: float | Tensor = 0.02, iters: int = 5, scale: float = 0.05,
                  weight_decay: float = 0.0, eps: float = 1e-8, *, adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
-                 adamw_weight_decay: float | None = None, conv_as_matrix: bool = False,
+                 adamw_weight_decay: float | None = None, conv_as_matrix: bool = False, triton: bool = False,
                  nonfinite: str = "raise") -> None:
         check_positive_int("iters", iters)
         check_positive("scale", scale)
         check_positive("eps", eps)
         defaults = {"lr": lr, "iters": iters, "scale": scale, "weight_decay": weight_decay, "eps": eps,
-                    "nonfinite": nonfinite}
+                    "triton": bool(triton), "nonfinite": nonfinite}
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, conv_as_matrix=conv_as_matrix)
 
@@ -62,6 +64,12 @@ class SinkGD(HybridStatelessOptimizer):
         param_local, grad_local = local(param), local(grad)
         if group["weight_decay"] != 0:
             param_local.mul_(1 - step_size * group["weight_decay"])
+        if group.get("triton") and grad_local.is_cuda and param_local.stride(-1) == 1:
+            from .ops.sinkhorn_triton import sinkgd_update_triton  # imports triton only when asked
+
+            sinkgd_update_triton(param_local, grad_local, group["iters"], step_size, eps=group["eps"],
+                                 complete=partial_sums(grad), shape=global_shape(grad))
+            return
         scratch = self.scratch(grad_local)
         r, c = sinkhorn_scales(grad_local, group["iters"], group["eps"], complete=partial_sums(grad),
                                shape=global_shape(grad), out=scratch)  # SR-Sinkhorn(G, L) = diag(r) G diag(c)
