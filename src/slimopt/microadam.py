@@ -246,7 +246,7 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
         ef_min[b0:b1], ef_max[b0:b1] = lo, hi
         quantize_4bit(a, lo, hi, bucket_size, out=codes[c0:c1], scratch=work)
         # (10, 11) moments from the window, decoupled weight decay, update
-        positions = window_idx[:, col0:col1].long() + chunk_starts
+        positions = torch.add(window_idx[:, col0:col1], chunk_starts)  # int16 + int64: one int64 pass
         apply_window_update_(p_flat[start:end], positions, window_val[:, col0:col1], step, betas, eps, lr, wd,
                              scratch)
     if p_flat.data_ptr() != p.data_ptr():
