@@ -93,7 +93,13 @@ def test_tokens_to_reference_loss():
     rows = {r["optimizer"]: r for r in summarize(runs, "adamw")}
     assert rows["adamw"]["tokens_to_reference_loss"] == 200
     assert rows["fast"]["tokens_to_reference_loss"] == 100
-    assert rows["slow"]["tokens_to_reference_loss"] is None
+    assert rows["slow"]["tokens_to_reference_loss"] is None and rows["slow"]["reached_reference"] == "0/1"
+
+    # Two AdamW seeds: the target is their mean final loss (2.0), which only seed 0 reaches.
+    runs = [fake("adamw", [(0, 5.0), (10, 1.9)], seed=0), fake("adamw", [(0, 5.0), (10, 2.1)], seed=1)]
+    (row,) = summarize(runs, "adamw")
+    assert row["reference_loss"] == pytest.approx(2.0)
+    assert row["tokens_to_reference_loss"] == 100 and row["reached_reference"] == "1/2"
 
 
 def test_gpt2_tokenizer_gives_gpt2_ids():

@@ -130,8 +130,8 @@ def _one_run(name: str, lr: float, seed: int, data, config: TrainConfig, preset:
 
 def _sweep(name: str, data, config: TrainConfig, preset: str, device: torch.device, weight_decay: float,
            progress: _Progress) -> tuple[float, list[dict[str, Any]], bool]:
-    short = TrainConfig(**{**config.__dict__, "steps": max(20, config.steps // 4),
-                           "eval_every": max(10, config.steps // 4)})
+    short_steps = min(config.steps, max(20, config.steps // 4))
+    short = TrainConfig(**{**config.__dict__, "steps": short_steps, "eval_every": short_steps})
     trials = []
     for factor in SWEEP_FACTORS:
         lr = default_lr(name) * factor
@@ -194,7 +194,9 @@ def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict
             "final_val_loss": statistics.mean(losses) if losses else None,
             "final_val_loss_std": statistics.stdev(losses) if len(losses) > 1 else None,
             "final_val_ppl": math.exp(statistics.mean(losses)) if losses else None,
-            "tokens_to_reference_loss": mean(reach) if all(t is not None for t in reach) else None,
+            # mean over the seeds that got there; "reached" says how many did
+            "tokens_to_reference_loss": mean(reach),
+            "reached_reference": f"{sum(t is not None for t in reach)}/{len(reach)}",
             "reference_loss": target,
             "state_bytes": mean(r["state_bytes"] for r in group),
             "state_bytes_per_param": mean(r["state_bytes"] / r["n_params"] for r in group
@@ -207,6 +209,14 @@ def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict
             "interrupted": any(r["interrupted"] for r in group),
         })
     return rows
+
+
+def _reach(row: dict[str, Any]) -> str | None:
+    tokens = row["tokens_to_reference_loss"]
+    if tokens is None:
+        return None
+    reached, total = row["reached_reference"].split("/")
+    return f"{tokens:,.0f}" + ("" if reached == total else f" ({reached}/{total} seeds)")
 
 
 def _report(result: dict[str, Any]) -> str:
@@ -233,7 +243,7 @@ def _report(result: dict[str, Any]) -> str:
             f" ± {r['final_val_loss_std']:.4f}" if r["final_val_loss_std"] is not None else "")
         flags = ("diverged " if r["diverged"] else "") + ("interrupted" if r["interrupted"] else "")
         rows.append([r["optimizer"] + (f" ({flags.strip()})" if flags else ""), f"{r['lr']:.3g}", loss,
-                     r["final_val_ppl"], r["tokens_to_reference_loss"] and f"{r['tokens_to_reference_loss']:,.0f}",
+                     r["final_val_ppl"], _reach(r),
                      mib(r["state_bytes"]), r["state_bytes_per_param"], mib(r["peak_memory_bytes"]),
                      r["optimizer_step_median_s"] and r["optimizer_step_median_s"] * 1e3,
                      r["optimizer_step_ratio"], r["tokens_per_s"] and round(r["tokens_per_s"])])
