@@ -37,7 +37,7 @@ SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="the demo: Shakespeare, preset 'tiny', 250 steps, adamw/microadam/adammini/"
+                        help="the demo: Shakespeare, preset 'tiny', 200 steps, adamw/microadam/adammini/"
                              "sinkgd/swan (minutes on 2 CPU cores)")
     parser.add_argument("--corpus", default=None,
                         help="comma-separated slimopt.data corpora: shakespeare, moby-dick, sotu, news "
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + ", ".join(known_names()))
     parser.add_argument("--lr", type=float, default=None, help="one peak lr for all (default: per optimizer)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1000; --quick: 250)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1000; --quick: 200)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=None, help="steps between validations")
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         corpora = ["shakespeare"] if quick else ["shakespeare", "moby-dick", "sotu", "news"]
     preset = args.preset or ("tiny" if quick else "cpu")
-    steps = args.steps or (250 if quick else 1000)
+    steps = args.steps or (200 if quick else 1000)
     names = args.optimizers.split(",") if args.optimizers else list(QUICK_OPTIMIZERS)
     unknown = [n for n in names if n not in known_names()]
     if unknown:
