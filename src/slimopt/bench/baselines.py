@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,7 +226,3 @@ def make_optimizer(model: nn.Module, name: str, lr: float | None = None, weight_
     except (ImportError, AttributeError) as exc:  # a registered method whose module is not written yet
         raise OptimizerUnavailable(f"{name} is registered but not importable ({type(exc).__name__}: {exc})") from exc
 
-
-def iter_parameters(optimizer: Any) -> Iterator[torch.Tensor]:
-    for group in optimizer.param_groups:
-        yield from group["params"]

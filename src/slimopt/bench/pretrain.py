@@ -211,6 +211,10 @@ def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict
     return rows
 
 
+def _mib(n_bytes: float | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 2**20
+
+
 def _reach(row: dict[str, Any]) -> str | None:
     tokens = row["tokens_to_reference_loss"]
     if tokens is None:
@@ -223,7 +227,6 @@ def _report(result: dict[str, Any]) -> str:
     s, meta = result["settings"], result["meta"]
     machine = meta["machine"]
     where = machine["gpu"] or f"{machine['cpu']} ({machine['torch_threads']} threads)"
-    mib = (lambda b: None if b is None else b / 2**20)  # noqa: E731
     lines = [
         f"# Pre-training: {s['preset']} on {s['data']} ({s['tokenizer']} tokens)",
         "",
@@ -244,7 +247,7 @@ def _report(result: dict[str, Any]) -> str:
         flags = ("diverged " if r["diverged"] else "") + ("interrupted" if r["interrupted"] else "")
         rows.append([r["optimizer"] + (f" ({flags.strip()})" if flags else ""), f"{r['lr']:.3g}", loss,
                      r["final_val_ppl"], _reach(r),
-                     mib(r["state_bytes"]), r["state_bytes_per_param"], mib(r["peak_memory_bytes"]),
+                     _mib(r["state_bytes"]), r["state_bytes_per_param"], _mib(r["peak_memory_bytes"]),
                      r["optimizer_step_median_s"] and r["optimizer_step_median_s"] * 1e3,
                      r["optimizer_step_ratio"], r["tokens_per_s"] and round(r["tokens_per_s"])])
     lines.append(markdown_table(

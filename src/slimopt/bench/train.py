@@ -120,11 +120,10 @@ def train(model: torch.nn.Module, optimizer: Any, data: TokenData, config: Train
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        result.memory_kind = "cuda max allocated"
+        result.memory_kind = "CUDA max allocated"
     else:
         release_freed_memory()
         reset_peak_rss()
-        result.memory_kind = "cpu peak rss"
     rss_before = rss_bytes()
 
     start = time.perf_counter()
@@ -175,5 +174,5 @@ def train(model: torch.nn.Module, optimizer: Any, data: TokenData, config: Train
     else:
         peak = peak_rss_bytes()
         result.peak_memory_bytes = peak - rss_before if peak is not None and rss_before is not None else None
-        result.memory_kind = "cpu peak rss above the level before the run"
+        result.memory_kind = "CPU peak RSS above the run's start"
     return result
