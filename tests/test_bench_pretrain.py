@@ -109,3 +109,17 @@ def test_gpt2_tokenizer_gives_gpt2_ids():
         pytest.skip("needs `slimopt data fetch gpt2-tokenizer`")
     # Reference ids from GPT-2's published vocabulary: "Hello" 15496, " world" 995, "," 11, "\n" 198.
     assert encode("Hello world,\n", "gpt2").tolist() == [15496, 995, 11, 198]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tiny_pretrain_run_on_cuda_with_bf16_autocast(tmp_path):
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(_synthetic_text())
+    out = tmp_path / "run"
+    assert main(["--text", str(text_file), "--preset", "tiny", "--steps", "6", "--batch-size", "4",
+                 "--seq-len", "32", "--eval-every", "3", "--eval-batches", "2", "--device", "cuda",
+                 "--optimizers", "adamw,adamw-fused", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["memory_kind"] == "CUDA max allocated"
+    assert all(r["peak_memory_bytes"] > 0 and not r["diverged"] for r in result["runs"])
