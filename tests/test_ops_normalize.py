@@ -132,3 +132,10 @@ def test_row_standardize_is_scale_free():
     g = heavy_tailed(8, 30, seed=7).float()
     for factor in (1e-15, 1e15):
         torch.testing.assert_close(row_standardize(g * factor), row_standardize(g), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0)])
+def test_empty_matrices(shape):
+    r, c = sinkhorn_scales(torch.ones(shape), 5)
+    assert r.shape == (shape[0],) and c.shape == (shape[1],)
+    assert sr_sinkhorn(torch.ones(shape), 5).shape == shape

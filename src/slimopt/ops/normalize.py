@@ -56,6 +56,9 @@ def sinkhorn_scales(grad: Tensor, iters: int, eps: float = 1e-8, *,
     """
     if grad.ndim != 2:
         raise ValueError(f"sinkhorn_scales expects a matrix, got shape {tuple(grad.shape)}")
+    if math.prod(shape or grad.shape) == 0:  # an empty matrix (globally: an empty shard still all-reduces)
+        return (torch.ones(grad.shape[0], dtype=torch.float32, device=grad.device),
+                torch.ones(grad.shape[1], dtype=torch.float32, device=grad.device))
     a = square_fp32(grad, out)  # A = G*G, the Sinkhorn-Knopp matrix (fp32 even for bf16 gradients)
     return _sinkhorn_knopp_sqrt(a, iters, eps, complete or _own_sums, tuple(shape or a.shape))
 
