@@ -32,7 +32,15 @@ from torch import Tensor
 
 from .distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
 from .ops.blockstats import adam_mini_multi, adam_mini_step, block_mean_sq, block_state_shape
-from .optimizer import SlimOptimizer, as_param_groups, check_betas, check_lr, check_nonnegative, check_positive
+from .optimizer import (
+    SlimOptimizer,
+    as_param_groups,
+    check_betas,
+    check_lr,
+    check_nonnegative,
+    check_positive,
+    placeholder_names,
+)
 from .plan import ADAM_MINI, ROLES, Plan
 
 __all__ = ["AdamMini"]
@@ -178,7 +186,7 @@ def _named(groups: list[dict[str, Any]], offset: int = 0) -> list[dict[str, Any]
         if not g["params"]:
             out.append({**g, "param_names": []})
             continue
-        names = [f"param_groups[{gi + offset}].params[{i}]" for i in range(len(g["params"]))]
+        names = placeholder_names(gi + offset, len(g["params"]))
         out.append({**g, "param_names": names})
     return out
 

@@ -42,7 +42,6 @@ from .ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bi
 from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast
 from .optimizer import (
     SlimOptimizer,
-    as_param_groups,
     check_betas,
     check_choice,
     check_lr,
@@ -89,11 +88,6 @@ class MicroAdam(SlimOptimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        param_group = as_param_groups([param_group])[0]
-        if "param_names" not in param_group and any("param_names" in g for g in self.param_groups):
-            # torch refuses to mix named and unnamed groups: name the new tensors by position
-            where = f"param_groups[{len(self.param_groups)}]"
-            param_group["param_names"] = [f"{where}.params[{j}]" for j in range(len(param_group["params"]))]
         super().add_param_group(param_group)
         self._validate(self.param_groups[-1])
 

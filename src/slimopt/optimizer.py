@@ -39,6 +39,7 @@ __all__ = [
     "check_positive",
     "check_positive_int",
     "check_range",
+    "placeholder_names",
 ]
 
 
@@ -123,6 +124,11 @@ def _named_group(items: list[Any], extra: dict[str, Any]) -> dict[str, Any]:
     return group
 
 
+def placeholder_names(group_index: int, count: int) -> list[str]:
+    """Names for tensors that came without one, by position: ``param_groups[1].params[0]``."""
+    return [f"param_groups[{group_index}].params[{i}]" for i in range(count)]
+
+
 def as_param_groups(params: Any) -> list[dict[str, Any]]:
     """Normalise what users pass as ``params`` into a list of dict groups.
 
@@ -174,6 +180,10 @@ class SlimOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "nonfinite" in param_group:
             check_choice("nonfinite", param_group["nonfinite"], NONFINITE_POLICIES)
+        param_group = as_param_groups([param_group])[0] if param_group.get("params") is not None else param_group
+        if "param_names" not in param_group and any("param_names" in g for g in self.param_groups):
+            # torch refuses to mix named and unnamed groups: name the new tensors by position
+            param_group["param_names"] = placeholder_names(len(self.param_groups), len(param_group["params"]))
         super().add_param_group(param_group)
 
     # -- hooks for subclasses -------------------------------------------------------------------
