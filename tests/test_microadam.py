@@ -320,3 +320,19 @@ def test_sparse_window_update_equals_dense_reference(dtype, wd):
     apply_window_update_(p, positions, values, 6, (0.9, 0.999), 1e-8, 1e-2, wd, scratch)
     assert scratch[0].eq(0).all() and scratch[1].eq(0).all()
     assert torch.equal(p, expected)  # u only evaluated on the window, otherwise the same operations
+
+
+def test_deepcopy_keeps_the_backend_and_steps_like_the_original():
+    # torch's Optimizer.__getstate__ keeps only defaults, state and groups: settings must live there.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 16))
+    opt = MicroAdam([p], lr=1e-2, backend="torch")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    twin_p, twin = copy.deepcopy((p, opt))  # one memo: the copied state is keyed by the copied parameter
+    assert twin.param_groups[0]["backend"] == "torch"
+    grad = torch.randn_like(p)
+    p.grad, twin_p.grad = grad, grad.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(p, twin_p)

@@ -80,11 +80,12 @@ class MicroAdam(SlimOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, m: int = 10, k_init: float = 0.01,
                  quant_block_size: int = 64, *, topk_block_size: int = 4096, backend: str = "auto",
                  nonfinite: str = "raise") -> None:
-        check_choice("backend", backend, ("auto", "torch", "triton"))
+        # backend is a group setting, not an attribute, so that it survives pickling and deepcopy
+        # (torch's Optimizer.__getstate__ keeps only defaults, state and param groups)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m, k_init=k_init,
-                        quant_block_size=quant_block_size, topk_block_size=topk_block_size, nonfinite=nonfinite)
+                        quant_block_size=quant_block_size, topk_block_size=topk_block_size, backend=backend,
+                        nonfinite=nonfinite)
         self._validate(defaults)
-        self.backend = backend
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -94,6 +95,7 @@ class MicroAdam(SlimOptimizer):
     @staticmethod
     def _validate(h: dict[str, Any]) -> None:
         check_lr(h["lr"])
+        check_choice("backend", h.get("backend", "auto"), ("auto", "torch", "triton"))
         check_betas(h["betas"])
         check_nonnegative("eps", h["eps"])
         check_nonnegative("weight_decay", h["weight_decay"])
@@ -116,14 +118,16 @@ class MicroAdam(SlimOptimizer):
         state["ef_min"] = torch.zeros(buckets, dtype=torch.bfloat16, device=p.device)
         state["ef_max"] = torch.zeros(buckets, dtype=torch.bfloat16, device=p.device)
 
-    def _use_triton(self, p: Tensor) -> bool:
-        if self.backend == "auto":
+    @staticmethod
+    def _use_triton(p: Tensor, group: dict[str, Any]) -> bool:
+        backend = group.get("backend", "auto")
+        if backend == "auto":
             if not p.is_cuda:
                 return False
             from .ops.microadam_triton import triton_available
 
             return triton_available()
-        return self.backend == "triton"
+        return backend == "triton"
 
     # -- the step -------------------------------------------------------------------------------------
     def update_group(self, group: dict[str, Any]) -> None:
@@ -141,7 +145,7 @@ class MicroAdam(SlimOptimizer):
                 if p.numel() == 0:
                     continue
                 work = {key: local(value) for key, value in state.items()}
-                if self._use_triton(p):
+                if self._use_triton(p, group):
                     from .ops.microadam_triton import microadam_step_triton
 
                     microadam_step_triton(p, grad, work, group, step)
