@@ -266,7 +266,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
             if not state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            steps.append(_scalar(self.advance_step(state)))
+            steps.append(self.advance_step(state))
             params.append(p)
             grads.append(grad)
             exp_avgs.append(state["exp_avg"])
@@ -274,7 +274,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
         if not params:
             return
         beta1, beta2 = group["adamw_betas"]
-        adamw_multi(params, grads, exp_avgs, exp_avg_sqs, steps, lr=_scalar(group["lr"]), beta1=beta1,
+        adamw_multi(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
                     beta2=beta2, eps=group["adamw_eps"], weight_decay=group["weight_decay"])
 
     # -- reporting --------------------------------------------------------------------------------------

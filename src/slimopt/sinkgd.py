@@ -58,7 +58,7 @@ class SinkGD(HybridStatelessOptimizer):
                          adamw_weight_decay=adamw_weight_decay, conv_as_matrix=conv_as_matrix)
 
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
-        step_size = float(group["lr"]) * group["scale"]
+        step_size = group["lr"] * group["scale"]  # a 0-d tensor when the lr is one (kept so: no sync)
         # Under FSDP2 each rank holds some rows: row sums are local, column sums take one all-reduce of
         # an n-vector per iteration (slimopt.distributed; no-ops for unsharded tensors).
         param_local, grad_local = local(param), local(grad)
@@ -67,7 +67,7 @@ class SinkGD(HybridStatelessOptimizer):
         if group.get("triton") and grad_local.is_cuda and param_local.stride(-1) == 1:
             from .ops.sinkhorn_triton import sinkgd_update_triton  # imports triton only when asked
 
-            sinkgd_update_triton(param_local, grad_local, group["iters"], step_size, eps=group["eps"],
+            sinkgd_update_triton(param_local, grad_local, group["iters"], float(step_size), eps=group["eps"],
                                  complete=partial_sums(grad), shape=global_shape(grad))
             return
         scratch = self.scratch(grad_local)

@@ -34,7 +34,7 @@ def swan_direction(grad: Tensor, ns_iters: int, rescale: bool = True, eps: float
     g = grad.t() if tall else grad
     x = whiten(row_standardize(g, eps), ns_iters)
     if rescale:
-        x.mul_(math.sqrt(x.numel()) / x.norm().clamp_min(eps).item())
+        x.mul_(x.norm().clamp_min(eps).reciprocal().mul_(math.sqrt(x.numel())))
     return x.t() if tall else x
 
 
@@ -71,11 +71,11 @@ class SWAN(HybridStatelessOptimizer):
                          adamw_weight_decay=adamw_weight_decay, conv_as_matrix=conv_as_matrix)
 
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
-        step_size = float(group["lr"]) * group["scale"]
+        step_size = group["lr"] * group["scale"]  # a 0-d tensor when the lr is one (kept so: no sync)
         # Under FSDP2 each rank gathers the whole gradient, whitens it as on one device and keeps its
         # own rows (slimopt.distributed.full / local_part; no-ops for unsharded tensors).
         param = local_tensor(param)
         if group["weight_decay"] != 0:
             param.mul_(1 - step_size * group["weight_decay"])
         update = swan_direction(full(grad), group["ns_iters"], group["rescale"], group["eps"])
-        param.add_(local_part(update, grad), alpha=-step_size)
+        param.sub_(local_part(update, grad).mul_(step_size))

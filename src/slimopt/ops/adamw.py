@@ -93,17 +93,25 @@ def fused_available(tensors: Sequence[Tensor]) -> bool:
 
 
 def _adamw_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 steps: list[float], *, lr: float, beta1: float, beta2: float, eps: float,
+                 steps: list[float | Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
                  weight_decay: float) -> None:
-    # The kernel reads each tensor's step t (already advanced) from a float32 tensor on its device.
-    step_tensors = list(torch.tensor(steps, dtype=torch.float32, device=params[0].device).unbind(0))
+    # The kernel reads each tensor's step t (already advanced) from a float32 tensor on its device, and
+    # takes a tensor lr as it is: a scheduled tensor lr or step is never read back as a Python float.
+    device = params[0].device
+    if all(isinstance(s, Tensor) and s.device == device for s in steps):
+        step_tensors = list(steps)
+    elif all(isinstance(s, Tensor) for s in steps):
+        step_tensors = list(torch.stack(steps).to(device=device, dtype=torch.float32).unbind(0))
+    else:
+        step_tensors = list(torch.tensor([float(s) for s in steps], dtype=torch.float32, device=device).unbind(0))
     torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_tensors, amsgrad=False, lr=lr,
                         beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False,
                         grad_scale=None, found_inf=None)
 
 
 def adamw_multi(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                exp_avg_sqs: Sequence[Tensor], steps: Sequence[float], *, lr: float, beta1: float,
+                exp_avg_sqs: Sequence[Tensor], steps: Sequence[float | Tensor], *, lr: float | Tensor,
+                beta1: float,
                 beta2: float, eps: float, weight_decay: float, chunk_numel: int = CHUNK_NUMEL,
                 fused: bool | None = None) -> None:
     """AdamW on many tensors at once, in place; equal to ``adamw_reference`` on each tensor (to ~1 ulp
@@ -111,7 +119,8 @@ def adamw_multi(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seq
 
     ``fused=None`` uses torch's fused kernel wherever it applies, ``False`` never. Without it, tensors
     larger than ``4 * chunk_numel`` (and contiguous) are updated chunk by chunk; the rest, grouped by
-    device and dtype, with multi-tensor ops.
+    device and dtype, with multi-tensor ops. ``steps`` (t, already advanced) and ``lr`` may be 0-d
+    tensors; only the unfused paths read them as Python floats.
     """
     fusable: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -120,7 +129,7 @@ def adamw_multi(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seq
         if fused is not False and fused_available(tensors):
             fusable.setdefault((p.device, p.dtype), []).append(i)
         elif p.numel() > 4 * chunk_numel and all(t.is_contiguous() for t in tensors):
-            _adamw_chunked(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr=lr, beta1=beta1,
+            _adamw_chunked(p, grads[i], exp_avgs[i], exp_avg_sqs[i], float(steps[i]), lr=float(lr), beta1=beta1,
                            beta2=beta2, eps=eps, weight_decay=weight_decay, chunk_numel=chunk_numel)
         else:
             small.setdefault((p.device, p.dtype), []).append(i)
@@ -130,5 +139,5 @@ def adamw_multi(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seq
                      beta2=beta2, eps=eps, weight_decay=weight_decay)
     for index in small.values():
         _adamw_foreach([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
-                       [exp_avg_sqs[i] for i in index], [steps[i] for i in index], lr=lr, beta1=beta1,
-                       beta2=beta2, eps=eps, weight_decay=weight_decay)
+                       [exp_avg_sqs[i] for i in index], [float(steps[i]) for i in index], lr=float(lr),
+                       beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)

@@ -96,11 +96,15 @@ def apply_scales(grad: Tensor, r: Tensor, c: Tensor) -> Tensor:
     return grad.float().mul(r[:, None]).mul_(c[None, :])
 
 
-def add_scaled_(param: Tensor, grad: Tensor, r: Tensor, c: Tensor, alpha: float,
+def add_scaled_(param: Tensor, grad: Tensor, r: Tensor, c: Tensor, alpha: float | Tensor,
                 out: Tensor | None = None) -> Tensor:
-    """``param += alpha * diag(r) G diag(c)`` in place, in two passes (``out``: optional fp32 scratch)."""
+    """``param += alpha * diag(r) G diag(c)`` in place, in two passes (``out``: optional fp32 scratch).
+
+    ``alpha`` may be a 0-d tensor (a scheduled tensor lr): it is folded into the n-vector ``c``, so no
+    Python float is read from it (no sync, no recompilation under ``torch.compile``).
+    """
     rows = torch.mul(grad, r[:, None], out=out) if out is not None else grad * r[:, None]  # fp32: r is
-    return param.addcmul_(rows, c, value=alpha)
+    return param.addcmul_(rows, c * alpha)
 
 
 def sr_sinkhorn(grad: Tensor, iters: int, eps: float = 1e-8) -> Tensor:
