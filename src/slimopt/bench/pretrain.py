@@ -320,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
             except OptimizerUnavailable as exc:
                 progress.log(f"skipping {name}: {exc}")
                 skipped[name] = str(exc)
+            except KeyboardInterrupt:  # between training steps (building a model, evaluating at step 0)
+                interrupted = True
             if interrupted:
                 progress.log("interrupted: writing the runs that finished")
                 break
