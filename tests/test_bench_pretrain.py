@@ -123,3 +123,26 @@ def test_tiny_pretrain_run_on_cuda_with_bf16_autocast(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["memory_kind"] == "CUDA max allocated"
     assert all(r["peak_memory_bytes"] > 0 and not r["diverged"] for r in result["runs"])
+
+
+def test_ctrl_c_keeps_the_finished_runs(tmp_path, monkeypatch):
+    import slimopt.bench.pretrain as pretrain
+
+    real = pretrain.make_optimizer
+
+    def interrupt_second(model, name, **kwargs):
+        if name == "adafactor":
+            raise KeyboardInterrupt
+        return real(model, name, **kwargs)
+
+    monkeypatch.setattr(pretrain, "make_optimizer", interrupt_second)
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(_synthetic_text(4000))
+    out = tmp_path / "run"
+    code = main(["--text", str(text_file), "--preset", "tiny", "--steps", "3", "--batch-size", "2",
+                 "--seq-len", "16", "--eval-batches", "1", "--threads", "1", "--optimizers",
+                 "adamw,adafactor,adamw-forloop", "--out", str(out), "--no-progress"])
+    assert code == 130
+    result = json.loads((out / "results.json").read_text())
+    assert result["interrupted"] and [r["optimizer"] for r in result["runs"]] == ["adamw"]
+    assert "Interrupted" in (out / "report.md").read_text()
