@@ -25,10 +25,6 @@ NAMES = slimopt.get_supported_optimizers()
 KNOWN = {
     "microadam": "InternalTorchDynamoError at microadam.py `p.copy_(p_flat.view_as(p))`: a view made under "
                  "no_grad modified in place",
-    "sinkgd": "recompiles on every lr change: the AdamW fallback (ops/adamw.py _adamw_fused) passes lr to "
-              "torch._fused_adamw_ as a Python float, guarded `lr == 0.5` (the op has a tensor-lr overload)",
-    "swan": "recompiles on every lr change: the AdamW fallback (ops/adamw.py _adamw_fused) passes lr to "
-            "torch._fused_adamw_ as a Python float, guarded `lr == 0.5` (the op has a tensor-lr overload)",
 }
 
 
