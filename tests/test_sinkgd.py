@@ -175,9 +175,11 @@ def test_gpt2_conv1d_layout_is_normalised_as_out_by_in():
             super().__init__()
             self.mlp = nn.Module()
             self.mlp.c_fc = Conv1D(6, 10)
+            self.mlp.c_proj = Conv1D(10, 10)  # square: only the layout, not the shape, says (in, out)
 
     model = Block()
     opt = SinkGD.from_model(model, lr=0.1, scale=1.0, iters=1)
+    assert opt.param_groups[0]["param_layouts"][0]["out_dim"] == 1
     w = model.mlp.c_fc.weight
     w0 = w.detach().clone()
     w.grad = torch.randn_like(w)
@@ -185,6 +187,13 @@ def test_gpt2_conv1d_layout_is_normalised_as_out_by_in():
     # rows of the (out, in) view are w's columns: after one round they have norm sqrt(in) ... then columns
     expected = w0.t().double() - 0.1 * sr_sinkhorn_reference(w.grad.t(), 1).double()
     torch.testing.assert_close(w.detach().t().double(), expected, rtol=0, atol=2e-6)
+    sq = model.mlp.c_proj.weight
+    sq0 = sq.detach().clone()
+    sq.grad = torch.randn_like(sq) * torch.rand(10, 1)  # rows of (in, out) storage scaled differently
+    w.grad = None
+    opt.step()
+    expected = sq0.t().double() - 0.1 * sr_sinkhorn_reference(sq.grad.t(), 1).double()
+    torch.testing.assert_close(sq.detach().t().double(), expected, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("kwargs, argument", [({"iters": 0}, "iters"), ({"scale": 0.0}, "scale"),

@@ -230,8 +230,8 @@ class HybridStatelessOptimizer(SlimOptimizer):
             return
         layouts = group.get("param_layouts")
         for index, p, grad in self.grads(group):
-            matrix = layouts[index].get("matrix") if layouts is not None else None
-            if matrix is not None and p.ndim == 2 and matrix[0] != p.shape[0]:  # Conv1D (in, out) storage
+            out_dim = layouts[index].get("out_dim", 0) if layouts is not None else 0
+            if p.ndim == 2 and out_dim == 1:  # GPT-2 Conv1D stores (in, out): normalise the (out, in) view
                 self.update_matrix(p.t(), grad.t(), group)
             elif p.ndim > 2:
                 self.update_matrix(p.view(p.shape[0], -1), grad.reshape(p.shape[0], -1), group)
