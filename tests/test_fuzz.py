@@ -106,7 +106,7 @@ def cases(draw, cls):
 
 
 # Known bugs, reported to the optimizer's owner: remove the name when fixed.
-EMPTY_MATRIX_BUG = {"sinkgd": "SinkGD: ZeroDivisionError in ops/normalize.py (eps^2 / (m * n)) on a 0 x n matrix"}
+EMPTY_MATRIX_BUG: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0,), (), (1,), (1, 1)])
