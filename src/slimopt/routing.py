@@ -40,6 +40,7 @@ from .optimizer import (
     check_choice,
     check_lr,
     check_nonnegative,
+    placeholder_names,
 )
 from .plan import Layout, ParamInfo, Plan, RuleSet
 
@@ -156,7 +157,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
         if params and all(_is_named(x) for x in params):
             names, params = [n for n, _ in params], [p for _, p in params]
         if names is None and self.param_groups and "param_names" in self.param_groups[0]:
-            names = [f"param_groups[{len(self.param_groups)}][{i}]" for i in range(len(params))]
+            names = placeholder_names(len(self.param_groups), len(params))
         update = self._update_of(group)
         conv = self._conv_as_matrix
         if update != "auto":
@@ -283,7 +284,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
         rows = [("parameter", "shape", "update", "lr")]
         totals = {STATELESS: 0, ADAMW: 0}
         for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"param_groups[{gi}][{i}]" for i in range(len(group["params"]))]
+            names = group.get("param_names") or placeholder_names(gi, len(group["params"]))
             for name, p in zip(names, group["params"]):
                 rows.append((name, "x".join(map(str, p.shape)) or "()", group["update"], f"{_scalar(group['lr']):g}"))
                 totals[group["update"]] += p.numel()
