@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import launch
 from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
 from .data import TOKENIZERS, load_text, make_token_data
 from .model import PRESETS, build_model
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="result folder (default runs/pretrain-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    launch.add_arguments(parser)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,8 +123,9 @@ class _Progress:
 def _one_run(name: str, lr: float, seed: int, data, config: TrainConfig, preset: str, device: torch.device,
              weight_decay: float, progress: _Progress, label: str) -> RunResult:
     torch.manual_seed(seed)  # same initial weights for every optimizer with this seed
-    model = build_model(preset, vocab_size=data.vocab_size).to(device)
-    optimizer = make_optimizer(model, name, lr=lr, weight_decay=weight_decay)
+    model = launch.distribute(build_model(preset, vocab_size=data.vocab_size).to(device))  # --nproc: shard first
+    optimizer = make_optimizer(launch.unwrap(model), name, lr=lr, weight_decay=weight_decay)
+    launch.note_optimizer(name, optimizer)
     seeded = TrainConfig(**{**config.__dict__, "seed": seed})
     result = train(model, optimizer, data, seeded, name=name, lr=lr,
                    on_progress=progress.tracker(label, config.steps))
@@ -270,6 +273,16 @@ def _report(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    code = launch.start(args)  # --nproc > 1: re-launch through torchrun, or join its process group
+    if code is not None:
+        return code
+    try:
+        return _run(args)
+    finally:
+        launch.finish()
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -289,10 +302,11 @@ def run(args: argparse.Namespace) -> int:
                          eval_every=args.eval_every or max(1, steps // 6), eval_batches=args.eval_batches)
     seeds = _seeds(args.seeds)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    if launch.is_main():
+        out.mkdir(parents=True, exist_ok=True)
 
     text, description = load_text(corpora, args.text)
-    data = make_token_data(text, args.tokenizer, description=description)
+    data = launch.rank_slices(make_token_data(text, args.tokenizer, description=description))
     n_params = _warm_up(preset, data, config, device)
     print(f"pretrain: {preset} ({n_params / 1e6:.2f}M params) on {description}: {len(data.train):,} train / "
           f"{len(data.val):,} val {args.tokenizer} tokens; {steps} steps; {device}, {torch.get_num_threads()} "
@@ -342,7 +356,10 @@ def run(args: argparse.Namespace) -> int:
         "sweeps": sweeps,
         "interrupted": interrupted,
         "plots": [],
+        "distributed": launch.describe(),
     }
+    if not launch.is_main():
+        return 130 if interrupted else 0
     title = f"{preset} on {description}, {steps} steps"
     for path in (loss_curves(runs, out / "loss_vs_step.png", x="step", title=title),
                  loss_curves(runs, out / "loss_vs_time.png", x="time", title=title),

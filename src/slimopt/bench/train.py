@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from slimopt import state_bytes
 
 from .data import TokenData
+from .launch import global_mean, world_size
 from .report import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes
 
 __all__ = ["RunResult", "TrainConfig", "evaluate", "lr_factor", "train"]
@@ -100,7 +101,7 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
             total += loss.item() * targets.numel()
             count += targets.numel()
     model.train(was_training)
-    return total / count
+    return global_mean(total / count)  # --nproc: each rank scored its rows of the batches
 
 
 def train(model: torch.nn.Module, optimizer: Any, data: TokenData, config: TrainConfig, *, name: str,
@@ -149,9 +150,9 @@ def train(model: torch.nn.Module, optimizer: Any, data: TokenData, config: Train
             result.optimizer_step_s.append(time.perf_counter() - t0)
             optimizer.zero_grad(set_to_none=True)
 
-            loss_value = loss.item()
+            loss_value = global_mean(loss.item())  # the global batch's loss, the same on every rank
             result.steps_done = step + 1
-            result.tokens_seen += inputs.numel()
+            result.tokens_seen += inputs.numel() * world_size()
             result.train_curve.append((step + 1, time.perf_counter() - start, loss_value))
             if not math.isfinite(loss_value):
                 result.diverged = True
