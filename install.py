@@ -3,6 +3,7 @@
     python install.py            # the library only
     python install.py bench      # + the benchmark harness (matplotlib, rich, transformers, ...)
     python install.py dev        # + tests and linting
+    python install.py bench,baselines   # + the other optimizers the harness compares against
 
 A torch >= 2.4 that is already installed is kept as it is (CPU or CUDA build). Only when there is none
 (or an older one) do we install the pinned ``torch==2.13.0``, so that pip never resolves an unpinned
@@ -37,9 +38,9 @@ def pip(*args: str) -> None:
 
 def main(argv: list[str]) -> None:
     extras = ",".join(a for arg in argv for a in arg.split(",") if a)
-    unknown = set(extras.split(",")) - {"", "bench", "dev", "gpu"}
+    unknown = set(extras.split(",")) - {"", "bench", "dev", "gpu", "baselines"}
     if unknown:
-        sys.exit(f"install.py: unknown extra(s) {sorted(unknown)}; choose from bench, dev, gpu")
+        sys.exit(f"install.py: unknown extra(s) {sorted(unknown)}; choose from bench, dev, gpu, baselines")
     torch_version = installed_torch()
     if torch_version is None or torch_version < MIN_TORCH:
         pip(PINNED_TORCH)

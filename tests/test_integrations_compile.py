@@ -23,8 +23,6 @@ from slimopt.registry import spec
 NAMES = slimopt.get_supported_optimizers()
 
 KNOWN = {
-    "microadam": "InternalTorchDynamoError at microadam.py `p.copy_(p_flat.view_as(p))`: a view made under "
-                 "no_grad modified in place",
 }
 
 

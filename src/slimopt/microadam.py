@@ -130,6 +130,10 @@ class MicroAdam(SlimOptimizer):
         return backend == "triton"
 
     # -- the step -------------------------------------------------------------------------------------
+    # Not traced by torch.compile: the step is data-dependent Top-K over chunk loops with integer ages,
+    # and its fast paths are kernels of its own (vectorised torch on CPU, Triton on CUDA). A compiled
+    # ``optimizer.step`` breaks its graph here once per param group and runs this eagerly.
+    @torch.compiler.disable
     def update_group(self, group: dict[str, Any]) -> None:
         workspace = None  # CPU buffers shared by this group's tensors during this step
         for _, param, full_grad in self.grads(group):
