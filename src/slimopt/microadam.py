@@ -124,7 +124,7 @@ class MicroAdam(SlimOptimizer):
         if backend == "auto":
             if not p.is_cuda:
                 return False
-            from .ops.microadam_triton import triton_available
+            from .ops.triton_support import triton_available
 
             return triton_available()
         return backend == "triton"

@@ -20,7 +20,6 @@ stepped (the official kernels keep them in shared memory instead).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -28,24 +27,10 @@ from torch import Tensor
 
 from .microadam_window import bias_corrections, row_weights
 from .topk import block_layout
+from .triton_support import tl, triton, triton_available
 
 __all__ = ["microadam_step_triton", "triton_available"]
 
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - triton is optional
-        return False
-    return True
-
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 if triton is not None:
 

@@ -14,29 +14,15 @@ results differ from ``sinkhorn_scales`` only by summation order. Tested against 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .triton_support import tl, triton, triton_available
+
 __all__ = ["sinkgd_update_triton", "sinkhorn_scales_triton", "triton_available"]
 
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - triton is optional
-        return False
-    return True
-
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 if triton is not None:
 
