@@ -23,13 +23,6 @@ from test_conformance import ToyConfig, ToyModel, loss_fn, make, toy_data, train
 OURS = [n for n in slimopt.get_supported_optimizers() if n != "adamw"]
 
 
-def require(name: str) -> None:
-    """Skip while an optimizer's module has not landed yet (several are written in parallel)."""
-    try:
-        slimopt.load_optimizer(name)
-    except ModuleNotFoundError as e:
-        pytest.skip(f"{name} not available yet: {e}")
-
 
 def serialised(obj) -> bytes:
     buf = io.BytesIO()
@@ -38,7 +31,6 @@ def serialised(obj) -> bytes:
 
 
 def trained(name: str, steps: int = 3, **kwargs):
-    require(name)
     model, opt = make(name, **kwargs)
     train(model, opt, toy_data(), steps=steps)
     return model, opt
@@ -136,7 +128,6 @@ def test_raise_policy_leaves_everything_untouched_after_training(name):
 @pytest.mark.parametrize("source, target", [(a, b) for a, b in itertools.permutations(["adamw", *OURS], 2)
                                             if b != "adamw"])
 def test_state_dict_from_another_optimizer_is_refused(source, target):
-    require(source)
     _, other = trained(source)
     model, opt = trained(target)
     assert_refused_and_untouched(target, model, opt, other.state_dict(),
@@ -147,7 +138,6 @@ def test_state_dict_from_another_optimizer_is_refused(source, target):
 def test_state_dict_from_another_model_is_refused(name):
     model, opt = trained(name)
     # Same structure, other widths: every count matches, shapes do not.
-    require(name)
     torch.manual_seed(0)
     wide = ToyModel(ToyConfig(hidden_size=24, intermediate_size=40, head_dim=12))
     with warnings.catch_warnings():
@@ -238,7 +228,6 @@ def test_damaged_state_dict_is_refused_by_a_fresh_optimizer_too(name):
     step on shape-only tensors."""
     _, trained_opt = trained(name)
     bad, _ = _damage("truncated tensor", trained_opt.state_dict())
-    require(name)
     model, fresh = make(name)
     with pytest.raises(ValueError, match="shape"):
         fresh.load_state_dict(bad)

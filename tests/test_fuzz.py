@@ -54,12 +54,6 @@ SPECIFIC = {
 }
 
 
-def require(name: str):
-    try:
-        return slimopt.load_optimizer(name)
-    except ModuleNotFoundError as e:
-        pytest.skip(f"{name} not available yet: {e}")
-
 
 def param_name(i: int, shape: tuple[int, ...]) -> str:
     if len(shape) == 2:
@@ -105,16 +99,10 @@ def cases(draw, cls):
     return shapes, dtype, options, lr, weight_decay, magnitude, seed
 
 
-# Known bugs, reported to the optimizer's owner: remove the name when fixed.
-EMPTY_MATRIX_BUG: dict[str, str] = {}
-
-
 @pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0,), (), (1,), (1, 1)])
 @pytest.mark.parametrize("name", NAMES)
-def test_empty_and_tiny_tensors(name, shape, request):
-    cls = require(name)
-    if name in EMPTY_MATRIX_BUG and len(shape) == 2 and 0 in shape:
-        request.applymarker(pytest.mark.xfail(reason=EMPTY_MATRIX_BUG[name], raises=ZeroDivisionError))
+def test_empty_and_tiny_tensors(name, shape):
+    cls = slimopt.load_optimizer(name)
     p = torch.nn.Parameter(torch.full(shape, 0.5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -131,14 +119,12 @@ def test_empty_and_tiny_tensors(name, shape, request):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_odd_shapes_dtypes_and_hyperparameters(name):
-    cls = require(name)
+    cls = slimopt.load_optimizer(name)
 
     @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(case=cases(cls))
     def check(case):
         shapes, dtype, options, lr, weight_decay, magnitude, seed = case
-        if name in EMPTY_MATRIX_BUG:  # tested (and marked) in test_empty_and_tiny_tensors
-            shapes = [s for s in shapes if not (len(s) == 2 and 0 in s)] or [(3,)]
         g = torch.Generator().manual_seed(seed)
         params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
         named = [(param_name(i, s), p) for i, (s, p) in enumerate(zip(shapes, params))]

@@ -23,12 +23,6 @@ from test_conformance import ToyModel, loss_fn, toy_data
 NAMES = slimopt.get_supported_optimizers()
 
 
-def require(name: str) -> None:
-    try:
-        slimopt.load_optimizer(name)
-    except ModuleNotFoundError as e:
-        pytest.skip(f"{name} not available yet: {e}")
-
 
 def build(name: str):
     torch.manual_seed(0)
@@ -58,7 +52,6 @@ def manual_closure_run(name: str, steps: int):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_lightning_automatic_optimisation_equals_a_manual_closure_loop(name):
-    require(name)
     lightning = pytest.importorskip("lightning")
 
     class Module(lightning.LightningModule):
@@ -113,7 +106,6 @@ def _micro_batches():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_accelerate_gradient_accumulation_skips_steps_and_matches_manual(name, fresh_accelerate_state):
-    require(name)
     import accelerate
 
     micro = _micro_batches()

@@ -24,12 +24,6 @@ NAMES = slimopt.get_supported_optimizers()
 STEPS, EVERY = 6, 2
 
 
-def require(name: str) -> None:
-    try:
-        slimopt.load_optimizer(name)
-    except ModuleNotFoundError as e:
-        pytest.skip(f"{name} not available yet: {e}")
-
 
 def batch(step: int, dtype: torch.dtype):
     g = torch.Generator().manual_seed(1000 + step)
@@ -81,7 +75,6 @@ def final_bits(model, opt) -> tuple[list[torch.Tensor], bytes]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", NAMES)
 def test_interrupt_at_any_step_and_resume_is_bit_exact(name, dtype):
-    require(name)
     # The uninterrupted run, writing a checkpoint every EVERY steps (and one before the first step).
     model, opt, sched = fresh(name, dtype)
     checkpoints = {0: checkpoint(model, opt, sched, 0)}
@@ -111,7 +104,6 @@ class Crash(RuntimeError):
 def test_crash_inside_step_then_resume_is_bit_exact(name):
     """The process dies half-way through ``optimizer.step`` (the first param group updated, or the first
     tensors of it): the checkpoint on disk is intact and resuming from it gives the uninterrupted bits."""
-    require(name)
     dtype = torch.float32
     model, opt, sched = fresh(name, dtype)
     one_step(model, opt, sched, 1, dtype)
