@@ -1,29 +1,19 @@
 """MicroAdam's Triton kernels against the torch reference path.
 
-On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1), at small sizes. Triton reads
-that variable when a kernel is decorated, i.e. when slimopt.ops.microadam_triton is imported, so it is
-set here before the import (and the module is re-imported if something imported it earlier).
+On CPU the kernels run under Triton's interpreter, at small sizes: tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton (Triton reads it when a kernel is decorated).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
 import slimopt.ops.microadam_triton as kernels  # noqa: E402
 from slimopt import MicroAdam  # noqa: E402
 from slimopt.ops import quant, topk  # noqa: E402
-
-if not torch.cuda.is_available() and "slimopt.ops.microadam_triton" in sys.modules:
-    kernels = importlib.reload(kernels)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,27 +1,18 @@
 """SinkGD's Triton twin against the torch kernel (on CPU under TRITON_INTERPRET=1, at small sizes).
 
-Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the module is imported, so it is set
-here before the import (and the module is re-imported if something imported it earlier).
+tests/conftest.py sets TRITON_INTERPRET=1 without a GPU, before anything imports triton (Triton reads it
+when a kernel is decorated).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
 import slimopt.ops.sinkhorn_triton as kernels  # noqa: E402
 from slimopt.ops.normalize import sinkhorn_scales, sr_sinkhorn_reference  # noqa: E402
-
-if not torch.cuda.is_available() and "slimopt.ops.sinkhorn_triton" in sys.modules:
-    kernels = importlib.reload(kernels)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
