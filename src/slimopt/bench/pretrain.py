@@ -15,6 +15,7 @@ what finished.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -32,7 +33,7 @@ from .plots import loss_curves, memory_bars
 from .report import markdown_table, run_metadata, write_json
 from .train import RunResult, TrainConfig, train
 
-__all__ = ["add_arguments", "run", "summarize"]
+__all__ = ["add_arguments", "merge_results", "run", "summarize", "write_result"]
 
 QUICK_OPTIMIZERS = ["adamw", "microadam", "adammini", "sinkgd", "swan"]
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -60,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="steps between validations")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seeds", default="1", help="N (seeds 0..N-1) or a comma list like 0,3,7")
+    parser.add_argument("--sweep-factors", default=",".join(f"{f:g}" for f in SWEEP_FACTORS),
+                        help="with --sweep: the multiples of each optimizer's default lr to try")
+    parser.add_argument("--merge", default=None, metavar="DIR,DIR",
+                        help="instead of training: combine the results.json of earlier runs with the same "
+                             "settings (e.g. optimizers run in parallel processes) into --out")
     parser.add_argument("--sweep", action="store_true",
                         help="first a short lr sweep per optimizer (x0.25 ... x4 of its default, a quarter "
                              "of the steps, seed 0), then the full runs at the best lr")
@@ -134,11 +140,11 @@ def _one_run(name: str, lr: float, seed: int, data, config: TrainConfig, preset:
 
 
 def _sweep(name: str, data, config: TrainConfig, preset: str, device: torch.device, weight_decay: float,
-           progress: _Progress) -> tuple[float, list[dict[str, Any]], bool]:
+           progress: _Progress, factors: tuple[float, ...] = SWEEP_FACTORS) -> tuple[float, list[dict[str, Any]], bool]:
     short_steps = min(config.steps, max(20, config.steps // 4))
     short = TrainConfig(**{**config.__dict__, "steps": short_steps, "eval_every": short_steps})
     trials = []
-    for factor in SWEEP_FACTORS:
+    for factor in factors:
         lr = default_lr(name) * factor
         result = _one_run(name, lr, 0, data, short, preset, device, weight_decay, progress,
                           f"sweep {name} lr {lr:.3g}")
@@ -209,6 +215,7 @@ def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict
             "peak_memory_bytes": mean(r["peak_memory_bytes"] for r in group),
             "optimizer_step_median_s": step_s,
             "optimizer_step_ratio": step_s / ref_step_s if step_s and ref_step_s else None,
+            "val_loss_ratio": statistics.mean(losses) / target if losses and target else None,
             "tokens_per_s": mean(r["tokens_per_s"] for r in group),
             "diverged": any(r["diverged"] for r in group),
             "interrupted": any(r["interrupted"] for r in group),
@@ -251,13 +258,13 @@ def _report(result: dict[str, Any]) -> str:
             f" ± {r['final_val_loss_std']:.4f}" if r["final_val_loss_std"] is not None else "")
         flags = ("diverged " if r["diverged"] else "") + ("interrupted" if r["interrupted"] else "")
         rows.append([r["optimizer"] + (f" ({flags.strip()})" if flags else ""), f"{r['lr']:.3g}", loss,
-                     r["final_val_ppl"], _reach(r),
+                     r.get("val_loss_ratio"), r["final_val_ppl"], _reach(r),
                      _mib(r["state_bytes"]), r["state_bytes_per_param"], _mib(r["peak_memory_bytes"]),
                      r["optimizer_step_median_s"] and r["optimizer_step_median_s"] * 1e3,
                      r["optimizer_step_ratio"], r["tokens_per_s"] and round(r["tokens_per_s"])])
     lines.append(markdown_table(
-        ["optimizer", "lr", "final val loss", "val ppl", "tokens to ref. loss", "state MiB", "state B/param",
-         f"peak MiB ({result['memory_kind']})", "opt. step ms", "step x ref.", "tokens/s"], rows))
+        ["optimizer", "lr", "final val loss", "loss x ref.", "val ppl", "tokens to ref. loss", "state MiB",
+         "state B/param", f"peak MiB ({result['memory_kind']})", "opt. step ms", "step x ref.", "tokens/s"], rows))
     if result["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{n}: {why}" for n, why in result["skipped"].items())]
     if result["sweeps"]:
@@ -272,6 +279,76 @@ def _report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """results.json, report.md and the plots of one comparison into ``out``."""
+    s = result["settings"]
+    runs = result["runs"]
+    title = f"{s['preset']} on {s['data']}, {s['steps']} steps"
+    result["plots"] = []
+    for path in (loss_curves(runs, out / "loss_vs_step.png", x="step", title=title),
+                 loss_curves(runs, out / "loss_vs_time.png", x="time", title=title),
+                 memory_bars([(r["optimizer"], r["state_bytes"] and r["state_bytes"] / 2**20,
+                               r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20)
+                              for r in result["summary"]], out / "memory.png",
+                             peak_label=f"peak ({result['memory_kind']})", title=title)):
+        if path is not None:
+            result["plots"].append(str(path))
+    write_json(out / "results.json", result)
+    report = _report(result)
+    (out / "report.md").write_text(report)
+    print(report)
+    print(f"wrote {out}/results.json, report.md" + (" and plots" if result["plots"] else ""))
+
+
+# settings that must agree for runs to be compared in one table
+_MERGE_KEYS = ("preset", "n_params", "data", "tokenizer", "train_tokens", "val_tokens", "weight_decay", "steps",
+               "batch_size", "seq_len", "eval_every", "eval_batches")
+
+
+def merge_results(folders: list[Path], out: Path) -> dict[str, Any]:
+    """One comparison from several result folders of the same settings (optimizers run in parallel
+    processes or on several machines). Step-time ratios then compare numbers from different processes."""
+    parts = []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise ValueError(f"--merge: {folder} has no results.json")
+        parts.append(json.loads(path.read_text()))
+    first = parts[0]
+    for folder, part in zip(folders[1:], parts[1:]):
+        differ = [k for k in _MERGE_KEYS if part["settings"].get(k) != first["settings"].get(k)]
+        if differ:
+            raise ValueError(f"--merge: {folder} differs from {folders[0]} in {', '.join(differ)}")
+    runs = [r for part in parts for r in part["runs"]]
+    names = [r["optimizer"] for r in runs]
+    reference = "adamw" if "adamw" in names else (names[0] if names else None)
+    result = {
+        **first,
+        "meta": run_metadata() | {"merged_from": [{"folder": str(f), "meta": p["meta"]}
+                                                  for f, p in zip(folders, parts)]},
+        "settings": first["settings"] | {"seeds": sorted({s for p in parts for s in p["settings"]["seeds"]})},
+        "reference": reference,
+        "summary": summarize(runs, reference) if runs else [],
+        "runs": runs,
+        "skipped": {k: v for p in parts for k, v in p["skipped"].items()},
+        "sweeps": {k: v for p in parts for k, v in p["sweeps"].items()},
+        "interrupted": any(p["interrupted"] for p in parts),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_result(result, out)
+    return result
+
+
+def _parse_factors(text: str) -> tuple[float, ...]:
+    try:
+        factors = tuple(float(f) for f in text.split(","))
+    except ValueError:
+        raise ValueError(f"--sweep-factors must be comma-separated numbers, got {text!r}") from None
+    if not factors or any(not math.isfinite(f) or f <= 0 for f in factors):
+        raise ValueError(f"--sweep-factors must be positive, got {text!r}")
+    return factors
+
+
 def run(args: argparse.Namespace) -> int:
     code = launch.start(args)  # --nproc > 1: re-launch through torchrun, or join its process group
     if code is not None:
@@ -283,6 +360,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.merge:
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("pretrain-merged-%Y%m%d-%H%M%S")
+        try:
+            result = merge_results([Path(f) for f in args.merge.split(",") if f], out)
+        except ValueError as exc:
+            print(exc)
+            return 2
+        return 130 if result["interrupted"] else 0
+    try:
+        sweep_factors = _parse_factors(args.sweep_factors)
+    except ValueError as exc:
+        print(exc)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -322,7 +412,7 @@ def _run(args: argparse.Namespace) -> int:
                 lr = args.lr or default_lr(name)
                 if args.sweep and args.lr is None:
                     lr, sweeps[name], interrupted = _sweep(name, data, config, preset, device,
-                                                           args.weight_decay, progress)
+                                                           args.weight_decay, progress, sweep_factors)
                     progress.log(f"{name}: sweep picked lr {lr:.3g}")
                 for seed in seeds if not interrupted else []:
                     result = _one_run(name, lr, seed, data, config, preset, device, args.weight_decay, progress,
@@ -360,20 +450,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     if not launch.is_main():
         return 130 if interrupted else 0
-    title = f"{preset} on {description}, {steps} steps"
-    for path in (loss_curves(runs, out / "loss_vs_step.png", x="step", title=title),
-                 loss_curves(runs, out / "loss_vs_time.png", x="time", title=title),
-                 memory_bars([(r["optimizer"], r["state_bytes"] and r["state_bytes"] / 2**20,
-                               r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20)
-                              for r in result["summary"]], out / "memory.png",
-                             peak_label=f"peak ({result['memory_kind']})", title=title)):
-        if path is not None:
-            result["plots"].append(str(path))
-    write_json(out / "results.json", result)
-    report = _report(result)
-    (out / "report.md").write_text(report)
-    print(report)
-    print(f"wrote {out}/results.json, report.md" + (" and plots" if result["plots"] else ""))
+    write_result(result, out)
     return 130 if interrupted else 0
 
 
