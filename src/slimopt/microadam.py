@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from .distributed import local, padded_local, shard_state
-from .ops.microadam_window import apply_window_update_
-from .ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit
+from .ops.microadam_window import apply_window_update_, window_weights
+from .ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit, quantize_scratch_size
 from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast
 from .optimizer import (
     SlimOptimizer,
@@ -221,13 +221,14 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
     window_idx, window_val = state["window_indices"], state["window_values"]
     codes, ef_min, ef_max = state["ef_codes"], state["ef_min"], state["ef_max"]
     row = (step - 1) % m
+    weights = window_weights(step, m, betas, p.device)
 
     g_flat = grad.reshape(-1)
     p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
     chunk_starts = None
     chunk = min(n, _chunk_length(block_size, bucket_size))
     scratch = workspace.zeros("moments", 2, chunk)  # zeroed again after use
-    accumulator, work = workspace.empty("accumulator", chunk + 1), workspace.empty("work", chunk + 1)
+    accumulator, work = workspace.empty("accumulator", chunk + 1), workspace.empty("work", quantize_scratch_size(chunk))
     for span in chunk_spans(layout, bucket_size):
         start, end, (col0, col1) = span.start, span.end, span.columns
         (b0, b1), (c0, c1) = span.buckets, span.code_bytes
@@ -238,7 +239,7 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
         a = dequantize_4bit(codes[c0:c1], ef_min[b0:b1], ef_max[b0:b1], end - start, bucket_size, out=accumulator)
         a.add_(g_flat[start:end])
         # (5) block Top-K and (9) the newest window row
-        rel = block_topk_fast(a, block_size, k_init, scratch=work)
+        rel = block_topk_fast(a, block_size, k_init)
         pos = rel + chunk_starts
         window_idx[row, col0:col1] = rel.to(torch.int16)
         window_val[row, col0:col1] = a.index_select(0, pos)
@@ -249,7 +250,6 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
         quantize_4bit(a, lo, hi, bucket_size, out=codes[c0:c1], scratch=work)
         # (10, 11) moments from the window, decoupled weight decay, update
         positions = torch.add(window_idx[:, col0:col1], chunk_starts)  # int16 + int64: one int64 pass
-        apply_window_update_(p_flat[start:end], positions, window_val[:, col0:col1], step, betas, eps, lr, wd,
-                             scratch)
+        apply_window_update_(p_flat[start:end], positions, window_val[:, col0:col1], weights, eps, lr, wd, scratch)
     if p_flat.data_ptr() != p.data_ptr():
         p.copy_(p_flat.view_as(p))

@@ -18,7 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["adam_update_from_window", "apply_window_update_", "bias_corrections", "dense_update_", "row_weights"]
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32
+
+__all__ = ["adam_update_from_window", "apply_window_update_", "bias_corrections", "dense_update_", "row_weights",
+           "window_weights"]
 
 
 def row_weights(step: int, m: int, beta: float) -> list[float]:
@@ -53,33 +56,43 @@ def adam_update_from_window(positions: Tensor, values: Tensor, n: int, step: int
     return first.mul_(c1).div_(second.mul_(c2).sqrt_().add_(eps))
 
 
-def apply_window_update_(p: Tensor, positions: Tensor, values: Tensor, step: int, betas: tuple[float, float],
-                         eps: float, lr: float, weight_decay: float, scratch: tuple[Tensor, Tensor]) -> None:
-    """p <- p * (1 - lr * wd) - lr * u in place, with u from the window, touching only window positions.
+def window_weights(step: int, m: int, betas: tuple[float, float], device: torch.device | str = "cpu"
+                   ) -> tuple[Tensor, Tensor]:
+    """fp32 per-row weights with Adam's bias corrections folded in: c1 * beta1**age and c2 * beta2**age."""
+    c1, c2 = bias_corrections(step, *betas)
+    w1 = torch.tensor(row_weights(step, m, betas[0]), dtype=torch.float32, device=device).mul_(c1)
+    w2 = torch.tensor(row_weights(step, m, betas[1]), dtype=torch.float32, device=device).mul_(c2)
+    return w1, w2
 
-    Same arithmetic as ``adam_update_from_window`` followed by the dense update (tested), but u is
-    only evaluated where the window has entries (at most m*k of the n positions), which is where it is
-    non-zero. ``scratch``: two zeroed fp32 buffers of at least p.numel() entries, left zeroed.
-    (index_select / scatter_ / scatter_add_ rather than advanced indexing: several times faster on CPU.)
-    Duplicate positions (one per row holding them) scatter the same u.
+
+def apply_window_update_(p: Tensor, positions: Tensor, values: Tensor, weights: tuple[Tensor, Tensor],
+                         eps: float, lr: float, weight_decay: float, scratch: tuple[Tensor, Tensor]) -> None:
+    """p <- p * (1 - lr * wd) - lr * u in place, with u from the window (``weights``: ``window_weights``).
+
+    The moments of ``adam_update_from_window`` with the bias corrections folded into the row weights,
+    and the update as one fused dense pass, p += -lr * m_hat / (sqrt(v_hat) + eps), which is zero off
+    the window (m_hat = 0 there): on CPU, gathering u at the window positions and scattering it back
+    costs more than a few dense passes over a cache-sized chunk. ``positions``: int64 (m, k) positions
+    in 0..p.numel()-1. ``scratch``: two zeroed fp32 buffers of at least p.numel() entries, left zeroed.
+    (scatter_add_ rather than index_add_ / advanced indexing: several times faster on CPU.)
     """
-    beta1, beta2 = betas
-    m = positions.shape[0]
-    w1 = torch.tensor(row_weights(step, m, beta1), dtype=torch.float32, device=values.device)
-    w2 = torch.tensor(row_weights(step, m, beta2), dtype=torch.float32, device=values.device)
+    w1, w2 = weights
     v = values.float()
     flat = positions.reshape(-1)
-    first, second = scratch[0][: p.numel()], scratch[1][: p.numel()]
-    first.scatter_add_(0, flat, (v * w1[:, None]).view(-1))  # rows in order 0..m-1, as the reference
-    second.scatter_add_(0, flat, v.mul_(v).mul_(w2[:, None]).view(-1))
-    c1, c2 = bias_corrections(step, beta1, beta2)
-    u = first.index_select(0, flat).mul_(c1).div_(second.index_select(0, flat).mul_(c2).sqrt_().add_(eps))
-    second.zero_()
-    # spread u back to a dense vector (zero off the window) and update p densely, as the reference does:
-    # cheaper than a gather + scatter of p, and rounds exactly like it
-    first.zero_().scatter_(0, flat, u)
-    dense_update_(p, first, lr, weight_decay)
-    first.zero_()
+    m_hat, v_hat = scratch[0][: p.numel()], scratch[1][: p.numel()]
+    m_hat.scatter_add_(0, flat, (v * w1[:, None]).view(-1))  # rows in order 0..m-1, as the reference
+    v_hat.scatter_add_(0, flat, v.mul_(v).mul_(w2[:, None]).view(-1))
+    # + TINY: on x86 CPUs sqrt of an exact 0 (everywhere off the window) is ~30x slower than of a normal
+    # number; it also keeps 0 / 0 out when eps = 0, and changes no v_hat above ~1e-31.
+    denominator = v_hat.add_(TINY).sqrt_().add_(eps)
+    work = p if p.dtype == torch.float32 else p.float()
+    if weight_decay:
+        work.mul_(1 - lr * weight_decay)
+    work.addcdiv_(m_hat, denominator, value=-lr)
+    if work is not p:
+        p.copy_(work)  # one rounding to p's dtype
+    m_hat.zero_()
+    v_hat.zero_()
 
 
 def dense_update_(p: Tensor, u: Tensor, lr: float, weight_decay: float) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "num_buckets",
     "pack_nibbles",
     "quantize_4bit",
+    "quantize_scratch_size",
     "unpack_nibbles",
 ]
 
@@ -88,27 +89,36 @@ def quantize_4bit(x: Tensor, lo: Tensor, hi: Tensor, bucket_size: int, out: Tens
                   scratch: Tensor | None = None) -> Tensor:
     """Packed 4-bit codes of the 1-D fp32 ``x`` on the grids given by ``bucket_ranges`` (into ``out``).
 
-    ``scratch``: optional fp32 buffer of >= n + 1 entries (reused buffers spare the page faults that a
-    fresh MiB-sized allocation costs on every call)."""
+    ``scratch``: optional fp32 buffer of >= ``quantize_scratch_size(n)`` entries (reused buffers spare
+    the page faults that a fresh MiB-sized allocation costs on every call)."""
     n = x.numel()
     lo32, _, inv_step = _grid(lo, hi)
     n_full_buckets = n // bucket_size
     full, tail = _split(x, bucket_size)
     if scratch is None:
-        scratch = torch.empty(n + n % 2, dtype=torch.float32, device=x.device)
-    y = scratch[: n + n % 2]
+        scratch = torch.empty(quantize_scratch_size(n), dtype=torch.float32, device=x.device)
+    n_even = n + n % 2
+    y, packed = scratch[:n_even], scratch[n_even: n_even + n_even // 2]
     y_full, y_tail = _split(y[:n], bucket_size)
-    # round to nearest: floor(y + 0.5), clamped to the grid against fp rounding; the uint8 cast below
-    # truncates, which is the floor for the non-negative clamped values
+    # round to nearest: floor(y + 0.5), clamped to the grid against fp rounding (trunc is the floor of
+    # the non-negative clamped values)
     torch.sub(full, lo32[:n_full_buckets, None], out=y_full).mul_(inv_step[:n_full_buckets, None])
     if tail.numel():
         torch.sub(tail, lo32[-1], out=y_tail).mul_(inv_step[-1])
     if n % 2:
         y[n] = 0.0  # the low nibble of an odd tail's last byte
-    codes = y.add_(0.5).clamp_(0, LEVELS).to(torch.uint8).view(-1, 2)  # uint8 is 1/4 the size: a fresh one
+    pairs = y.add_(0.5).clamp_(0, LEVELS).trunc_().view(-1, 2)
+    # pack while still fp32 (exact: integers below 256), then one conversion of half as many entries
+    torch.add(pairs[:, 1], pairs[:, 0], alpha=16, out=packed)  # even entry in the high nibble
     if out is None:
-        out = torch.empty(codes.shape[0], dtype=torch.uint8, device=x.device)
-    return torch.add(codes[:, 1], codes[:, 0], alpha=16, out=out)  # even entry in the high nibble
+        out = torch.empty(packed.shape[0], dtype=torch.uint8, device=x.device)
+    return out.copy_(packed)
+
+
+def quantize_scratch_size(n: int) -> int:
+    """fp32 entries ``quantize_4bit`` works in for a tensor of ``n`` entries."""
+    n_even = n + n % 2
+    return n_even + n_even // 2
 
 
 def dequantize_4bit(packed: Tensor, lo: Tensor, hi: Tensor, n: int, bucket_size: int,

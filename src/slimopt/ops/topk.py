@@ -103,7 +103,7 @@ def block_topk(x: Tensor, block_size: int, k_init: float) -> Tensor:
 # G ~ sqrt(B/k) balances the two small rankings (B/G group maxima, k*G candidates).
 
 
-def _topk_rows_by_groups(rows: Tensor, k: int, scratch: Tensor | None = None) -> Tensor:
+def _topk_rows_by_groups(rows: Tensor, k: int) -> Tensor:
     n_rows, width = rows.shape
     group = 1 << max(1, round(math.log2(max(width / k, 1)) / 2))
     if width % group or width // group < 2 * k:  # dense selections or odd widths: rank in full
@@ -111,36 +111,37 @@ def _topk_rows_by_groups(rows: Tensor, k: int, scratch: Tensor | None = None) ->
     # group j of a block is the strided set {j, j + S, j + 2S, ...}: the maxima then reduce over
     # contiguous rows of length S, which vectorises far better than many tiny contiguous groups
     stride = width // group
-    magnitude = rows.abs() if scratch is None else torch.abs(rows, out=scratch[: rows.numel()].view_as(rows))
-    groups = magnitude.view(n_rows, group, stride)
-    group_max = groups.amax(dim=1)
+    groups = rows.view(n_rows, group, stride)
+    # max |x| per group as max(max x, -min x): two reductions cost less than writing |x| and reducing it
+    group_max = torch.maximum(groups.amax(dim=1), groups.amin(dim=1).neg_())
     # keep k + 1 groups: an extra candidate group is harmless, and the (k+1)-th maximum tells whether
     # another group ties with the k-th (then more than k + 1 groups may reach L)
     kept_max, kept = group_max.topk(k + 1, dim=1, sorted=False)
-    smallest = kept_max.amin(dim=1, keepdim=True)
-    tied = ((kept_max == smallest).sum(dim=1) > 1).nonzero().view(-1)
+    tied = (kept_max == kept_max.amin(dim=1, keepdim=True)).sum(dim=1) > 1
     kept_groups = k + 1
-    candidates = groups.gather(2, kept.unsqueeze(1).expand(-1, group, -1)).view(n_rows, group * kept_groups)
+    candidates = groups.gather(2, kept.unsqueeze(1).expand(-1, group, -1)).view(n_rows, group * kept_groups).abs_()
     offsets = torch.arange(0, width, stride, device=rows.device).view(1, group, 1)
     column = (kept.unsqueeze(1) + offsets).view(n_rows, group * kept_groups)
-    top = _unique_keys(candidates, column, width).topk(k, dim=1, sorted=False).values
-    columns = _column_of(top, width).sort(dim=1).values
+    # rank the candidates by value; topk's order among equal values is unspecified, so a row where a
+    # candidate left out equals the k-th kept one is ranked again with the tie rule (lower column wins)
+    top, chosen = candidates.topk(k, dim=1, sorted=False)
+    tied |= (candidates >= top.amin(dim=1, keepdim=True)).sum(dim=1) > k
+    columns = column.gather(1, chosen).sort(dim=1).values
+    tied = tied.nonzero().view(-1)
     if tied.numel():
         columns[tied] = _topk_rows(rows[tied], k)
     return columns
 
 
-def block_topk_fast(x: Tensor, block_size: int, k_init: float, scratch: Tensor | None = None) -> Tensor:
-    """Same result as ``block_topk`` (tested), ranking only the entries of the k strongest groups.
-
-    ``scratch``: optional fp32 buffer of >= x.numel() entries for |x|."""
+def block_topk_fast(x: Tensor, block_size: int, k_init: float) -> Tensor:
+    """Same result as ``block_topk`` (tested), ranking only the entries of the k strongest groups."""
     if x.dtype != torch.float32:
         x = x.float()
     layout = block_layout(x.numel(), block_size, k_init)
     n_full = layout.full_blocks * block_size
     parts = []
     if layout.full_blocks:
-        parts.append(_topk_rows_by_groups(x[:n_full].view(-1, block_size), layout.k_block, scratch).view(-1))
+        parts.append(_topk_rows_by_groups(x[:n_full].view(-1, block_size), layout.k_block).view(-1))
     if layout.tail:
         parts.append(_topk_rows(x[n_full:].view(1, -1), layout.k_tail).view(-1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
