@@ -146,3 +146,43 @@ def test_ctrl_c_keeps_the_finished_runs(tmp_path, monkeypatch):
     result = json.loads((out / "results.json").read_text())
     assert result["interrupted"] and [r["optimizer"] for r in result["runs"]] == ["adamw"]
     assert "Interrupted" in (out / "report.md").read_text()
+
+
+def _tiny_args(text_file, out, *extra):
+    return ["--text", str(text_file), "--preset", "tiny", "--steps", "8", "--batch-size", "2", "--seq-len", "16",
+            "--eval-every", "4", "--eval-batches", "1", "--threads", "1", "--out", str(out), "--no-progress", *extra]
+
+
+def test_sweep_uses_the_given_factors_and_merge_combines_parallel_runs(tmp_path):
+    """Optimizers run in separate processes (as for the committed CPU reference) merge into one comparison
+    with the same summary a single run would give; runs of other settings are refused."""
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(_synthetic_text(3000))
+    assert main(_tiny_args(text_file, tmp_path / "a", "--optimizers", "adamw", "--sweep",
+                           "--sweep-factors", "0.5,2")) == 0
+    assert main(_tiny_args(text_file, tmp_path / "b", "--optimizers", "sinkgd", "--seeds", "2")) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [t["lr"] for t in a["sweeps"]["adamw"]] == pytest.approx([0.005, 0.02])  # default lr 0.01
+    assert a["runs"][0]["lr"] in [t["lr"] for t in a["sweeps"]["adamw"]]
+
+    merged_dir = tmp_path / "merged"
+    assert main(["--merge", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--out", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "results.json").read_text())
+    assert [r["optimizer"] for r in merged["runs"]] == ["adamw", "sinkgd", "sinkgd"]
+    assert merged["reference"] == "adamw" and merged["settings"]["seeds"] == [0, 1]
+    assert merged["summary"] == summarize(a["runs"] + json.loads((tmp_path / "b" / "results.json").read_text())["runs"])
+    sinkgd = next(r for r in merged["summary"] if r["optimizer"] == "sinkgd")
+    adamw_loss = a["runs"][0]["final_val_loss"]
+    assert sinkgd["val_loss_ratio"] == pytest.approx(sinkgd["final_val_loss"] / adamw_loss)
+    assert "| sinkgd |" in (merged_dir / "report.md").read_text() and "sweep" in (merged_dir / "report.md").read_text()
+    assert [m["folder"] for m in merged["meta"]["merged_from"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+    assert main(_tiny_args(text_file, tmp_path / "c", "--optimizers", "adamw", "--steps", "6")) == 0
+    assert main(["--merge", f"{tmp_path / 'a'},{tmp_path / 'c'}", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad" / "results.json").exists()
+
+
+@pytest.mark.parametrize("factors", ["1,x", "0,1", "-1", "nan"])
+def test_bad_sweep_factors_are_refused(factors, capsys):
+    assert main(["--sweep-factors", factors, "--steps", "1"]) == 2
+    assert "--sweep-factors" in capsys.readouterr().out

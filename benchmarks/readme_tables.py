@@ -1,0 +1,194 @@
+"""The README's result tables, generated from the committed results under benchmarks/results/.
+
+    python benchmarks/readme_tables.py            # rewrite the tables in README.md
+    python benchmarks/readme_tables.py --check    # exit 1 if README.md is not what the results give
+
+Each table sits between ``<!-- begin: NAME -->`` and ``<!-- end: NAME -->`` in README.md; nothing
+outside those markers is touched. A table whose result files are missing says so instead of numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+STEP_TIME_FILES = {1: RESULTS / "cpu" / "step_time_step42m_1thread.json",
+                   2: RESULTS / "cpu" / "step_time_step42m_2threads.json"}
+STEP_TIME_TARGETS = {"adammini": 0.45, "sinkgd": 0.8, "microadam": 3.0}
+PRETRAIN_REFERENCE = RESULTS / "cpu" / "pretrain_cpu_reference" / "results.json"
+PRETRAIN_QUICK = RESULTS / "cpu" / "pretrain_quick" / "results.json"
+FINETUNE_RT = RESULTS / "cpu" / "finetune_rotten_tomatoes"
+LOSS_BAR = 1.02  # final val loss at most 1.02x AdamW's (issue #6)
+ACCURACY_BAR = 0.01  # fine-tuning accuracy within 1 point of AdamW's
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _missing(*paths: Path) -> str:
+    return "_Not run yet: " + ", ".join(f"`{p.relative_to(ROOT)}`" for p in paths) + " missing._"
+
+
+def step_time_table() -> str:
+    runs = {threads: _load(path) for threads, path in STEP_TIME_FILES.items()}
+    present = {t: r for t, r in runs.items() if r}
+    if not present:
+        return _missing(*STEP_TIME_FILES.values())
+    names = ["adamw-foreach", "adamw-forloop", "adamw-fused", "adammini", "sinkgd", "microadam", "swan"]
+    header = ["optimizer"]
+    for threads in present:
+        header += [f"ms, {threads} thread{'s' if threads > 1 else ''}", f"× AdamW ({threads})"]
+    header += ["state B/param", "target (× AdamW)"]
+    rows = []
+    for name in names:
+        if not any(name in r["optimizers"] for r in present.values()):
+            continue
+        row = [name]
+        state = None
+        for r in present.values():
+            o = r["optimizers"].get(name)
+            if o is None:
+                row += ["–", "–"]
+                continue
+            ratio = o["ratio_to_adamw"]
+            target = STEP_TIME_TARGETS.get(name)
+            mark = "" if target is None else (" ✓" if ratio <= target else " ✗")
+            row += [f"{o['median_s'] * 1e3:.0f}", f"**{ratio:.2f}**{mark}" if target else f"{ratio:.2f}"]
+            state = o["state_bytes_per_param"]
+        target = STEP_TIME_TARGETS.get(name)
+        row += [f"{state:.3f}" if state is not None else "–", f"≤ {target:g}" if target else ""]
+        rows.append(row)
+    sources = ", ".join(f"[{t} thread{'s' if t > 1 else ''}]({STEP_TIME_FILES[t].with_suffix('.md').relative_to(ROOT)})"
+                        for t in present)
+    commits = sorted({r["meta"]["git_commit"][:7] for r in present.values()})
+    return _table(header, rows) + f"\n\nResults: {sources} (commit {', '.join(commits)})."
+
+
+def _loss(row: dict) -> str:
+    std = row.get("final_val_loss_std")
+    return f"{row['final_val_loss']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def pretrain_reference_table() -> str:
+    result = _load(PRETRAIN_REFERENCE)
+    if result is None:
+        return _missing(PRETRAIN_REFERENCE)
+    s = result["settings"]
+    rows = []
+    bars = {"microadam", "adammini", "sinkgd"}
+    for r in sorted(result["summary"], key=lambda r: r["final_val_loss"]):
+        ratio = r["val_loss_ratio"]
+        bar = "" if r["optimizer"] not in bars else (" ✓" if ratio <= LOSS_BAR else " ✗")
+        tokens = r["tokens_to_reference_loss"]
+        reached, total = r["reached_reference"].split("/")
+        rows.append([r["optimizer"], f"{r['lr']:.3g}", _loss(r), f"{ratio:.3f}{bar}",
+                     "–" if tokens is None else f"{tokens:,.0f}" + ("" if reached == total else f" ({reached}/{total})"),
+                     f"{r['state_bytes_per_param']:.2f}"])
+    head = (f"{s['preset']} preset ({s['n_params'] / 1e6:.2f}M parameters), {s['data']} ({s['tokenizer']} tokens), "
+            f"{s['steps']} steps × {s['batch_size']} × {s['seq_len']} tokens, seeds {s['seeds']}, lr swept per "
+            f"optimizer; mean ± std over seeds "
+            f"([report, sweep and plots]({PRETRAIN_REFERENCE.parent.relative_to(ROOT)}/report.md)).")
+    table = _table(["optimizer", "swept lr", "final val loss", f"× AdamW (bar ≤ {LOSS_BAR})",
+                    "tokens to AdamW's final loss", "state B/param"], rows)
+    return head + "\n\n" + table
+
+
+def finetune_table() -> str:
+    files = sorted(FINETUNE_RT.glob("seed*/results.json"))
+    if not files:
+        return _missing(FINETUNE_RT / "seed*/results.json")
+    by_name: dict[str, list[dict]] = {}
+    seeds = []
+    for path in files:
+        result = json.loads(path.read_text())
+        seeds.append(result["settings"]["seed"])
+        for run in result["runs"]:
+            by_name.setdefault(run["optimizer"], []).append(run)
+    reference = statistics.mean(r["test_accuracy"] for r in by_name["adamw"]) if "adamw" in by_name else None
+    rows = []
+    for name, runs in by_name.items():
+        accuracies = [r["test_accuracy"] for r in runs]
+        mean = statistics.mean(accuracies)
+        delta = None if reference is None else (mean - reference) * 100
+        bar = ""
+        if name in ("microadam", "adammini") and delta is not None:
+            bar = " ✓" if delta >= -ACCURACY_BAR * 100 else " ✗"
+        rows.append([name, f"{runs[0]['lr']:.3g}", " / ".join(f"{a:.2%}" for a in accuracies), f"{mean:.2%}",
+                     "" if delta is None else f"{delta:+.2f}{bar}",
+                     f"{statistics.mean(r['final_train_loss'] for r in runs):.4f}",
+                     f"{runs[0]['state_bytes_per_param']:.2f}"])
+    first = json.loads(files[0].read_text())["settings"]
+    head = (f"MiniLM-L6 (22.7M) on Rotten Tomatoes, {first['epochs']:g} epoch at batch {first['batch_size']}, "
+            f"max length {first['max_length']}, seeds {sorted(seeds)} "
+            f"([results]({FINETUNE_RT.relative_to(ROOT)}/)).")
+    table = _table(["optimizer", "lr", "test accuracy per seed", "mean", "Δ vs AdamW, points (bar ≥ −1)",
+                    "final train loss", "state B/param"], rows)
+    return head + "\n\n" + table
+
+
+def demo_table() -> str:
+    result = _load(PRETRAIN_QUICK)
+    if result is None:
+        return _missing(PRETRAIN_QUICK)
+    rows = []
+    for r in sorted(result["summary"], key=lambda r: r["final_val_loss"]):
+        tokens = r["tokens_to_reference_loss"]
+        rows.append([r["optimizer"], f"{r['lr']:.3g}", f"{r['final_val_loss']:.3f}", f"{r['state_bytes_per_param']:.2f}",
+                     "–" if tokens is None else f"{tokens:,.0f}"])
+    return _table(["optimizer", "lr", "final val loss", "state B/param", "tokens to AdamW's final loss"], rows)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "step-time": step_time_table,
+    "pretrain-cpu": pretrain_reference_table,
+    "finetune-rt": finetune_table,
+    "demo": demo_table,
+}
+
+
+def render(text: str) -> str:
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- begin: {re.escape(name)} [^\n]*-->\n)(.*?)(\n<!-- end: {re.escape(name)} -->)",
+                             re.DOTALL)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no '<!-- begin: {name} ... -->' / '<!-- end: {name} -->' markers")
+        body = make()
+        text = pattern.sub(lambda m: m.group(1) + body + m.group(3), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md differs")
+    args = parser.parse_args(argv)
+    current = README.read_text()
+    wanted = render(current)
+    if args.check:
+        if wanted != current:
+            print("README.md's result tables differ from benchmarks/results/: run python benchmarks/readme_tables.py")
+            return 1
+        print("README.md's result tables match benchmarks/results/")
+        return 0
+    README.write_text(wanted)
+    print("rewrote the result tables in README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
