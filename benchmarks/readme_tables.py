@@ -164,12 +164,12 @@ TABLES: dict[str, Callable[[], str]] = {
 
 def render(text: str) -> str:
     for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- begin: {re.escape(name)} [^\n]*-->\n)(.*?)(\n<!-- end: {re.escape(name)} -->)",
+        pattern = re.compile(rf"(<!-- begin: {re.escape(name)} [^\n]*-->\n)(.*?)(<!-- end: {re.escape(name)} -->)",
                              re.DOTALL)
         if not pattern.search(text):
             raise SystemExit(f"README.md has no '<!-- begin: {name} ... -->' / '<!-- end: {name} -->' markers")
         body = make()
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(3), text)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
     return text
 
 
