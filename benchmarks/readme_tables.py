@@ -97,8 +97,8 @@ def pretrain_reference_table() -> str:
         bar = "" if r["optimizer"] not in bars else (" ✓" if ratio <= LOSS_BAR else " ✗")
         tokens = r["tokens_to_reference_loss"]
         reached, total = r["reached_reference"].split("/")
-        rows.append([r["optimizer"], f"{r['lr']:.3g}", _loss(r), f"{ratio:.3f}{bar}",
-                     "–" if tokens is None else f"{tokens:,.0f}" + ("" if reached == total else f" ({reached}/{total})"),
+        reach = "–" if tokens is None else f"{tokens:,.0f}" + ("" if reached == total else f" ({reached}/{total})")
+        rows.append([r["optimizer"], f"{r['lr']:.3g}", _loss(r), f"{ratio:.3f}{bar}", reach,
                      f"{r['state_bytes_per_param']:.2f}"])
     head = (f"{s['preset']} preset ({s['n_params'] / 1e6:.2f}M parameters), {s['data']} ({s['tokenizer']} tokens), "
             f"{s['steps']} steps × {s['batch_size']} × {s['seq_len']} tokens, seeds {s['seeds']}, lr swept per "
@@ -149,8 +149,8 @@ def demo_table() -> str:
     rows = []
     for r in sorted(result["summary"], key=lambda r: r["final_val_loss"]):
         tokens = r["tokens_to_reference_loss"]
-        rows.append([r["optimizer"], f"{r['lr']:.3g}", f"{r['final_val_loss']:.3f}", f"{r['state_bytes_per_param']:.2f}",
-                     "–" if tokens is None else f"{tokens:,.0f}"])
+        rows.append([r["optimizer"], f"{r['lr']:.3g}", f"{r['final_val_loss']:.3f}",
+                     f"{r['state_bytes_per_param']:.2f}", "–" if tokens is None else f"{tokens:,.0f}"])
     return _table(["optimizer", "lr", "final val loss", "state B/param", "tokens to AdamW's final loss"], rows)
 
 

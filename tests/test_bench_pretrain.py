@@ -162,8 +162,16 @@ def test_sweep_uses_the_given_factors_and_merge_combines_parallel_runs(tmp_path)
                            "--sweep-factors", "0.5,2")) == 0
     assert main(_tiny_args(text_file, tmp_path / "b", "--optimizers", "sinkgd", "--seeds", "2")) == 0
     a = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert [t["lr"] for t in a["sweeps"]["adamw"]] == pytest.approx([0.005, 0.02])  # default lr 0.01
-    assert a["runs"][0]["lr"] in [t["lr"] for t in a["sweeps"]["adamw"]]
+    trials = a["sweeps"]["adamw"]
+    lrs = [t["lr"] for t in trials]
+    assert lrs == sorted(lrs) and {0.005, 0.02} <= {round(lr, 6) for lr in lrs}  # default lr 0.01
+    best = min(trials, key=lambda t: t["final_val_loss"])
+    assert a["runs"][0]["lr"] == best["lr"]
+    # the grid grows past an edge that wins (x2 per extension, at most two), so the best is inside
+    # the grid unless the extensions ran out
+    assert len(trials) <= 4
+    if best["lr"] in (lrs[0], lrs[-1]):
+        assert len(trials) == 4
 
     merged_dir = tmp_path / "merged"
     assert main(["--merge", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--out", str(merged_dir)]) == 0
@@ -186,3 +194,27 @@ def test_sweep_uses_the_given_factors_and_merge_combines_parallel_runs(tmp_path)
 def test_bad_sweep_factors_are_refused(factors, capsys):
     assert main(["--sweep-factors", factors, "--steps", "1"]) == 2
     assert "--sweep-factors" in capsys.readouterr().out
+
+
+def test_sweep_grows_past_a_winning_edge(monkeypatch):
+    """Validation loss as a bowl around lr 1e-3: from adamw's default grid (0.0025 ... 0.04) the sweep
+    must walk down past its lower edge and pick the lr nearest the bottom it reached."""
+    from types import SimpleNamespace
+
+    from slimopt.bench import pretrain
+
+    def fake_run(name, lr, seed, data, config, *args):
+        return SimpleNamespace(final_val_loss=math.log2(lr / 1e-3) ** 2, diverged=False, interrupted=False,
+                               steps_done=config.steps)
+
+    monkeypatch.setattr(pretrain, "_one_run", fake_run)
+    progress = SimpleNamespace(log=lambda message: None)
+    config = pretrain.TrainConfig(steps=100)
+    lr, trials, interrupted = pretrain._sweep("adamw", None, config, "tiny", torch.device("cpu"), 0.0, progress)
+    assert not interrupted
+    assert [t["lr"] for t in trials] == pytest.approx([0.000625, 0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04])
+    assert lr == pytest.approx(0.00125) and all(t["steps"] == 25 for t in trials)
+    # a bowl around 0.01, inside the grid: no extension
+    monkeypatch.setattr(pretrain, "_one_run", lambda name, lr, *a, **k: fake_run(name, lr / 10, *a, **k))
+    lr, trials, _ = pretrain._sweep("adamw", None, config, "tiny", torch.device("cpu"), 0.0, progress)
+    assert len(trials) == 5 and lr == pytest.approx(0.01)

@@ -37,6 +37,7 @@ __all__ = ["add_arguments", "merge_results", "run", "summarize", "write_result"]
 
 QUICK_OPTIMIZERS = ["adamw", "microadam", "adammini", "sinkgd", "swan"]
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+SWEEP_EXTENSIONS = 2  # extra lrs tried beyond the edge of the grid when the best lies there
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of training: combine the results.json of earlier runs with the same "
                              "settings (e.g. optimizers run in parallel processes) into --out")
     parser.add_argument("--sweep", action="store_true",
-                        help="first a short lr sweep per optimizer (x0.25 ... x4 of its default, a quarter "
-                             "of the steps, seed 0), then the full runs at the best lr")
+                        help="first a short lr sweep per optimizer (--sweep-factors x its default lr, a quarter "
+                             "of the steps, seed 0; extended by x2 steps when the best is at an edge), then "
+                             "the full runs at the best lr")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="result folder (default runs/pretrain-<time>)")
@@ -141,20 +143,44 @@ def _one_run(name: str, lr: float, seed: int, data, config: TrainConfig, preset:
 
 def _sweep(name: str, data, config: TrainConfig, preset: str, device: torch.device, weight_decay: float,
            progress: _Progress, factors: tuple[float, ...] = SWEEP_FACTORS) -> tuple[float, list[dict[str, Any]], bool]:
+    """Short runs (a quarter of the steps, seed 0) at ``factors`` x the default lr; the best lr wins. If
+    the best is the smallest or largest lr tried, the grid grows by a factor of 2 that way (at most
+    SWEEP_EXTENSIONS times), so that the chosen lr is not just the edge of a badly placed grid."""
     short_steps = min(config.steps, max(20, config.steps // 4))
     short = TrainConfig(**{**config.__dict__, "steps": short_steps, "eval_every": short_steps})
-    trials = []
-    for factor in factors:
+    trials: list[dict[str, Any]] = []
+
+    def loss_of(trial: dict[str, Any]) -> float:
+        return math.inf if trial["final_val_loss"] is None else trial["final_val_loss"]
+
+    def try_factor(factor: float) -> bool:
         lr = default_lr(name) * factor
         result = _one_run(name, lr, 0, data, short, preset, device, weight_decay, progress,
                           f"sweep {name} lr {lr:.3g}")
         loss = result.final_val_loss if not result.diverged and result.final_val_loss is not None else math.inf
-        trials.append({"lr": lr, "final_val_loss": loss if math.isfinite(loss) else None,
+        trials.append({"lr": lr, "factor": factor, "final_val_loss": loss if math.isfinite(loss) else None,
                        "diverged": result.diverged, "steps": result.steps_done})
-        if result.interrupted:
-            return lr, trials, True
-    best = min(trials, key=lambda t: math.inf if t["final_val_loss"] is None else t["final_val_loss"])
-    return best["lr"], trials, False
+        return result.interrupted
+
+    for factor in sorted(factors):
+        if try_factor(factor):
+            return trials[-1]["lr"], trials, True
+    for _ in range(SWEEP_EXTENSIONS if len(factors) > 1 else 0):
+        best = min(trials, key=loss_of)
+        tried = [t["factor"] for t in trials]
+        if not math.isfinite(loss_of(best)):
+            break
+        if best["factor"] == min(tried):
+            extra = min(tried) / 2
+        elif best["factor"] == max(tried):
+            extra = max(tried) * 2
+        else:
+            break
+        progress.log(f"{name}: best lr at the edge of the sweep; also trying x{extra:g}")
+        if try_factor(extra):
+            return trials[-1]["lr"], trials, True
+    trials.sort(key=lambda t: t["lr"])
+    return min(trials, key=loss_of)["lr"], trials, False
 
 
 def _warm_up(preset: str, data, config: TrainConfig, device: torch.device) -> int:
