@@ -169,7 +169,7 @@ def render(text: str) -> str:
         if not pattern.search(text):
             raise SystemExit(f"README.md has no '<!-- begin: {name} ... -->' / '<!-- end: {name} -->' markers")
         body = make()
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(3), text)
     return text
 
 
