@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -63,3 +65,19 @@ def test_nibble_order_and_inverse():
     assert torch.equal(unpack_nibbles(packed, 5), codes)
     rand = torch.randint(0, 16, (1000,), dtype=torch.uint8)
     assert torch.equal(unpack_nibbles(pack_nibbles(rand), 1000), rand)
+
+
+@pytest.mark.parametrize("down", [True, False])
+def test_outward_bf16_rounding_equals_nextafter_after_a_cast(down):
+    """The bit-level rounding against the obvious definition, subnormals, signed zeros and huge values included."""
+    from slimopt.ops.quant import _round_bf16
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(5000) * 1e-3, torch.randn(5000).bfloat16().float(), torch.zeros(3), -torch.zeros(3),
+                   torch.tensor([3e38, -3e38, 1e-40, -1e-40, 1.0, -1.0])])
+    y = x.to(torch.bfloat16)
+    wrong_side = y.float() > x if down else y.float() < x
+    expected = torch.where(wrong_side, torch.nextafter(y, torch.full_like(y, -math.inf if down else math.inf)), y)
+    got = _round_bf16(x, down)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+    assert ((got.float() <= x) if down else (got.float() >= x)).all()

@@ -39,11 +39,14 @@ def num_buckets(n: int, bucket_size: int) -> int:
 
 
 def _round_bf16(x: Tensor, down: bool) -> Tensor:
-    """``x`` (fp32) rounded to bf16 towards -inf (``down``) or +inf."""
-    y = x.to(torch.bfloat16)
-    wrong_side = y.float() > x if down else y.float() < x
-    step_to = torch.full_like(y, float("-inf") if down else float("inf"))
-    return torch.where(wrong_side, torch.nextafter(y, step_to), y)
+    """``x`` (finite fp32) rounded to bf16 towards -inf (``down``) or +inf, on the bits: dropping the low
+    16 bits rounds towards zero, and one more bf16 ulp of magnitude (+2**16 on the int32 view, which
+    is sign-magnitude) moves an inexact value away from it. Same as nextafter after a cast, ~2x cheaper."""
+    bits = x.view(torch.int32)
+    truncated = bits & -65536
+    inexact = (bits & 65535) != 0
+    away = bits < 0 if down else bits >= 0
+    return torch.where(inexact & away, truncated + 65536, truncated).view(torch.float32).to(torch.bfloat16)
 
 
 def _split(x: Tensor, bucket_size: int) -> tuple[Tensor, Tensor]:
