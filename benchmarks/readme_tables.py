@@ -110,32 +110,34 @@ def pretrain_reference_table() -> str:
 
 
 def finetune_table() -> str:
-    files = sorted(FINETUNE_RT.glob("seed*/results.json"))
+    files = sorted(FINETUNE_RT.glob("*/results.json"))
     if not files:
-        return _missing(FINETUNE_RT / "seed*/results.json")
-    by_name: dict[str, list[dict]] = {}
-    seeds = []
+        return _missing(FINETUNE_RT / "*/results.json")
+    by_run: dict[tuple[str, float], list[dict]] = {}  # (optimizer, lr) -> one run per seed
+    seeds = set()
     for path in files:
         result = json.loads(path.read_text())
-        seeds.append(result["settings"]["seed"])
+        seeds.add(result["settings"]["seed"])
         for run in result["runs"]:
-            by_name.setdefault(run["optimizer"], []).append(run)
-    reference = statistics.mean(r["test_accuracy"] for r in by_name["adamw"]) if "adamw" in by_name else None
+            by_run.setdefault((run["optimizer"], round(run["lr"], 12)), []).append(run)
+    adamw = [r["test_accuracy"] for (name, _), runs in by_run.items() if name == "adamw" for r in runs]
+    reference = statistics.mean(adamw) if adamw else None
     rows = []
-    for name, runs in by_name.items():
+    for (name, lr), runs in sorted(by_run.items(), key=lambda item: (item[0][0] != "adamw", item[0])):
         accuracies = [r["test_accuracy"] for r in runs]
         mean = statistics.mean(accuracies)
         delta = None if reference is None else (mean - reference) * 100
         bar = ""
         if name in ("microadam", "adammini") and delta is not None:
             bar = " ✓" if delta >= -ACCURACY_BAR * 100 else " ✗"
-        rows.append([name, f"{runs[0]['lr']:.3g}", " / ".join(f"{a:.2%}" for a in accuracies), f"{mean:.2%}",
+        rows.append([name, f"{lr:.3g}", " / ".join(f"{a:.2%}" for a in accuracies), f"{mean:.2%}",
                      "" if delta is None else f"{delta:+.2f}{bar}",
                      f"{statistics.mean(r['final_train_loss'] for r in runs):.4f}",
                      f"{runs[0]['state_bytes_per_param']:.2f}"])
     first = json.loads(files[0].read_text())["settings"]
-    head = (f"MiniLM-L6 (22.7M) on Rotten Tomatoes, {first['epochs']:g} epoch at batch {first['batch_size']}, "
-            f"max length {first['max_length']}, seeds {sorted(seeds)} "
+    examples = "all" if not first["train_examples"] else f"{first['train_examples']:,}"
+    head = (f"MiniLM-L6 (22.7M) on Rotten Tomatoes: {examples} training snippets, {first['epochs']:g} epoch at batch "
+            f"{first['batch_size']}, max length {first['max_length']}, the whole test split; seeds {sorted(seeds)} "
             f"([results]({FINETUNE_RT.relative_to(ROOT)}/)).")
     table = _table(["optimizer", "lr", "test accuracy per seed", "mean", "Δ vs AdamW, points (bar ≥ −1)",
                     "final train loss", "state B/param"], rows)
