@@ -97,6 +97,7 @@ def _unpacked_state(opt_state, d, hp):
 @pytest.mark.parametrize("chunk", [1 << 18, 512])  # one chunk, and several chunks of whole blocks
 def test_vectorised_matches_slow_float64_reference(monkeypatch, chunk):
     monkeypatch.setattr(microadam_module, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(microadam_module, "WINDOW_CHUNK_ELEMENTS", chunk // 2)
     torch.manual_seed(0)
     # 845 = 3 blocks of 256 + a 77-entry tail; 13 buckets of 64 + a 13-entry tail; odd length
     hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, m=3, k_init=0.05, quant_block_size=64,

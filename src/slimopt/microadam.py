@@ -56,6 +56,9 @@ __all__ = ["MicroAdam", "chunk_spans"]
 # and buckets): 4 MiB each, four of them in the step's workspace. Measured on a 42M model: 2**16 costs
 # ~2x more (per-op overhead dominates), 2**18 ~15% more, 2**20 to a whole tensor about the same.
 CHUNK_ELEMENTS = 1 << 20
+# The window update scatters into two fp32 moment buffers at random positions: it runs over its own,
+# smaller spans so that those stay in L2 (measured ~15% cheaper for that part than 2**20).
+WINDOW_CHUNK_ELEMENTS = 1 << 18
 
 # State that describes one rank's own rows under FSDP2, and the dimension along which the ranks' parts
 # are concatenated into one DTensor (so that DCP saves every rank's part).
@@ -173,15 +176,16 @@ class ChunkSpan(NamedTuple):
     code_bytes: tuple[int, int]  # its packed EF bytes
 
 
-def _chunk_length(block_size: int, bucket_size: int) -> int:
+def _chunk_length(block_size: int, bucket_size: int, elements: int | None = None) -> int:
     unit = math.lcm(block_size, bucket_size, 2)  # whole blocks, whole buckets, whole nibble pairs
-    return max(unit, CHUNK_ELEMENTS // unit * unit)
+    return max(unit, (CHUNK_ELEMENTS if elements is None else elements) // unit * unit)
 
 
-def chunk_spans(layout: BlockLayout, bucket_size: int) -> Iterator[ChunkSpan]:
-    """Cut a tensor into spans of about CHUNK_ELEMENTS; all offsets are Python ints (no int32 limit)."""
+def chunk_spans(layout: BlockLayout, bucket_size: int, elements: int | None = None) -> Iterator[ChunkSpan]:
+    """Cut a tensor into spans of about ``elements`` (default CHUNK_ELEMENTS); all offsets are Python
+    ints (no int32 limit)."""
     n, block_size, k_block = layout.n, layout.block_size, layout.k_block
-    chunk = _chunk_length(block_size, bucket_size)
+    chunk = _chunk_length(block_size, bucket_size, elements)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         col1 = layout.k_total if end == n else end // block_size * k_block
@@ -210,6 +214,16 @@ class Workspace:
         return tuple(buffer[:, :numel])
 
 
+def _spans_with_block_starts(layout: BlockLayout, k_init: float, bucket_size: int, elements: int | None,
+                             device: torch.device) -> Iterator[tuple[ChunkSpan, Tensor]]:
+    """``chunk_spans`` with, for each span, the offset of the block each of its window columns belongs to."""
+    starts = None
+    for span in chunk_spans(layout, bucket_size, elements):
+        if starts is None or starts.numel() != span.columns[1] - span.columns[0]:
+            starts = block_starts(block_layout(span.end - span.start, layout.block_size, k_init), device)
+        yield span, starts
+
+
 def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
                           step: int, workspace: Workspace) -> None:
     """One MicroAdam step of one tensor with plain torch ops (the reference path), chunk by chunk."""
@@ -225,22 +239,18 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
 
     g_flat = grad.reshape(-1)
     p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
-    chunk_starts = None
     chunk = min(n, _chunk_length(block_size, bucket_size))
-    scratch = workspace.zeros("moments", 2, chunk)  # zeroed again after use
-    accumulator, work = workspace.empty("accumulator", chunk + 1), workspace.empty("work", quantize_scratch_size(chunk))
-    for span in chunk_spans(layout, bucket_size):
+    accumulator = workspace.empty("accumulator", chunk + 1)
+    work = workspace.empty("work", quantize_scratch_size(chunk))
+    for span, span_starts in _spans_with_block_starts(layout, k_init, bucket_size, None, p.device):
         start, end, (col0, col1) = span.start, span.end, span.columns
         (b0, b1), (c0, c1) = span.buckets, span.code_bytes
-        if chunk_starts is None or chunk_starts.numel() != col1 - col0:
-            chunk_starts = block_starts(block_layout(end - start, block_size, k_init), p.device)
-
         # (4) error feedback: a = g + Q^-1(e)
         a = dequantize_4bit(codes[c0:c1], ef_min[b0:b1], ef_max[b0:b1], end - start, bucket_size, out=accumulator)
         a.add_(g_flat[start:end])
         # (5) block Top-K and (9) the newest window row
         rel = block_topk_fast(a, block_size, k_init)
-        pos = rel + chunk_starts
+        pos = rel + span_starts
         window_idx[row, col0:col1] = rel.to(torch.int16)
         window_val[row, col0:col1] = a.index_select(0, pos)
         # (6) drop what was selected, (7, 8) quantise the rest into the new error feedback
@@ -248,8 +258,12 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
         lo, hi = bucket_ranges(a, bucket_size)
         ef_min[b0:b1], ef_max[b0:b1] = lo, hi
         quantize_4bit(a, lo, hi, bucket_size, out=codes[c0:c1], scratch=work)
-        # (10, 11) moments from the window, decoupled weight decay, update
-        positions = torch.add(window_idx[:, col0:col1], chunk_starts)  # int16 + int64: one int64 pass
-        apply_window_update_(p_flat[start:end], positions, window_val[:, col0:col1], weights, eps, lr, wd, scratch)
+    # (10, 11) moments from the window (the row just written included), decoupled weight decay, update
+    scratch = workspace.zeros("moments", 2, min(n, _chunk_length(block_size, bucket_size, WINDOW_CHUNK_ELEMENTS)))
+    for span, span_starts in _spans_with_block_starts(layout, k_init, bucket_size, WINDOW_CHUNK_ELEMENTS, p.device):
+        (col0, col1) = span.columns
+        positions = torch.add(window_idx[:, col0:col1], span_starts)  # int16 + int64: one int64 pass
+        apply_window_update_(p_flat[span.start:span.end], positions, window_val[:, col0:col1], weights, eps, lr, wd,
+                             scratch)
     if p_flat.data_ptr() != p.data_ptr():
         p.copy_(p_flat.view_as(p))
