@@ -313,7 +313,7 @@ def test_empty_and_tiny_tensors():
 
 
 @pytest.mark.parametrize("dtype,wd", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.1)])
-def test_sparse_window_update_equals_dense_reference(dtype, wd):
+def test_fused_window_update_equals_the_slow_reference(dtype, wd):
     """apply_window_update_ (fused dense update) against the slow direction + dense update: the same sums,
     the bias corrections folded into the row weights, so equal to a few fp32 roundings of u."""
     torch.manual_seed(9)

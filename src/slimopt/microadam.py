@@ -52,9 +52,10 @@ from .optimizer import (
 
 __all__ = ["MicroAdam", "chunk_spans"]
 
-# Dense fp32 temporaries on the torch path cover at most this many entries (rounded up to whole blocks
-# and buckets): 4 MiB each, four of them in the step's workspace. Measured on a 42M model: 2**16 costs
-# ~2x more (per-op overhead dominates), 2**18 ~15% more, 2**20 to a whole tensor about the same.
+# Dense fp32 temporaries of the compression pass cover at most this many entries (rounded up to whole
+# blocks and buckets): the accumulator and 1.5x that of quantiser scratch in the step's workspace.
+# Measured on a 42M model: 2**16 costs ~2x more (per-op overhead dominates), 2**18 ~15% more, 2**20 to a
+# whole tensor about the same.
 CHUNK_ELEMENTS = 1 << 20
 # The window update scatters into two fp32 moment buffers at random positions: it runs over its own,
 # smaller spans so that those stay in L2 (measured ~15% cheaper for that part than 2**20).

@@ -96,7 +96,8 @@ def apply_window_update_(p: Tensor, positions: Tensor, values: Tensor, weights: 
 
 
 def dense_update_(p: Tensor, u: Tensor, lr: float, weight_decay: float) -> None:
-    """p <- p * (1 - lr * wd) - lr * u, rounded once to p's dtype."""
+    """p <- p * (1 - lr * wd) - lr * u, rounded once to p's dtype: with ``adam_update_from_window``, the
+    slow reference that ``apply_window_update_`` is tested against."""
     if p.dtype == torch.float32:
         if weight_decay:
             p.mul_(1 - lr * weight_decay)
