@@ -195,11 +195,14 @@ def chunk_spans(layout: BlockLayout, bucket_size: int, elements: int | None = No
 
 
 class Workspace:
-    """fp32 buffers reused across the chunks and tensors of one step: a fresh MiB-sized tensor costs
-    page faults on every allocation, which on CPU is a noticeable part of a cache-sized pass."""
+    """What the tensors of one group share during one step on CPU: fp32 buffers reused across chunks and
+    tensors (a fresh MiB-sized tensor costs page faults on every allocation, which on CPU is a noticeable
+    part of a cache-sized pass), and the small constant tensors that many chunks and tensors ask for
+    (built once: a few tiny torch ops each, times hundreds of chunks, add up to ~3% of a step)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.buffers = device, {}
+        self.constants: dict[tuple[Any, ...], Any] = {}
 
     def empty(self, name: str, numel: int) -> Tensor:
         buffer = self.buffers.get(name)
@@ -214,15 +217,25 @@ class Workspace:
             buffer = self.buffers[name] = torch.zeros(count, numel, dtype=torch.float32, device=self.device)
         return tuple(buffer[:, :numel])
 
+    def block_starts(self, n: int, block_size: int, k_init: float) -> Tensor:
+        """``block_starts`` of an ``n``-entry span (callers must not modify it)."""
+        key = ("block_starts", n, block_size, k_init)
+        if key not in self.constants:
+            self.constants[key] = block_starts(block_layout(n, block_size, k_init), self.device)
+        return self.constants[key]
+
+    def window_weights(self, step: int, m: int, betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
+        key = ("window_weights", step, m, betas)
+        if key not in self.constants:
+            self.constants[key] = window_weights(step, m, betas, self.device)
+        return self.constants[key]
+
 
 def _spans_with_block_starts(layout: BlockLayout, k_init: float, bucket_size: int, elements: int | None,
-                             device: torch.device) -> Iterator[tuple[ChunkSpan, Tensor]]:
+                             workspace: Workspace) -> Iterator[tuple[ChunkSpan, Tensor]]:
     """``chunk_spans`` with, for each span, the offset of the block each of its window columns belongs to."""
-    starts = None
     for span in chunk_spans(layout, bucket_size, elements):
-        if starts is None or starts.numel() != span.columns[1] - span.columns[0]:
-            starts = block_starts(block_layout(span.end - span.start, layout.block_size, k_init), device)
-        yield span, starts
+        yield span, workspace.block_starts(span.end - span.start, layout.block_size, k_init)
 
 
 def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
@@ -236,14 +249,14 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
     window_idx, window_val = state["window_indices"], state["window_values"]
     codes, ef_min, ef_max = state["ef_codes"], state["ef_min"], state["ef_max"]
     row = (step - 1) % m
-    weights = window_weights(step, m, betas, p.device)
+    weights = workspace.window_weights(step, m, betas)
 
     g_flat = grad.reshape(-1)
     p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
     chunk = min(n, _chunk_length(block_size, bucket_size))
     accumulator = workspace.empty("accumulator", chunk + 1)
     work = workspace.empty("work", quantize_scratch_size(chunk))
-    for span, span_starts in _spans_with_block_starts(layout, k_init, bucket_size, None, p.device):
+    for span, span_starts in _spans_with_block_starts(layout, k_init, bucket_size, None, workspace):
         start, end, (col0, col1) = span.start, span.end, span.columns
         (b0, b1), (c0, c1) = span.buckets, span.code_bytes
         # (4) error feedback: a = g + Q^-1(e)
@@ -261,10 +274,12 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
         quantize_4bit(a, lo, hi, bucket_size, out=codes[c0:c1], scratch=work)
     # (10, 11) moments from the window (the row just written included), decoupled weight decay, update
     scratch = workspace.zeros("moments", 2, min(n, _chunk_length(block_size, bucket_size, WINDOW_CHUNK_ELEMENTS)))
-    for span, span_starts in _spans_with_block_starts(layout, k_init, bucket_size, WINDOW_CHUNK_ELEMENTS, p.device):
+    for span, span_starts in _spans_with_block_starts(layout, k_init, bucket_size, WINDOW_CHUNK_ELEMENTS,
+                                                   workspace):
         (col0, col1) = span.columns
         positions = torch.add(window_idx[:, col0:col1], span_starts)  # int16 + int64: one int64 pass
         apply_window_update_(p_flat[span.start:span.end], positions, window_val[:, col0:col1], weights, eps, lr, wd,
                              scratch)
     if p_flat.data_ptr() != p.data_ptr():
         p.copy_(p_flat.view_as(p))
+

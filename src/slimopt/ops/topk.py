@@ -114,12 +114,17 @@ def _topk_rows_by_groups(rows: Tensor, k: int) -> Tensor:
     groups = rows.view(n_rows, group, stride)
     # max |x| per group as max(max x, -min x): two reductions cost less than writing |x| and reducing it
     group_max = torch.maximum(groups.amax(dim=1), groups.amin(dim=1).neg_())
+    # Both rankings below run on the int32 bits of magnitudes, which order like the values (and cost
+    # ~15% less in topk than fp32, whose comparisons check for NaN); the sign bit is cleared because a
+    # group of zeros may report its maximum as -0.0.
+    group_max = group_max.view(torch.int32).bitwise_and_(0x7FFFFFFF)
     # keep k + 1 groups: an extra candidate group is harmless, and the (k+1)-th maximum tells whether
     # another group ties with the k-th (then more than k + 1 groups may reach L)
     kept_max, kept = group_max.topk(k + 1, dim=1, sorted=False)
     tied = (kept_max == kept_max.amin(dim=1, keepdim=True)).sum(dim=1) > 1
     kept_groups = k + 1
     candidates = groups.gather(2, kept.unsqueeze(1).expand(-1, group, -1)).view(n_rows, group * kept_groups).abs_()
+    candidates = candidates.view(torch.int32)
     offsets = torch.arange(0, width, stride, device=rows.device).view(1, group, 1)
     column = (kept.unsqueeze(1) + offsets).view(n_rows, group * kept_groups)
     # rank the candidates by value; topk's order among equal values is unspecified, so a row where a
@@ -145,3 +150,4 @@ def block_topk_fast(x: Tensor, block_size: int, k_init: float) -> Tensor:
     if layout.tail:
         parts.append(_topk_rows(x[n_full:].view(1, -1), layout.k_tail).view(-1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
