@@ -210,12 +210,12 @@ class Workspace:
             buffer = self.buffers[name] = torch.empty(numel, dtype=torch.float32, device=self.device)
         return buffer[:numel]
 
-    def zeros(self, name: str, count: int, numel: int) -> tuple[Tensor, ...]:
-        """``count`` zeroed buffers; callers must leave them zeroed."""
+    def zeros(self, name: str, count: int, numel: int) -> Tensor:
+        """A zeroed (count, numel) buffer; callers must leave it zeroed."""
         buffer = self.buffers.get(name)
         if buffer is None or buffer.shape[1] < numel:
             buffer = self.buffers[name] = torch.zeros(count, numel, dtype=torch.float32, device=self.device)
-        return tuple(buffer[:, :numel])
+        return buffer[:, :numel]
 
     def block_starts(self, n: int, block_size: int, k_init: float) -> Tensor:
         """``block_starts`` of an ``n``-entry span (callers must not modify it)."""
@@ -273,13 +273,13 @@ def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group:
         ef_min[b0:b1], ef_max[b0:b1] = lo, hi
         quantize_4bit(a, lo, hi, bucket_size, out=codes[c0:c1], scratch=work)
     # (10, 11) moments from the window (the row just written included), decoupled weight decay, update
-    scratch = workspace.zeros("moments", 2, min(n, _chunk_length(block_size, bucket_size, WINDOW_CHUNK_ELEMENTS)))
+    moments = workspace.zeros("moments", 2, min(n, _chunk_length(block_size, bucket_size, WINDOW_CHUNK_ELEMENTS)))
     for span, span_starts in _spans_with_block_starts(layout, k_init, bucket_size, WINDOW_CHUNK_ELEMENTS,
                                                    workspace):
         (col0, col1) = span.columns
         positions = torch.add(window_idx[:, col0:col1], span_starts)  # int16 + int64: one int64 pass
         apply_window_update_(p_flat[span.start:span.end], positions, window_val[:, col0:col1], weights, eps, lr, wd,
-                             scratch)
+                             moments)
     if p_flat.data_ptr() != p.data_ptr():
         p.copy_(p_flat.view_as(p))
 

@@ -66,22 +66,28 @@ def window_weights(step: int, m: int, betas: tuple[float, float], device: torch.
 
 
 def apply_window_update_(p: Tensor, positions: Tensor, values: Tensor, weights: tuple[Tensor, Tensor],
-                         eps: float, lr: float, weight_decay: float, scratch: tuple[Tensor, Tensor]) -> None:
+                         eps: float, lr: float, weight_decay: float, moments: Tensor) -> None:
     """p <- p * (1 - lr * wd) - lr * u in place, with u from the window (``weights``: ``window_weights``).
 
     The moments of ``adam_update_from_window`` with the bias corrections folded into the row weights,
     and the update as one fused dense pass, p += -lr * m_hat / (sqrt(v_hat) + eps), which is zero off
     the window (m_hat = 0 there): on CPU, gathering u at the window positions and scattering it back
     costs more than a few dense passes over a cache-sized chunk. ``positions``: int64 (m, k) positions
-    in 0..p.numel()-1. ``scratch``: two zeroed fp32 buffers of at least p.numel() entries, left zeroed.
-    (scatter_add_ rather than index_add_ / advanced indexing: several times faster on CPU.)
+    in 0..p.numel()-1. ``moments``: zeroed fp32 (2, >= p.numel()), left zeroed.
+
+    Both moments come from one scatter_add_ over the (2, n) buffer (rows in order 0..m-1, as the
+    reference): on CPU that is cheaper than two 1-D ones, and runs its two rows on two threads
+    (scatter_add_ rather than index_add_ / advanced indexing: several times faster on CPU).
     """
     w1, w2 = weights
+    m, k = values.shape
     v = values.float()
-    flat = positions.reshape(-1)
-    m_hat, v_hat = scratch[0][: p.numel()], scratch[1][: p.numel()]
-    m_hat.scatter_add_(0, flat, (v * w1[:, None]).view(-1))  # rows in order 0..m-1, as the reference
-    v_hat.scatter_add_(0, flat, v.mul_(v).mul_(w2[:, None]).view(-1))
+    terms = torch.empty(2, m, k, dtype=torch.float32, device=v.device)
+    torch.mul(v, w1[:, None], out=terms[0])
+    torch.mul(v.mul_(v), w2[:, None], out=terms[1])
+    moments = moments[:, : p.numel()]
+    moments.scatter_add_(1, positions.view(1, -1).expand(2, -1), terms.view(2, -1))
+    m_hat, v_hat = moments
     # + TINY: on x86 CPUs sqrt of an exact 0 (everywhere off the window) is ~30x slower than of a normal
     # number; it also keeps 0 / 0 out when eps = 0, and changes no v_hat above ~1e-31.
     denominator = v_hat.add_(TINY).sqrt_().add_(eps)
@@ -91,8 +97,7 @@ def apply_window_update_(p: Tensor, positions: Tensor, values: Tensor, weights: 
     work.addcdiv_(m_hat, denominator, value=-lr)
     if work is not p:
         p.copy_(work)  # one rounding to p's dtype
-    m_hat.zero_()
-    v_hat.zero_()
+    moments.zero_()
 
 
 def dense_update_(p: Tensor, u: Tensor, lr: float, weight_decay: float) -> None:
