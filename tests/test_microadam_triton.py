@@ -33,7 +33,9 @@ def test_dequant_add_and_quantize_pack_match_torch(n, bucket):
 
 
 def test_zero_range_and_bf16_boundary_buckets():
-    x = torch.cat([torch.zeros(64), torch.full((64,), 1.0 + 2**-12), torch.full((64,), -1.0 - 2**-12)]).to(DEVICE)
+    tiny_range = torch.zeros(64).index_fill_(0, torch.tensor([3, 9]), 3e-38)  # normal, but 1/step = inf
+    x = torch.cat([torch.zeros(64), torch.full((64,), 1.0 + 2**-12), torch.full((64,), -1.0 - 2**-12),
+                   tiny_range]).to(DEVICE)
     lo, hi = kernels.bucket_ranges(x, 64)
     lo_ref, hi_ref = quant.bucket_ranges(x, 64)
     assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)

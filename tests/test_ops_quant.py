@@ -49,6 +49,20 @@ def test_codes_hit_both_ends_without_overflow():
     assert codes[0] == 0 and codes[1] == LEVELS and int(codes.max()) <= LEVELS
 
 
+def test_tiny_range_bucket_decodes_to_lo_without_nan():
+    """A range so small that 1/step overflows: (x - lo) * inf would make NaN codes (whose conversion to
+    uint8 is undefined); such a bucket decodes to lo instead, off by less than its range."""
+    x = torch.zeros(130)
+    x[3], x[5], x[70] = 3e-38, 2e-38, -3e-38  # normal fp32 values, range / 15 below the smallest normal
+    lo, hi = bucket_ranges(x, 64)
+    assert ((hi.float() - lo.float()) / LEVELS < torch.finfo(torch.float32).tiny).all()
+    codes = unpack_nibbles(quantize_4bit(x, lo, hi, 64), 130)
+    assert codes.eq(0).all()
+    x_hat = dequantize_4bit(quantize_4bit(x, lo, hi, 64), lo, hi, 130, 64)
+    assert torch.equal(x_hat, _per_entry(lo.float(), 130, 64))
+    assert ((x_hat - x).abs() <= 15 * torch.finfo(torch.float32).tiny).all()
+
+
 @pytest.mark.parametrize("value", [0.0, 2.5, -(2.0**-70)])  # bf16-representable: min == max exactly
 def test_zero_range_bucket_decodes_exactly(value):
     x = torch.full((130,), value)

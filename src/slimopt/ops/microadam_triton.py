@@ -115,7 +115,8 @@ if triton is not None:
         lo = tl.load(lo_ptr + bucket, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(hi_ptr + bucket, mask=mask, other=0.0).to(tl.float32)
         step = (hi - lo) / 15.0
-        inv_step = tl.where(step > 0, 1.0 / tl.where(step > 0, step, 1.0), 0.0)
+        quantised = step >= 1.1754943508222875e-38  # ops.quant.TINY: below it, 1 / step is inf
+        inv_step = tl.where(quantised, 1.0 / tl.where(quantised, step, 1.0), 0.0)
         y = tl.floor((x - lo) * inv_step + 0.5)
         return tl.minimum(tl.maximum(y, 0.0), 15.0).to(tl.int32)
 

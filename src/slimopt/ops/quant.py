@@ -12,7 +12,10 @@ Two details the original CUDA kernels leave out:
   range and the round trip is off by at most half a grid step. Rounding to nearest could put an entry
   outside the range and its code would have to be clamped, costing up to a whole extra step.
 * a bucket whose entries are all equal has step 0: its codes are 0 and it decodes to ``lo`` exactly,
-  instead of dividing 0 by 0. Codes are clamped to 0..15 so one can never spill into its neighbour.
+  instead of dividing 0 by 0. So does a bucket whose step is below the smallest normal fp32 (a range
+  under ~1.8e-37), where 1/step would overflow to inf and (x - lo) * inf make NaN codes: it decodes to
+  ``lo``, off by less than 1.8e-37. Codes are clamped to 0..15 so one can never spill into its
+  neighbour.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
 ]
 
 LEVELS = 15  # 4 bits: codes 0..15, i.e. 15 steps between lo and hi
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32: the least step that is quantised
 
 
 def num_buckets(n: int, bucket_size: int) -> int:
@@ -66,12 +70,15 @@ def bucket_ranges(x: Tensor, bucket_size: int) -> tuple[Tensor, Tensor]:
     return _round_bf16(lo, down=True), _round_bf16(hi, down=False)
 
 
-def _grid(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 (lo, step, 1/step) per bucket; 1/step is 0 for an empty range (every code is then 0)."""
+def _grid(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 (lo, step) per bucket."""
     lo32 = lo.float()
-    step = (hi.float() - lo32) / LEVELS
-    inv_step = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
-    return lo32, step, inv_step
+    return lo32, (hi.float() - lo32) / LEVELS
+
+
+def _inverse_step(step: Tensor) -> Tensor:
+    """1/step, and 0 (every code 0) for an empty range or a step too small for 1/step to be finite."""
+    return torch.where(step >= TINY, step.reciprocal(), 0.0)
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:
@@ -95,7 +102,8 @@ def quantize_4bit(x: Tensor, lo: Tensor, hi: Tensor, bucket_size: int, out: Tens
     ``scratch``: optional fp32 buffer of >= ``quantize_scratch_size(n)`` entries (reused buffers spare
     the page faults that a fresh MiB-sized allocation costs on every call)."""
     n = x.numel()
-    lo32, _, inv_step = _grid(lo, hi)
+    lo32, step = _grid(lo, hi)
+    inv_step = _inverse_step(step)
     n_full_buckets = n // bucket_size
     full, tail = _split(x, bucket_size)
     if scratch is None:
@@ -127,7 +135,7 @@ def quantize_scratch_size(n: int) -> int:
 def dequantize_4bit(packed: Tensor, lo: Tensor, hi: Tensor, n: int, bucket_size: int,
                     out: Tensor | None = None) -> Tensor:
     """The fp32 values (length ``n``) that the packed codes stand for (into ``out``, >= 2 * bytes long)."""
-    lo32, step, _ = _grid(lo, hi)
+    lo32, step = _grid(lo, hi)
     if out is None:
         out = torch.empty(2 * packed.numel(), dtype=torch.float32, device=packed.device)
     codes = out[: 2 * packed.numel()]
