@@ -134,6 +134,42 @@ def test_vectorised_matches_slow_float64_reference(monkeypatch, chunk):
         p.data.copy_(expected)  # continue from the reference's result (no drift between the two)
 
 
+def test_small_tensors_packed_into_shared_chunks_step_exactly_as_alone(monkeypatch):
+    """Tensors of whole blocks and buckets share chunks of the compression pass; each must get bit for
+    bit what it gets stepped alone: mixed dtypes, a tensor that skips a step (its own ring row), a
+    tensor end with a partial block (a chunk by itself), and a tensor split over two chunks."""
+    monkeypatch.setattr(microadam_module, "CHUNK_ELEMENTS", 1024)
+    packed_sizes = []
+    compress = microadam_module._compress_chunk
+
+    def spy(segments, *args):
+        packed_sizes.append(len(segments))
+        return compress(segments, *args)
+
+    monkeypatch.setattr(microadam_module, "_compress_chunk", spy)
+    hp = dict(lr=1e-2, m=3, k_init=0.05, quant_block_size=64, topk_block_size=256, weight_decay=0.1)
+    torch.manual_seed(0)
+    shapes = [(2, 256), (256,), (3, 256), (300,), (4, 64), (6, 256), (2, 128)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float16, torch.float32,
+              torch.bfloat16]
+    together = [torch.randn(s).to(d).requires_grad_() for s, d in zip(shapes, dtypes)]
+    alone = [t.detach().clone().requires_grad_() for t in together]
+    optimizer = MicroAdam(together, **hp)
+    singles = [MicroAdam([t], **hp) for t in alone]
+    for step in range(5):
+        for i, (a, b) in enumerate(zip(together, alone)):
+            g = None if (i == 2 and step == 1) else torch.randn(a.shape).to(a.dtype)
+            a.grad, b.grad = g, (None if g is None else g.clone())
+        optimizer.step()
+        for single in singles:
+            single.step()
+    assert max(packed_sizes) > 1  # the packing did happen
+    for a, b, single in zip(together, alone, singles):
+        assert torch.equal(a, b)
+        for key, value in optimizer.state[a].items():
+            assert torch.equal(value, single.state[b][key]), key
+
+
 def test_dense_window_equals_adam():
     """k_init=1 keeps every coordinate: no error feedback, and m >= steps keeps every gradient, so the
     window sums are Adam's EMAs exactly. The only difference is that the window stores values in bf16

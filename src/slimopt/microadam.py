@@ -24,7 +24,8 @@ any device (the working accumulator is fp32); ``p.grad`` is never written; zero-
 overflow handled; betas/eps per param group; any k_init in (0, 1]; state that survives save/load.
 
 On CPU, tensors are processed in chunks of whole Top-K blocks and quantisation buckets, so the dense
-fp32 temporaries stay cache-sized. CUDA tensors use the Triton kernels in ``ops.microadam_triton``.
+fp32 temporaries stay cache-sized; small tensors share chunks (``_pack_chunks``). CUDA tensors use the
+Triton kernels in ``ops.microadam_triton``.
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ class MicroAdam(SlimOptimizer):
     # ``optimizer.step`` breaks its graph here once per param group and runs this eagerly.
     @torch.compiler.disable
     def update_group(self, group: dict[str, Any]) -> None:
-        workspace = None  # CPU buffers shared by this group's tensors during this step
+        # plain tensors on the torch path are stepped together at the end, per device, so that small ones
+        # share chunks (see _pack_chunks); shards are stepped inside their padded_local block
+        deferred: dict[torch.device, list[_Job]] = {}
         for _, param, full_grad in self.grads(group):
             state = self.state[param]
             # Under FSDP2 every rank compresses its own rows, padded to the largest shard so that all
@@ -152,15 +155,26 @@ class MicroAdam(SlimOptimizer):
                 step = int(self.advance_step(state))
                 if p.numel() == 0:
                     continue
-                work = {key: local(value) for key, value in state.items()}
+                job = _Job(p, grad, {key: local(value) for key, value in state.items()}, step)
                 if self._use_triton(p, group):
                     from .ops.microadam_triton import microadam_step_triton
 
-                    microadam_step_triton(p, grad, work, group, step)
+                    microadam_step_triton(p, grad, job.state, group, step)
+                elif p is param:
+                    deferred.setdefault(p.device, []).append(job)
                 else:
-                    if workspace is None or workspace.device != p.device:
-                        workspace = Workspace(p.device)
-                    _microadam_step_torch(p, grad, work, group, step, workspace)
+                    _microadam_step_torch([job], group, Workspace(p.device))
+        for device, jobs in deferred.items():
+            _microadam_step_torch(jobs, group, Workspace(device))
+
+
+class _Job(NamedTuple):
+    """One tensor's step: its parameter, gradient, (rank-local) state and own step count."""
+
+    p: Tensor
+    grad: Tensor
+    state: dict[str, Tensor]
+    step: int
 
 
 def _as_float(x: Any) -> float:
@@ -204,10 +218,10 @@ class Workspace:
         self.device, self.buffers = device, {}
         self.constants: dict[tuple[Any, ...], Any] = {}
 
-    def empty(self, name: str, numel: int) -> Tensor:
+    def empty(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
         buffer = self.buffers.get(name)
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[name] = torch.empty(numel, dtype=torch.float32, device=self.device)
+            buffer = self.buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
         return buffer[:numel]
 
     def zeros(self, name: str, count: int, numel: int) -> Tensor:
@@ -238,48 +252,134 @@ def _spans_with_block_starts(layout: BlockLayout, k_init: float, bucket_size: in
         yield span, workspace.block_starts(span.end - span.start, layout.block_size, k_init)
 
 
-def _microadam_step_torch(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
-                          step: int, workspace: Workspace) -> None:
-    """One MicroAdam step of one tensor with plain torch ops (the reference path), chunk by chunk."""
-    n, m = p.numel(), group["m"]
+class _TensorStep(NamedTuple):
+    """What the torch path needs of one tensor during a step."""
+
+    p: Tensor
+    p_flat: Tensor  # p as 1-D: p's own storage, or a copy written back at the end
+    g_flat: Tensor
+    state: dict[str, Tensor]
+    layout: BlockLayout
+    row: int  # the ring row written at this step, (step - 1) % m
+    weights: tuple[Tensor, Tensor]  # window_weights at this step
+
+
+class _Segment(NamedTuple):
+    """A span of one tensor, placed at ``offset`` in a chunk's accumulator."""
+
+    tensor: _TensorStep
+    span: ChunkSpan
+    offset: int
+
+
+def _pack_chunks(tensors: list[_TensorStep], block_size: int, bucket_size: int) -> Iterator[list[_Segment]]:
+    """The chunks of the compression pass: each tensor's spans (chunk_spans), with consecutive spans of
+    whole blocks and buckets (small tensors, tensor ends) packed together up to CHUNK_ELEMENTS.
+
+    Block Top-K and the bucket ranges treat every block and bucket on its own, so a chunk of several
+    aligned segments gives each segment what it would get alone; a segment that ends in a partial block
+    or bucket is a chunk by itself. Small tensors (a 512 x 512 matrix is a quarter of a chunk) otherwise
+    pay the per-op cost of a whole chunk each, and too few Top-K rows for torch to use a second thread.
+    """
+    limit = _chunk_length(block_size, bucket_size)
+    unit = math.lcm(block_size, bucket_size, 2)
+    pending: list[_Segment] = []
+    filled = 0
+    for tensor in tensors:
+        for span in chunk_spans(tensor.layout, bucket_size):
+            length = span.end - span.start
+            if length % unit or filled + length > limit:  # in order: a tensor's spans are never reordered
+                if pending:
+                    yield pending
+                pending, filled = [], 0
+            if length % unit:
+                yield [_Segment(tensor, span, 0)]
+                continue
+            pending.append(_Segment(tensor, span, filled))
+            filled += length
+    if pending:
+        yield pending
+
+
+def _microadam_step_torch(jobs: list[_Job], group: dict[str, Any], workspace: Workspace) -> None:
+    """One MicroAdam step of ``jobs`` (tensors on one device) with plain torch ops (the reference path):
+    the compression pass chunk by chunk, then each tensor's update from its window."""
+    m = group["m"]
     block_size, bucket_size, k_init = group["topk_block_size"], group["quant_block_size"], group["k_init"]
     lr, wd = _as_float(group["lr"]), _as_float(group["weight_decay"])
     betas, eps = tuple(_as_float(b) for b in group["betas"]), _as_float(group["eps"])
-    layout = block_layout(n, block_size, k_init)
-    window_idx, window_val = state["window_indices"], state["window_values"]
-    codes, ef_min, ef_max = state["ef_codes"], state["ef_min"], state["ef_max"]
-    row = (step - 1) % m
-    weights = workspace.window_weights(step, m, betas)
+    tensors = []
+    for job in jobs:
+        p = job.p
+        p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
+        tensors.append(_TensorStep(p, p_flat, job.grad.reshape(-1), job.state,
+                                   block_layout(p.numel(), block_size, k_init), (job.step - 1) % m,
+                                   workspace.window_weights(job.step, m, betas)))
+    for segments in _pack_chunks(tensors, block_size, bucket_size):
+        _compress_chunk(segments, block_size, bucket_size, k_init, workspace)
+        # each tensor's update right after its window is complete, while its state is still in cache
+        for tensor, span, _ in segments:
+            if span.end == tensor.layout.n:
+                _update_from_window(tensor, bucket_size, k_init, (eps, lr, wd), workspace)
+                if tensor.p_flat.data_ptr() != tensor.p.data_ptr():
+                    tensor.p.copy_(tensor.p_flat.view_as(tensor.p))
 
-    g_flat = grad.reshape(-1)
-    p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
-    chunk = min(n, _chunk_length(block_size, bucket_size))
-    accumulator = workspace.empty("accumulator", chunk + 1)
-    work = workspace.empty("work", quantize_scratch_size(chunk))
-    for span, span_starts in _spans_with_block_starts(layout, k_init, bucket_size, None, workspace):
-        start, end, (col0, col1) = span.start, span.end, span.columns
+
+def _compress_chunk(segments: list[_Segment], block_size: int, bucket_size: int, k_init: float,
+                    workspace: Workspace) -> None:
+    """Lines 4-9 of the algorithm for the segments of one chunk: new window rows and error feedback."""
+    last = segments[-1]
+    n = last.offset + last.span.end - last.span.start
+    accumulator = workspace.empty("accumulator", n + 1)  # + 1: an odd tensor's codes fill a whole byte
+    # (4) error feedback: a = g + Q^-1(e)
+    for tensor, span, offset in segments:
+        (b0, b1), (c0, c1), state = span.buckets, span.code_bytes, tensor.state
+        length = span.end - span.start
+        dequantize_4bit(state["ef_codes"][c0:c1], state["ef_min"][b0:b1], state["ef_max"][b0:b1], length,
+                        bucket_size, out=accumulator[offset:])
+        accumulator[offset:offset + length].add_(tensor.g_flat[span.start:span.end])
+    a = accumulator[:n]
+    # (5) block Top-K and (9) the newest window rows
+    rel = block_topk_fast(a, block_size, k_init)
+    pos = rel + workspace.block_starts(n, block_size, k_init)
+    rel16, selected = rel.to(torch.int16), a.index_select(0, pos)
+    k_block = block_layout(block_size, block_size, k_init).k_block
+    for tensor, span, offset in segments:
+        (col0, col1), first = span.columns, offset // block_size * k_block
+        tensor.state["window_indices"][tensor.row, col0:col1] = rel16[first:first + col1 - col0]
+        tensor.state["window_values"][tensor.row, col0:col1] = selected[first:first + col1 - col0]
+    # (6) drop what was selected, (7, 8) quantise the rest into the new error feedback
+    a.index_fill_(0, pos, 0.0)
+    lo, hi = bucket_ranges(a, bucket_size)
+    work = workspace.empty("work", quantize_scratch_size(n))
+    if len(segments) == 1:
+        tensor, span, _ = segments[0]
         (b0, b1), (c0, c1) = span.buckets, span.code_bytes
-        # (4) error feedback: a = g + Q^-1(e)
-        a = dequantize_4bit(codes[c0:c1], ef_min[b0:b1], ef_max[b0:b1], end - start, bucket_size, out=accumulator)
-        a.add_(g_flat[start:end])
-        # (5) block Top-K and (9) the newest window row
-        rel = block_topk_fast(a, block_size, k_init)
-        pos = rel + span_starts
-        window_idx[row, col0:col1] = rel.to(torch.int16)
-        window_val[row, col0:col1] = a.index_select(0, pos)
-        # (6) drop what was selected, (7, 8) quantise the rest into the new error feedback
-        a.index_fill_(0, pos, 0.0)
-        lo, hi = bucket_ranges(a, bucket_size)
-        ef_min[b0:b1], ef_max[b0:b1] = lo, hi
-        quantize_4bit(a, lo, hi, bucket_size, out=codes[c0:c1], scratch=work)
-    # (10, 11) moments from the window (the row just written included), decoupled weight decay, update
-    moments = workspace.zeros("moments", 2, min(n, _chunk_length(block_size, bucket_size, WINDOW_CHUNK_ELEMENTS)))
+        tensor.state["ef_min"][b0:b1], tensor.state["ef_max"][b0:b1] = lo, hi
+        quantize_4bit(a, lo, hi, bucket_size, out=tensor.state["ef_codes"][c0:c1], scratch=work)
+        return
+    codes = quantize_4bit(a, lo, hi, bucket_size, out=workspace.empty("codes", (n + 1) // 2, torch.uint8),
+                          scratch=work)
+    for tensor, span, offset in segments:
+        (b0, b1), (c0, c1), state = span.buckets, span.code_bytes, tensor.state
+        first_bucket, first_byte = offset // bucket_size, offset // 2
+        state["ef_min"][b0:b1] = lo[first_bucket:first_bucket + b1 - b0]
+        state["ef_max"][b0:b1] = hi[first_bucket:first_bucket + b1 - b0]
+        state["ef_codes"][c0:c1] = codes[first_byte:first_byte + c1 - c0]
+
+
+def _update_from_window(tensor: _TensorStep, bucket_size: int, k_init: float, hyper: tuple[float, float, float],
+                        workspace: Workspace) -> None:
+    """Lines 10-11 and the update: moments from the window (the row just written included), decoupled
+    weight decay, p <- p - lr * m_hat / (sqrt(v_hat) + eps), span by span."""
+    eps, lr, wd = hyper
+    layout, state = tensor.layout, tensor.state
+    window_idx, window_val = state["window_indices"], state["window_values"]
+    span_length = _chunk_length(layout.block_size, bucket_size, WINDOW_CHUNK_ELEMENTS)
+    moments = workspace.zeros("moments", 2, min(layout.n, span_length))
     for span, span_starts in _spans_with_block_starts(layout, k_init, bucket_size, WINDOW_CHUNK_ELEMENTS,
                                                    workspace):
         (col0, col1) = span.columns
         positions = torch.add(window_idx[:, col0:col1], span_starts)  # int16 + int64: one int64 pass
-        apply_window_update_(p_flat[span.start:span.end], positions, window_val[:, col0:col1], weights, eps, lr, wd,
-                             moments)
-    if p_flat.data_ptr() != p.data_ptr():
-        p.copy_(p_flat.view_as(p))
-
+        apply_window_update_(tensor.p_flat[span.start:span.end], positions, window_val[:, col0:col1],
+                             tensor.weights, eps, lr, wd, moments)
