@@ -135,35 +135,39 @@ def test_vectorised_matches_slow_float64_reference(monkeypatch, chunk):
 
 
 def test_small_tensors_packed_into_shared_chunks_step_exactly_as_alone(monkeypatch):
-    """Tensors of whole blocks and buckets share chunks of the compression pass; each must get bit for
-    bit what it gets stepped alone: mixed dtypes, a tensor that skips a step (its own ring row), a
-    tensor end with a partial block (a chunk by itself), and a tensor split over two chunks."""
+    """Tensors of whole blocks and buckets share chunks of the compression pass, and so do tensors shorter
+    than a block of one length (as blocks of that length); each must get bit for bit what it gets
+    stepped alone: mixed dtypes, a tensor that skips a step (its own ring row), a tensor end with a
+    partial block (a chunk by itself), a tensor split over two chunks."""
     monkeypatch.setattr(microadam_module, "CHUNK_ELEMENTS", 1024)
     packed_sizes = []
     compress = microadam_module._compress_chunk
 
-    def spy(segments, *args):
-        packed_sizes.append(len(segments))
-        return compress(segments, *args)
+    def spy(segments, chunk_block, *args):
+        packed_sizes.append((len(segments), chunk_block))
+        return compress(segments, chunk_block, *args)
 
     monkeypatch.setattr(microadam_module, "_compress_chunk", spy)
     hp = dict(lr=1e-2, m=3, k_init=0.05, quant_block_size=64, topk_block_size=256, weight_decay=0.1)
     torch.manual_seed(0)
-    shapes = [(2, 256), (256,), (3, 256), (300,), (4, 64), (6, 256), (2, 128)]
+    shapes = [(2, 256), (256,), (3, 256), (300,), (4, 64), (6, 256), (2, 128), (128,), (2, 64), (128,), (192,),
+              (100,), (128,)]
     dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float16, torch.float32,
-              torch.bfloat16]
+              torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32,
+              torch.float32]
     together = [torch.randn(s).to(d).requires_grad_() for s, d in zip(shapes, dtypes)]
     alone = [t.detach().clone().requires_grad_() for t in together]
     optimizer = MicroAdam(together, **hp)
     singles = [MicroAdam([t], **hp) for t in alone]
     for step in range(5):
         for i, (a, b) in enumerate(zip(together, alone)):
-            g = None if (i == 2 and step == 1) else torch.randn(a.shape).to(a.dtype)
+            g = None if (i in (2, 8) and step == 1) else torch.randn(a.shape).to(a.dtype)
             a.grad, b.grad = g, (None if g is None else g.clone())
         optimizer.step()
         for single in singles:
             single.step()
-    assert max(packed_sizes) > 1  # the packing did happen
+    assert max(size for size, block in packed_sizes if block == 256) > 1  # the packing did happen
+    assert max(size for size, block in packed_sizes if block == 128) == 3  # three short tensors of 128
     for a, b, single in zip(together, alone, singles):
         assert torch.equal(a, b)
         for key, value in optimizer.state[a].items():

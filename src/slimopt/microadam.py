@@ -272,33 +272,44 @@ class _Segment(NamedTuple):
     offset: int
 
 
-def _pack_chunks(tensors: list[_TensorStep], block_size: int, bucket_size: int) -> Iterator[list[_Segment]]:
-    """The chunks of the compression pass: each tensor's spans (chunk_spans), with consecutive spans of
-    whole blocks and buckets (small tensors, tensor ends) packed together up to CHUNK_ELEMENTS.
+def _pack_chunks(tensors: list[_TensorStep], block_size: int, bucket_size: int
+                 ) -> Iterator[tuple[int, list[_Segment]]]:
+    """The chunks of the compression pass, each with the Top-K block size to cut it by: each tensor's
+    spans (chunk_spans), with consecutive spans of whole blocks and buckets (small tensors, tensor ends)
+    packed together up to CHUNK_ELEMENTS.
 
     Block Top-K and the bucket ranges treat every block and bucket on its own, so a chunk of several
     aligned segments gives each segment what it would get alone; a segment that ends in a partial block
     or bucket is a chunk by itself. Small tensors (a 512 x 512 matrix is a quarter of a chunk) otherwise
-    pay the per-op cost of a whole chunk each, and too few Top-K rows for torch to use a second thread.
+    pay the per-op cost of a whole chunk each, and give torch too few Top-K rows to use a second thread.
+    Tensors shorter than one block (norm weights, biases) are a single partial block: consecutive ones
+    of one length L (whole buckets) share a chunk cut into Top-K blocks of L.
     """
     limit = _chunk_length(block_size, bucket_size)
     unit = math.lcm(block_size, bucket_size, 2)
     pending: list[_Segment] = []
-    filled = 0
+    pending_block, filled = block_size, 0
     for tensor in tensors:
         for span in chunk_spans(tensor.layout, bucket_size):
             length = span.end - span.start
-            if length % unit or filled + length > limit:  # in order: a tensor's spans are never reordered
+            if length < block_size and length % math.lcm(bucket_size, 2) == 0:
+                segment_block = length  # a whole tensor shorter than a block
+            elif length % unit == 0:
+                segment_block = block_size
+            else:  # a tensor end with a partial block or bucket: alone
                 if pending:
-                    yield pending
+                    yield pending_block, pending
                 pending, filled = [], 0
-            if length % unit:
-                yield [_Segment(tensor, span, 0)]
+                yield block_size, [_Segment(tensor, span, 0)]
                 continue
+            if pending and (segment_block != pending_block or filled + length > limit):
+                yield pending_block, pending
+                pending, filled = [], 0
+            pending_block = segment_block
             pending.append(_Segment(tensor, span, filled))
             filled += length
     if pending:
-        yield pending
+        yield pending_block, pending
 
 
 def _microadam_step_torch(jobs: list[_Job], group: dict[str, Any], workspace: Workspace) -> None:
@@ -315,8 +326,8 @@ def _microadam_step_torch(jobs: list[_Job], group: dict[str, Any], workspace: Wo
         tensors.append(_TensorStep(p, p_flat, job.grad.reshape(-1), job.state,
                                    block_layout(p.numel(), block_size, k_init), (job.step - 1) % m,
                                    workspace.window_weights(job.step, m, betas)))
-    for segments in _pack_chunks(tensors, block_size, bucket_size):
-        _compress_chunk(segments, block_size, bucket_size, k_init, workspace)
+    for chunk_block, segments in _pack_chunks(tensors, block_size, bucket_size):
+        _compress_chunk(segments, chunk_block, bucket_size, k_init, workspace)
         # each tensor's update right after its window is complete, while its state is still in cache
         for tensor, span, _ in segments:
             if span.end == tensor.layout.n:
@@ -327,7 +338,8 @@ def _microadam_step_torch(jobs: list[_Job], group: dict[str, Any], workspace: Wo
 
 def _compress_chunk(segments: list[_Segment], block_size: int, bucket_size: int, k_init: float,
                     workspace: Workspace) -> None:
-    """Lines 4-9 of the algorithm for the segments of one chunk: new window rows and error feedback."""
+    """Lines 4-9 of the algorithm for the segments of one chunk, cut into Top-K blocks of ``block_size``:
+    new window rows and error feedback."""
     last = segments[-1]
     n = last.offset + last.span.end - last.span.start
     accumulator = workspace.empty("accumulator", n + 1)  # + 1: an odd tensor's codes fill a whole byte
