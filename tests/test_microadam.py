@@ -391,3 +391,17 @@ def test_deepcopy_keeps_the_backend_and_steps_like_the_original():
     opt.step()
     twin.step()
     assert torch.equal(p, twin_p)
+
+
+def test_load_state_dict_checks_the_state_layout_of_tensors_above_one_block():
+    """load_state_dict finds the expected state shapes by a step on meta tensors; that must work for
+    tensors of several Top-K blocks too (their selection cannot run on meta tensors, only the state)."""
+    p = torch.nn.Parameter(torch.randn(64, 128))  # 8192 entries: two blocks of 4096
+    optimizer = MicroAdam([p], lr=1e-2)
+    p.grad = torch.randn_like(p)
+    optimizer.step()
+    bad = copy.deepcopy(optimizer.state_dict())
+    bad["state"][0]["window_indices"] = bad["state"][0]["window_indices"][:, :-1].clone()
+    with pytest.raises(ValueError, match="window_indices"):
+        MicroAdam([p], lr=1e-2).load_state_dict(bad)
+    MicroAdam([p], lr=1e-2).load_state_dict(optimizer.state_dict())  # the good one loads

@@ -153,7 +153,7 @@ class MicroAdam(SlimOptimizer):
                     for key, dim in PER_RANK_STATE.items():
                         state[key] = shard_state(state[key], param, dim)
                 step = int(self.advance_step(state))
-                if p.numel() == 0:
+                if p.numel() == 0 or p.is_meta:  # meta: state shapes only (load_state_dict's probe)
                     continue
                 job = _Job(p, grad, {key: local(value) for key, value in state.items()}, step)
                 if self._use_triton(p, group):
