@@ -17,6 +17,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+try:
+    from slimopt.bench.pretrain import format_reach
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from slimopt.bench.pretrain import format_reach
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -95,10 +101,7 @@ def pretrain_reference_table() -> str:
     for r in sorted(result["summary"], key=lambda r: r["final_val_loss"]):
         ratio = r["val_loss_ratio"]
         bar = "" if r["optimizer"] not in bars else (" ✓" if ratio <= LOSS_BAR else " ✗")
-        tokens = r["tokens_to_reference_loss"]
-        reached, total = r["reached_reference"].split("/")
-        reach = "–" if tokens is None else f"{tokens:,.0f}" + ("" if reached == total else f" ({reached}/{total})")
-        rows.append([r["optimizer"], f"{r['lr']:.3g}", _loss(r), f"{ratio:.3f}{bar}", reach,
+        rows.append([r["optimizer"], f"{r['lr']:.3g}", _loss(r), f"{ratio:.3f}{bar}", format_reach(r) or "–",
                      f"{r['state_bytes_per_param']:.2f}"])
     head = (f"{s['preset']} preset ({s['n_params'] / 1e6:.2f}M parameters), {s['data']} ({s['tokenizer']} tokens), "
             f"{s['steps']} steps × {s['batch_size']} × {s['seq_len']} tokens, seeds {s['seeds']}, lr swept per "

@@ -253,7 +253,9 @@ def _mib(n_bytes: float | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**20
 
 
-def _reach(row: dict[str, Any]) -> str | None:
+def format_reach(row: dict[str, Any]) -> str | None:
+    """A summary row's tokens to the reference loss, with how many seeds got there if not all; None if
+    none did."""
     tokens = row["tokens_to_reference_loss"]
     if tokens is None:
         return None
@@ -284,7 +286,7 @@ def _report(result: dict[str, Any]) -> str:
             f" ± {r['final_val_loss_std']:.4f}" if r["final_val_loss_std"] is not None else "")
         flags = ("diverged " if r["diverged"] else "") + ("interrupted" if r["interrupted"] else "")
         rows.append([r["optimizer"] + (f" ({flags.strip()})" if flags else ""), f"{r['lr']:.3g}", loss,
-                     r.get("val_loss_ratio"), r["final_val_ppl"], _reach(r),
+                     r.get("val_loss_ratio"), r["final_val_ppl"], format_reach(r),
                      _mib(r["state_bytes"]), r["state_bytes_per_param"], _mib(r["peak_memory_bytes"]),
                      r["optimizer_step_median_s"] and r["optimizer_step_median_s"] * 1e3,
                      r["optimizer_step_ratio"], r["tokens_per_s"] and round(r["tokens_per_s"])])
