@@ -150,11 +150,12 @@ def test_small_tensors_packed_into_shared_chunks_step_exactly_as_alone(monkeypat
     monkeypatch.setattr(microadam_module, "_compress_chunk", spy)
     hp = dict(lr=1e-2, m=3, k_init=0.05, quant_block_size=64, topk_block_size=256, weight_decay=0.1)
     torch.manual_seed(0)
+    # (1152,): two spans, 1024 and a last partial block of 128 that is packed with the short tensors
     shapes = [(2, 256), (256,), (3, 256), (300,), (4, 64), (6, 256), (2, 128), (128,), (2, 64), (128,), (192,),
-              (100,), (128,)]
+              (100,), (1152,), (128,)]
     dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float16, torch.float32,
               torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32,
-              torch.float32]
+              torch.float32, torch.float32]
     together = [torch.randn(s).to(d).requires_grad_() for s, d in zip(shapes, dtypes)]
     alone = [t.detach().clone().requires_grad_() for t in together]
     optimizer = MicroAdam(together, **hp)
@@ -168,6 +169,7 @@ def test_small_tensors_packed_into_shared_chunks_step_exactly_as_alone(monkeypat
             single.step()
     assert max(size for size, block in packed_sizes if block == 256) > 1  # the packing did happen
     assert max(size for size, block in packed_sizes if block == 128) == 3  # three short tensors of 128
+    assert (2, 128) in packed_sizes  # 1152's last 128 with the (128,) after it
     for a, b, single in zip(together, alone, singles):
         assert torch.equal(a, b)
         for key, value in optimizer.state[a].items():

@@ -40,7 +40,7 @@ from torch import Tensor
 from .distributed import local, padded_local, shard_state
 from .ops.microadam_window import apply_window_update_, window_weights
 from .ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit, quantize_scratch_size
-from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast
+from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast, k_for
 from .optimizer import (
     SlimOptimizer,
     check_betas,
@@ -143,6 +143,7 @@ class MicroAdam(SlimOptimizer):
         # plain tensors on the torch path are stepped together at the end, per device, so that small ones
         # share chunks (see _pack_chunks); shards are stepped inside their padded_local block
         deferred: dict[torch.device, list[_Job]] = {}
+        workspaces: dict[torch.device, Workspace] = {}  # buffers and constants, shared by a device's tensors
         for _, param, full_grad in self.grads(group):
             state = self.state[param]
             # Under FSDP2 every rank compresses its own rows, padded to the largest shard so that all
@@ -163,9 +164,10 @@ class MicroAdam(SlimOptimizer):
                 elif p is param:
                     deferred.setdefault(p.device, []).append(job)
                 else:
-                    _microadam_step_torch([job], group, Workspace(p.device))
+                    workspace = workspaces.setdefault(p.device, Workspace(p.device))
+                    _microadam_step_torch([job], group, workspace)
         for device, jobs in deferred.items():
-            _microadam_step_torch(jobs, group, Workspace(device))
+            _microadam_step_torch(jobs, group, workspaces.setdefault(device, Workspace(device)))
 
 
 class _Job(NamedTuple):
@@ -282,8 +284,9 @@ def _pack_chunks(tensors: list[_TensorStep], block_size: int, bucket_size: int
     aligned segments gives each segment what it would get alone; a segment that ends in a partial block
     or bucket is a chunk by itself. Small tensors (a 512 x 512 matrix is a quarter of a chunk) otherwise
     pay the per-op cost of a whole chunk each, and give torch too few Top-K rows to use a second thread.
-    Tensors shorter than one block (norm weights, biases) are a single partial block: consecutive ones
-    of one length L (whole buckets) share a chunk cut into Top-K blocks of L.
+    A span shorter than one block is a single partial block (a whole small tensor such as a norm weight
+    or bias, or a tensor's last span): consecutive ones of one length L (whole buckets) share a chunk
+    cut into Top-K blocks of L, which ranks each as its tensor's own layout does (k = ceil(k_init * L)).
     """
     limit = _chunk_length(block_size, bucket_size)
     unit = math.lcm(block_size, bucket_size, 2)
@@ -293,7 +296,7 @@ def _pack_chunks(tensors: list[_TensorStep], block_size: int, bucket_size: int
         for span in chunk_spans(tensor.layout, bucket_size):
             length = span.end - span.start
             if length < block_size and length % math.lcm(bucket_size, 2) == 0:
-                segment_block = length  # a whole tensor shorter than a block
+                segment_block = length  # one partial block
             elif length % unit == 0:
                 segment_block = block_size
             else:  # a tensor end with a partial block or bucket: alone
@@ -355,7 +358,7 @@ def _compress_chunk(segments: list[_Segment], block_size: int, bucket_size: int,
     rel = block_topk_fast(a, block_size, k_init)
     pos = rel + workspace.block_starts(n, block_size, k_init)
     rel16, selected = rel.to(torch.int16), a.index_select(0, pos)
-    k_block = block_layout(block_size, block_size, k_init).k_block
+    k_block = k_for(block_size, k_init)
     for tensor, span, offset in segments:
         (col0, col1), first = span.columns, offset // block_size * k_block
         tensor.state["window_indices"][tensor.row, col0:col1] = rel16[first:first + col1 - col0]
@@ -364,20 +367,19 @@ def _compress_chunk(segments: list[_Segment], block_size: int, bucket_size: int,
     a.index_fill_(0, pos, 0.0)
     lo, hi = bucket_ranges(a, bucket_size)
     work = workspace.empty("work", quantize_scratch_size(n))
-    if len(segments) == 1:
-        tensor, span, _ = segments[0]
-        (b0, b1), (c0, c1) = span.buckets, span.code_bytes
-        tensor.state["ef_min"][b0:b1], tensor.state["ef_max"][b0:b1] = lo, hi
-        quantize_4bit(a, lo, hi, bucket_size, out=tensor.state["ef_codes"][c0:c1], scratch=work)
-        return
-    codes = quantize_4bit(a, lo, hi, bucket_size, out=workspace.empty("codes", (n + 1) // 2, torch.uint8),
-                          scratch=work)
+    packed = len(segments) > 1
+    if packed:  # codes through a buffer, then apart
+        out = workspace.empty("codes", (n + 1) // 2, torch.uint8)
+    else:  # straight into the state
+        out = segments[0].tensor.state["ef_codes"][slice(*segments[0].span.code_bytes)]
+    codes = quantize_4bit(a, lo, hi, bucket_size, out=out, scratch=work)
     for tensor, span, offset in segments:
         (b0, b1), (c0, c1), state = span.buckets, span.code_bytes, tensor.state
         first_bucket, first_byte = offset // bucket_size, offset // 2
         state["ef_min"][b0:b1] = lo[first_bucket:first_bucket + b1 - b0]
         state["ef_max"][b0:b1] = hi[first_bucket:first_bucket + b1 - b0]
-        state["ef_codes"][c0:c1] = codes[first_byte:first_byte + c1 - c0]
+        if packed:
+            state["ef_codes"][c0:c1] = codes[first_byte:first_byte + c1 - c0]
 
 
 def _update_from_window(tensor: _TensorStep, bucket_size: int, k_init: float, hyper: tuple[float, float, float],

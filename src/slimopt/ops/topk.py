@@ -150,4 +150,3 @@ def block_topk_fast(x: Tensor, block_size: int, k_init: float) -> Tensor:
     if layout.tail:
         parts.append(_topk_rows(x[n_full:].view(1, -1), layout.k_tail).view(-1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
-
