@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import slimopt
-from slimopt import distributed as sd
+from slimopt.core import distributed as sd
 from slimopt.bench.model import build_model
 
 STEPS = 5  # > MicroAdam's window (m=3) so that ring rows are overwritten

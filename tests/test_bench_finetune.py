@@ -11,7 +11,7 @@ from slimopt.bench import finetune
 
 
 def _cached(name: str) -> bool:
-    from slimopt.data import is_cached
+    from slimopt.bench.fetch import is_cached
 
     return is_cached(name)
 

@@ -103,7 +103,7 @@ def test_tokens_to_reference_loss():
 
 
 def test_gpt2_tokenizer_gives_gpt2_ids():
-    from slimopt.data import is_cached
+    from slimopt.bench.fetch import is_cached
 
     if not is_cached("gpt2-tokenizer"):
         pytest.skip("needs `slimopt data fetch gpt2-tokenizer`")

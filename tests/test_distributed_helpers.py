@@ -1,4 +1,4 @@
-"""slimopt.distributed on one process: every helper is a no-op (or the obvious reduction) for plain
+"""slimopt.core.distributed on one process: every helper is a no-op (or the obvious reduction) for plain
 tensors, rebind_params swaps by name, and the communication planner counts what the rules say.
 The multi-rank behaviour is tested in tests/test_distributed.py."""
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import slimopt
-from slimopt import distributed as sd
+from slimopt.core import distributed as sd
 from slimopt.bench.model import build_model
 
 

@@ -1,4 +1,4 @@
-"""MicroAdam (slimopt.microadam) against torch.optim.Adam and a slow float64 reference."""
+"""MicroAdam (slimopt.optim.microadam) against torch.optim.Adam and a slow float64 reference."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import slimopt
-import slimopt.microadam as microadam_module
+import slimopt.optim.microadam as microadam_module
 from slimopt import MicroAdam
-from slimopt.microadam import chunk_spans
+from slimopt.optim.microadam import chunk_spans
 from slimopt.ops.microadam_window import (
     adam_update_from_window,
     apply_window_update_,

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from slimopt.plan import ADAM_MINI, ROLES, ROLES_ONLY, AttentionShape, Plan, classify
+from slimopt.plans.param_plan import ADAM_MINI, ROLES, ROLES_ONLY, AttentionShape, ParamPlan, classify
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,7 +115,7 @@ def test_partition_of_each_naming_scheme(arch):
     model = _tiny_models()[arch]()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every tensor of these models is recognised: no warning
-        plan = Plan.build(model, ADAM_MINI)
+        plan = ParamPlan.build(model, ADAM_MINI)
     names = [r.name for r in plan]
     assert len(names) == len({id(p) for p in model.parameters()})  # tied weights once
     for suffix, role, rule, n_blocks in EXPECTED[arch]:
@@ -130,7 +130,7 @@ def test_partition_of_each_naming_scheme(arch):
 
 def test_gpt2_fused_qkv_segments_follow_transposed_layout():
     model = _tiny_models()["gpt2"]()
-    row = Plan.build(model, ADAM_MINI)["transformer.h.0.attn.c_attn.weight"]
+    row = ParamPlan.build(model, ADAM_MINI)["transformer.h.0.attn.c_attn.weight"]
     assert row.out_dim == 1  # Conv1D (in=32, out=96)
     # [q | k] cut into 8 heads of head_dim 8, then v cut into 32 single neurons
     assert row.extra["segments"] == [[0, 64, 8], [64, 32, 1]]
@@ -142,7 +142,7 @@ def test_nanogpt_names_with_linear_layout_are_not_transposed():
     pairs = [("transformer.h.0.attn.c_attn.weight", torch.zeros(96, 32)),
              ("transformer.h.0.attn.c_proj.weight", torch.zeros(32, 32)),
              ("transformer.h.0.mlp.c_fc.weight", torch.zeros(128, 32))]
-    plan = Plan.build(pairs, ADAM_MINI, num_heads=4)
+    plan = ParamPlan.build(pairs, ADAM_MINI, num_heads=4)
     assert [r.out_dim for r in plan] == [0, 0, 0]
     assert plan["transformer.h.0.mlp.c_fc.weight"].n_blocks == 128
 
@@ -150,7 +150,7 @@ def test_nanogpt_names_with_linear_layout_are_not_transposed():
 def test_grouped_qkv_layout_neox():
     # GPT-NeoX/Falcon query_key_value: per kv group [q_1..q_g, k, v]; 4 heads, 2 kv heads, head_dim 8
     pairs = [("gpt_neox.layers.0.attention.query_key_value.weight", torch.zeros((4 + 2 * 2) * 8, 32))]
-    row = Plan.build(pairs, ADAM_MINI, num_heads=4, num_kv_heads=2, head_dim=8)[pairs[0][0]]
+    row = ParamPlan.build(pairs, ADAM_MINI, num_heads=4, num_kv_heads=2, head_dim=8)[pairs[0][0]]
     assert row.extra["segments"] == [[0, 24, 8], [24, 8, 1], [32, 24, 8], [56, 8, 1]]
     assert row.n_blocks == (4 + 2) + 2 * 8
 
@@ -189,7 +189,7 @@ def test_classify_names(name, shape, role):
 def test_one_warning_lists_all_unknown_tensors():
     pairs = [("a.weight", torch.zeros(3, 3)), ("b.weight", torch.zeros(4, 4)), ("mlp.fc1.weight", torch.zeros(4, 4))]
     with pytest.warns(UserWarning) as record:
-        plan = Plan.build(pairs, ADAM_MINI)
+        plan = ParamPlan.build(pairs, ADAM_MINI)
     messages = [str(w.message) for w in record]
     assert len(messages) == 1 and "a.weight" in messages[0] and "b.weight" in messages[0]
     assert plan["a.weight"].rule == "whole"  # the safe default
@@ -198,31 +198,31 @@ def test_one_warning_lists_all_unknown_tensors():
 def test_unknown_head_dim_falls_back_to_rows_with_a_warning():
     pairs = [("layers.0.self_attn.q_proj.weight", torch.zeros(32, 32))]
     with pytest.warns(UserWarning, match="head_dim unknown"):
-        plan = Plan.build(pairs, ADAM_MINI)
+        plan = ParamPlan.build(pairs, ADAM_MINI)
     assert plan[pairs[0][0]].rule == "rows" and plan[pairs[0][0]].n_blocks == 32
 
 
 def test_shape_contradicting_rule_raises_naming_the_parameter():
     pairs = [("layers.0.self_attn.k_proj.weight", torch.zeros(24, 32))]
     with pytest.raises(ValueError, match="k_proj"):
-        Plan.build(pairs, ADAM_MINI, num_heads=4, head_dim=8, num_kv_heads=2)  # 24 rows = 3 kv heads != 2
+        ParamPlan.build(pairs, ADAM_MINI, num_heads=4, head_dim=8, num_kv_heads=2)  # 24 rows = 3 kv heads != 2
     with pytest.raises(ValueError, match="norm.weight"):
-        Plan.build([("norm.weight", torch.zeros(8))], ADAM_MINI, overrides={"norm.weight": "rows"})
+        ParamPlan.build([("norm.weight", torch.zeros(8))], ADAM_MINI, overrides={"norm.weight": "rows"})
     with pytest.raises(ValueError, match="c_attn"):  # fused qkv of the wrong width
-        Plan.build([("h.0.attn.c_attn.weight", torch.zeros(32, 90))], ADAM_MINI, num_heads=4)
+        ParamPlan.build([("h.0.attn.c_attn.weight", torch.zeros(32, 90))], ADAM_MINI, num_heads=4)
 
 
 def test_overrides_by_role_rule_and_pattern():
     pairs = [("layers.0.self_attn.v_proj.weight", torch.zeros(16, 32)),
              ("layers.1.self_attn.v_proj.weight", torch.zeros(16, 32)),
              ("mystery.weight", torch.zeros(4, 4))]
-    plan = Plan.build(pairs, ADAM_MINI, overrides={"*.v_proj.weight": "whole", "mystery.weight": "mlp"})
+    plan = ParamPlan.build(pairs, ADAM_MINI, overrides={"*.v_proj.weight": "whole", "mystery.weight": "mlp"})
     assert plan.rules() == {pairs[0][0]: "whole", pairs[1][0]: "whole", "mystery.weight": "rows"}
     assert plan["mystery.weight"].role == "mlp" and plan["mystery.weight"].source == "override"
     with pytest.raises(ValueError, match="match no parameter"):
-        Plan.build(pairs, ADAM_MINI, overrides={"typo.weight": "whole"})
+        ParamPlan.build(pairs, ADAM_MINI, overrides={"typo.weight": "whole"})
     with pytest.raises(ValueError, match="not a role"):
-        Plan.build(pairs, ADAM_MINI, overrides={"mystery.weight": "diagonal"})
+        ParamPlan.build(pairs, ADAM_MINI, overrides={"mystery.weight": "diagonal"})
 
 
 def test_attention_shape_from_config_and_kwargs():
@@ -242,7 +242,7 @@ def test_param_groups_carry_metadata_and_keep_user_groups():
     rest = [n for n in named if n not in decay]
     groups = [{"params": [named[n] for n in decay], "param_names": decay, "lr": 0.1},
               {"params": [named[n] for n in rest], "param_names": rest, "weight_decay": 0.0}]
-    plan = Plan.build(groups, ADAM_MINI, num_heads=4, num_kv_heads=2)
+    plan = ParamPlan.build(groups, ADAM_MINI, num_heads=4, num_kv_heads=2)
     out = plan.param_groups(weight_decay=0.5)
     assert [g["param_names"] for g in out] == [decay, rest]
     assert out[0]["lr"] == 0.1 and out[0]["weight_decay"] == 0.5 and out[1]["weight_decay"] == 0.0
@@ -258,6 +258,6 @@ def test_param_groups_carry_metadata_and_keep_user_groups():
 def test_roles_only_rule_set_and_tied_weights():
     emb = torch.nn.Parameter(torch.zeros(64, 32))
     pairs = [("model.embed_tokens.weight", emb), ("lm_head.weight", emb)]
-    plan = Plan.build(pairs, ROLES_ONLY)
+    plan = ParamPlan.build(pairs, ROLES_ONLY)
     assert plan.rules() == {"model.embed_tokens.weight": "embedding"}
     assert len(plan.param_groups()[0]["params"]) == 1

@@ -12,7 +12,7 @@ import slimopt
 from slimopt import SinkGD
 from slimopt.bench.model import build_model
 from slimopt.ops.normalize import sr_sinkhorn_reference
-from slimopt.routing import ADAMW, STATELESS
+from slimopt.optim.hybrid import ADAMW, STATELESS
 
 HIDDEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

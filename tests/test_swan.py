@@ -12,8 +12,8 @@ import slimopt
 from slimopt import SWAN
 from slimopt.bench.model import build_model
 from slimopt.ops.newton_schulz import whiten_reference
-from slimopt.routing import ADAMW, STATELESS
-from slimopt.swan import swan_direction
+from slimopt.optim.hybrid import ADAMW, STATELESS
+from slimopt.optim.swan import swan_direction
 
 
 def well_conditioned_gradient(m, n, seed=0):

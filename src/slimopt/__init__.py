@@ -6,17 +6,17 @@ from importlib import import_module
 from typing import Any
 
 from .memory import state_bytes, state_bytes_by_key
-from .optimizer import SlimOptimizer
+from .core.base import SlimOptimizer
 from .registry import create_optimizer, get_supported_optimizers, load_optimizer
 
 __version__ = "0.1.0"
 
 # The optimizer classes are imported on first use so that `import slimopt` stays light.
 _LAZY = {
-    "MicroAdam": "slimopt.microadam",
-    "AdamMini": "slimopt.adam_mini",
-    "SinkGD": "slimopt.sinkgd",
-    "SWAN": "slimopt.swan",
+    "MicroAdam": "slimopt.optim.microadam",
+    "AdamMini": "slimopt.optim.adam_mini",
+    "SinkGD": "slimopt.optim.sinkgd",
+    "SWAN": "slimopt.optim.swan",
 }
 
 __all__ = [

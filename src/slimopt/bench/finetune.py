@@ -1,7 +1,7 @@
 """``slimopt bench finetune``: fine-tune MiniLM-L6 (all-MiniLM-L6-v2, 22.7M) for text classification.
 
     labelled text (Rotten Tomatoes fresh/rotten, or 20 Newsgroups) -> MiniLM tokenizer, truncation
-    -> AutoModelForSequenceClassification (offline, from slimopt.data.minilm_path(); new classifier head)
+    -> AutoModelForSequenceClassification (offline, from slimopt.bench.fetch.minilm_path(); new classifier head)
     -> optimizer (same factory as pre-training) -> warm-up + cosine loop, clipping
     -> test accuracy, train loss, optimizer state bytes, peak memory, step time.
 
@@ -103,7 +103,7 @@ def _one_run(name: str, lr: float, train_set, test_set, n_labels: int, pad_id: i
     from transformers.utils import logging as hf_logging
 
     from slimopt import state_bytes
-    from slimopt.data import minilm_path
+    from slimopt.bench.fetch import minilm_path
 
     hf_logging.set_verbosity_error()  # "newly initialised classifier" is expected
     hf_logging.disable_progress_bar()
@@ -169,7 +169,7 @@ def _one_run(name: str, lr: float, train_set, test_set, n_labels: int, pad_id: i
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from slimopt.data import labelled, minilm_path
+    from slimopt.bench.fetch import labelled, minilm_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """``slimopt bench pretrain``: train the LLaMA-style decoder on real text with each optimizer and compare.
 
-    data (slimopt.data corpora or --text) -> tokens -> fixed train/val split
+    data (slimopt.bench.fetch corpora or --text) -> tokens -> fixed train/val split
     -> model preset (same initial weights for every optimizer with the same seed)
     -> optimizer (ours and the baselines through one factory; optional short lr sweep)
     -> loop (warm-up + cosine, clipping, bf16 autocast on GPU)
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the demo: Shakespeare, preset 'tiny', 200 steps, adamw/microadam/adammini/"
                              "sinkgd/swan (minutes on 2 CPU cores)")
     parser.add_argument("--corpus", default=None,
-                        help="comma-separated slimopt.data corpora: shakespeare, moby-dick, sotu, news "
+                        help="comma-separated slimopt.bench.fetch corpora: shakespeare, moby-dick, sotu, news "
                              "(default: all four; --quick: shakespeare)")
     parser.add_argument("--text", default=None, metavar="PATH", help="train on this UTF-8 file instead")
     parser.add_argument("--tokenizer", default="byte", choices=TOKENIZERS, help="byte (256) or gpt2 (50257)")

@@ -1,6 +1,6 @@
 """Adam-mini's kernels: per-block mean of g², and the block-wise Adam update.
 
-A *layout* is the dict a parameter plan stores for each tensor (``slimopt.plan.adam_mini_layout``):
+A *layout* is the dict a parameter plan stores for each tensor (``slimopt.plans.param_plan.adam_mini_layout``):
 ``rule`` is ``elementwise`` (a block per element), ``whole`` (one block), ``rows`` / ``heads`` (blocks of
 ``unit`` consecutive output neurons, along ``out_dim``) or ``qkv`` (output neurons cut into ``segments``
 ``[start, length, unit]``). Every block keeps one second-moment value ``v_b``.
@@ -33,9 +33,9 @@ __all__ = [
     "neuron_repeats",
 ]
 
-Layout = dict[str, Any]
+LayoutDict = dict[str, Any]
 
-def block_state_shape(layout: Layout, shape: tuple[int, ...]) -> tuple[int, ...]:
+def block_state_shape(layout: LayoutDict, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the second-moment state: the tensor's shape (elementwise), ``()`` (whole), or ``(n_blocks,)``."""
     rule = layout["rule"]
     if rule == "elementwise":
@@ -45,14 +45,14 @@ def block_state_shape(layout: Layout, shape: tuple[int, ...]) -> tuple[int, ...]
     return (int(layout["n_blocks"]),)
 
 
-def _segments(layout: Layout, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+def _segments(layout: LayoutDict, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """``(start, length, unit)`` runs along the output dimension; ``unit`` neurons share one block."""
     if layout["rule"] == "qkv":
         return [tuple(s) for s in layout["segments"]]
     return [(0, shape[layout["out_dim"]], int(layout.get("unit", 1)))]
 
 
-def neuron_repeats(layout: Layout, shape: tuple[int, ...]) -> list[int]:
+def neuron_repeats(layout: LayoutDict, shape: tuple[int, ...]) -> list[int]:
     """For each block (in order), how many consecutive output neurons it covers."""
     reps: list[int] = []
     for _, length, unit in _segments(layout, shape):
@@ -64,7 +64,7 @@ def neuron_repeats(layout: Layout, shape: tuple[int, ...]) -> list[int]:
 # reference: explicit block index, float64 scatter
 
 
-def block_index(layout: Layout, shape: tuple[int, ...]) -> Tensor:
+def block_index(layout: LayoutDict, shape: tuple[int, ...]) -> Tensor:
     """The block of every element of a tensor of ``shape`` (int64, same shape)."""
     rule = layout["rule"]
     numel = math.prod(shape)
@@ -80,7 +80,7 @@ def block_index(layout: Layout, shape: tuple[int, ...]) -> Tensor:
     return of_neuron.reshape(view).expand(shape).contiguous()
 
 
-def block_mean_sq_reference(grad: Tensor, layout: Layout) -> Tensor:
+def block_mean_sq_reference(grad: Tensor, layout: LayoutDict) -> Tensor:
     """mean(g²) over each block, in float64 (shape :func:`block_state_shape`)."""
     shape = tuple(grad.shape)
     state_shape = block_state_shape(layout, shape)
@@ -95,7 +95,7 @@ def block_mean_sq_reference(grad: Tensor, layout: Layout) -> Tensor:
 
 
 def adam_mini_step_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
-                             layout: Layout, *, lr: float, beta1: float, beta2: float, eps: float,
+                             layout: LayoutDict, *, lr: float, beta1: float, beta2: float, eps: float,
                              weight_decay: float) -> None:
     """One Adam-mini step on one tensor, in place (paper Algorithm 1; ``step`` = t >= 1, advanced).
 
@@ -120,13 +120,13 @@ def adam_mini_step_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_a
 # fast path
 
 
-def block_mean_sq(grad: Tensor, layout: Layout, *, sums: Tensor | None = None,
+def block_mean_sq(grad: Tensor, layout: LayoutDict, *, sums: Tensor | None = None,
                   shape: tuple[int, ...] | None = None) -> Tensor:
     """mean(g²) over each block in float32, without a g² temporary (shape :func:`block_state_shape`).
 
     Not for ``elementwise`` layouts (that is plain Adam's ``g²``). When ``grad`` is one device's part of
     a sharded tensor, pass the tensor's global ``shape`` and ``sums``: Σ g² over the whole tensor (``whole``)
-    or per output neuron along ``out_dim`` (``slimopt.distributed.sq_sum`` / ``sq_sums_along``).
+    or per output neuron along ``out_dim`` (``slimopt.core.distributed.sq_sum`` / ``sq_sums_along``).
     """
     rule = layout["rule"]
     shape = tuple(grad.shape) if shape is None else tuple(shape)
@@ -155,7 +155,7 @@ def block_mean_sq(grad: Tensor, layout: Layout, *, sums: Tensor | None = None,
     return torch.cat(parts).div_(torch.cat(sizes))
 
 
-def _denominator_view(denom_blocks: Tensor, layout: Layout, shape: tuple[int, ...]) -> Tensor:
+def _denominator_view(denom_blocks: Tensor, layout: LayoutDict, shape: tuple[int, ...]) -> Tensor:
     """Per-block denominators as a tensor that broadcasts against the parameter (no full-size copy)."""
     rule = layout["rule"]
     if rule == "whole":
@@ -172,7 +172,7 @@ def _denominator_view(denom_blocks: Tensor, layout: Layout, shape: tuple[int, ..
 
 
 def adam_mini_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
-                   layout: Layout, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   layout: LayoutDict, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    mean_sq: Tensor | None = None,
                    offset: tuple[int, ...] | None = None, full_shape: tuple[int, ...] | None = None) -> None:
     """``adam_mini_step_reference`` without temporaries of the tensor's size.
@@ -205,7 +205,7 @@ def adam_mini_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
 
 
 def adam_mini_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                    layouts: list[Layout], steps: list[float], *, lr: float, beta1: float, beta2: float,
+                    layouts: list[LayoutDict], steps: list[float], *, lr: float, beta1: float, beta2: float,
                     eps: float, weight_decays: list[float], mean_sqs: list[Tensor | None] | None = None,
                     offsets: list[tuple[int, ...] | None] | None = None,
                     full_shapes: list[tuple[int, ...] | None] | None = None) -> None:

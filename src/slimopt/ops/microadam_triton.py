@@ -228,7 +228,7 @@ def window_update(p_flat: Tensor, indices: Tensor, values: Tensor, block_size: i
 def microadam_step_triton(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
                           step: int) -> None:
     """One MicroAdam step of one tensor with the Triton kernels (same semantics as the torch path)."""
-    from ..microadam import _as_float
+    from ..optim.microadam import _as_float
 
     block_size, bucket_size, k_init = group["topk_block_size"], group["quant_block_size"], group["k_init"]
     lr, wd = _as_float(group["lr"]), _as_float(group["weight_decay"])

@@ -52,7 +52,7 @@ def sinkhorn_scales(grad: Tensor, iters: int, eps: float = 1e-8, *,
 
     For a G split across devices, ``grad`` is the local block, ``shape`` G's global shape and
     ``complete(partial, dims)`` turns a sum over G's ``dims`` taken on the local block into the sum over
-    all of G (``slimopt.distributed.partial_sums``: one small all-reduce when ``dims`` is split).
+    all of G (``slimopt.core.distributed.partial_sums``: one small all-reduce when ``dims`` is split).
     """
     if grad.ndim != 2:
         raise ValueError(f"sinkhorn_scales expects a matrix, got shape {tuple(grad.shape)}")

@@ -17,7 +17,7 @@ import torch
 
 import slimopt
 from slimopt.cli import main
-from slimopt.planner import PLANNED, Arch, activation_bytes, arch_of, plan, planned_state_bytes
+from slimopt.memory.fit import PLANNED, Arch, activation_bytes, arch_of, plan, planned_state_bytes
 
 transformers = pytest.importorskip("transformers")
 

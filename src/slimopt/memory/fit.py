@@ -5,7 +5,7 @@ Training memory is four terms; the planner estimates each one per optimizer and 
 * **weights**: parameters x bytes per parameter (4 in fp32 and AMP, 2 in pure bf16), plus, under AMP,
   the bf16 copies of the weights that autocast makes and the backward pass keeps (2 B/param);
 * **gradients**: one per parameter, in the parameter's dtype;
-* **optimizer state**: the analytic table of :mod:`slimopt.memory_model` (one formula per optimizer,
+* **optimizer state**: the analytic table of :mod:`slimopt.memory.formulas` (one formula per optimizer,
   the same numbers ``slimopt memory`` prints, exact for slimopt's classes), with the options slimopt's
   classes use by default and state in the parameter dtype where the class keeps it so;
 * **activations**: the tensors autograd saves for backward, per token and layer, written out for the
@@ -29,9 +29,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .memory_model import MODELS, analytic_state_bytes, model_shapes, tensor_facts
+from .formulas import MODELS, analytic_state_bytes, model_shapes, tensor_facts
 
-__all__ = ["PLANNED", "Arch", "Plan", "activation_bytes", "add_arguments", "arch_of", "plan", "planned_state_bytes",
+__all__ = ["PLANNED", "Arch", "FitPlan", "activation_bytes", "add_arguments", "arch_of", "plan", "planned_state_bytes",
            "run"]
 
 GiB = 2**30
@@ -193,7 +193,7 @@ def planned_state_bytes(name: str, model: Any, param_bytes: int = 4, *, config: 
     if planned.formula == "adamw":
         return analytic_state_bytes(facts, "adamw-fp32", state_bytes=param_bytes)
     if planned.formula == "microadam-m10":
-        options = _class_defaults("slimopt.microadam:MicroAdam", ("m", "k_init", "quant_block_size", "topk_block_size"))
+        options = _class_defaults("slimopt.optim.microadam:MicroAdam", ("m", "k_init", "quant_block_size", "topk_block_size"))
         return analytic_state_bytes(facts, "microadam-m10", **options)
     if planned.formula == "adam-mini":
         return analytic_state_bytes(facts, "adam-mini", m_bytes=param_bytes)
@@ -209,7 +209,7 @@ def planned_state_bytes(name: str, model: Any, param_bytes: int = 4, *, config: 
 
 
 @dataclass
-class Plan:
+class FitPlan:
     model: str
     params: int
     gpu_gib: float
@@ -226,7 +226,7 @@ class Plan:
 
 def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1, precision: str = "amp",
          checkpointing: bool = False, flash: bool = True, headroom: float = 0.1,
-         optimizers: list[str] | None = None) -> Plan:
+         optimizers: list[str] | None = None) -> FitPlan:
     """Memory of training ``model`` with each optimizer, and whether it fits in ``gpu_mem_gib``."""
     if model not in MODELS:
         raise KeyError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
@@ -263,7 +263,7 @@ def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1,
             "activations_gib": act / GiB, "total_gib": total / GiB, "fits": total <= budget,
             "max_batch": max_batch,
         })
-    return Plan(model, n, gpu_mem_gib, budget / GiB, seq_len, batch, precision, checkpointing, rows)
+    return FitPlan(model, n, gpu_mem_gib, budget / GiB, seq_len, batch, precision, checkpointing, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def _format(p: Plan) -> str:
+def _format(p: FitPlan) -> str:
     header = ("optimizer", "weights", "grads", "state", "activations", "total", "fits", "max batch")
     lines = [header]
     for r in p.rows:

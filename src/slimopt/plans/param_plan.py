@@ -31,17 +31,17 @@ hidden matrices to a stateless update and everything else to AdamW. That is one 
 3. **Rule sets** (:class:`RuleSet`): a small table ``role -> rule`` plus a ``layout`` function that
    checks the shape against the rule and returns the rule's facts (number of blocks, block size, any
    extra keys). A shape that contradicts its rule raises ``ValueError`` naming the parameter. Adam-mini's
-   partition is one rule set (``slimopt.adam_mini.ADAM_MINI_RULES``); SinkGD/SWAN's routing
+   partition is one rule set (``slimopt.optim.adam_mini.ADAM_MINI_RULES``); SinkGD/SWAN's routing
    (``"stateless" | "adamw"``) is another, written the same way::
 
-       def my_layout(info: ParamInfo, rule: str) -> Layout:
+       def my_layout(info: ParamInfo, rule: str) -> BlockFacts:
            if rule == "stateless" and len(info.shape) != 2:
                raise ValueError(f"stateless needs a matrix, got shape {info.shape}")
-           return Layout(n_blocks=1, block_size=info.numel)
+           return BlockFacts(n_blocks=1, block_size=info.numel)
 
        ROUTING = RuleSet("sinkgd", {"mlp": "stateless", ...}, layout=my_layout, default="adamw")
 
-4. **The plan** (:class:`Plan`): ``Plan.build(model_or_pairs_or_groups, rule_set, overrides=...)`` gives
+4. **The plan** (:class:`ParamPlan`): ``ParamPlan.build(model_or_pairs_or_groups, rule_set, overrides=...)`` gives
    one :class:`PlanRow` per tensor, ``plan.table()`` prints them, ``overrides`` maps a name (or an
    ``fnmatch`` pattern) to a role or a rule, and ``plan.param_groups(**defaults)`` returns torch param
    groups whose per-parameter metadata lives *inside the group*, in lists aligned with
@@ -66,9 +66,9 @@ __all__ = [
     "ROLES",
     "ROLES_ONLY",
     "AttentionShape",
-    "Layout",
+    "BlockFacts",
     "ParamInfo",
-    "Plan",
+    "ParamPlan",
     "PlanRow",
     "RuleSet",
     "adam_mini_layout",
@@ -198,7 +198,7 @@ def _is_norm(comp: str) -> bool:
 def classify(name: str, shape: Iterable[int], config: Any = None) -> str:
     """The role of the tensor ``name`` with (global) ``shape``; one of :data:`ROLES`.
 
-    A pure function of its arguments. ``config`` is accepted for symmetry with :meth:`Plan.build`;
+    A pure function of its arguments. ``config`` is accepted for symmetry with :meth:`ParamPlan.build`;
     roles do not depend on it (the shape facts do).
     """
     del config  # roles come from names and ranks; geometry is checked by the rule set
@@ -273,7 +273,7 @@ class ParamInfo:
 
 
 @dataclass(frozen=True)
-class Layout:
+class BlockFacts:
     """A rule's facts for one tensor: how many blocks, of what size, plus rule-specific extras."""
 
     n_blocks: int
@@ -293,7 +293,7 @@ class RuleSet:
 
     name: str
     rules: Mapping[str, str]
-    layout: Callable[[ParamInfo, str], Layout]
+    layout: Callable[[ParamInfo, str], BlockFacts]
     default: str = "other"
     extra_rules: tuple[str, ...] = ()
 
@@ -414,7 +414,7 @@ def _qkv_layout(name: str, config: Any) -> str:
 # the plan
 
 
-class Plan:
+class ParamPlan:
     """One :class:`PlanRow` per named tensor, under one :class:`RuleSet`."""
 
     def __init__(self, rows: list[PlanRow], rule_set: RuleSet, attention: AttentionShape,
@@ -432,7 +432,7 @@ class Plan:
     def build(cls, source: Any, rule_set: RuleSet, *, config: Any = None,
               overrides: Mapping[str, str] | None = None, warn: bool = True,
               num_heads: int | None = None, num_kv_heads: int | None = None, head_dim: int | None = None,
-              hidden_size: int | None = None) -> Plan:
+              hidden_size: int | None = None) -> ParamPlan:
         """Classify and lay out every tensor of ``source`` (a module, named pairs, or named groups).
 
         ``config`` defaults to ``source.config`` for a module; keyword geometry wins over it.
@@ -556,7 +556,7 @@ class Plan:
         facts, :meth:`PlanRow.layout_dict`). Tied duplicates appear once.
         """
         if self._pairs is None:
-            raise ValueError("this plan holds no tensors (it was not made by Plan.build)")
+            raise ValueError("this plan holds no tensors (it was not made by ParamPlan.build)")
         seen: set[int] = set()
         if self._groups is None:
             return [{**defaults, **self._group_lists(self._pairs, seen)}]
@@ -596,15 +596,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 # two rule sets: roles as they are, and Adam-mini's partition (paper v1.1, Algorithm 3)
 
 
-def _one_block(info: ParamInfo, rule: str) -> Layout:
-    return Layout(1, info.numel)
+def _one_block(info: ParamInfo, rule: str) -> BlockFacts:
+    return BlockFacts(1, info.numel)
 
 
 ROLES_ONLY = RuleSet("roles", {role: role for role in ROLES}, layout=_one_block, default="other")
 """Rule = role, one block per tensor: for printing what ``classify`` decided."""
 
 
-def adam_mini_layout(info: ParamInfo, rule: str) -> Layout:
+def adam_mini_layout(info: ParamInfo, rule: str) -> BlockFacts:
     """Blocks of one tensor under Adam-mini's rules; each block will keep one second-moment value.
 
     ``elementwise`` one block per element (plain Adam, biases); ``whole`` one block per tensor;
@@ -614,9 +614,9 @@ def adam_mini_layout(info: ParamInfo, rule: str) -> Layout:
     """
     shape, numel = info.shape, info.numel
     if rule == "elementwise":
-        return Layout(numel, 1)
+        return BlockFacts(numel, 1)
     if rule == "whole":
-        return Layout(1, numel)
+        return BlockFacts(1, numel)
     if rule not in ("rows", "heads", "qkv"):
         raise ValueError(f"unknown Adam-mini rule {rule!r}")
     if len(shape) < 2:
@@ -625,7 +625,7 @@ def adam_mini_layout(info: ParamInfo, rule: str) -> Layout:
     rows = shape[info.out_dim]
     per_row = numel // rows if rows else 0
     if rule == "rows":
-        return Layout(rows, per_row, {"unit": 1})
+        return BlockFacts(rows, per_row, {"unit": 1})
     att = info.attention
     if att.head_dim is None and att.num_heads and len(shape) == 2:
         # no hidden size given: the input features of an attention projection are the hidden size
@@ -634,7 +634,7 @@ def adam_mini_layout(info: ParamInfo, rule: str) -> Layout:
             att = replace(att, head_dim=fan_in // att.num_heads)
     if rule == "heads":
         if att.head_dim is None:
-            return Layout(rows, per_row, {"unit": 1}, rule="rows",
+            return BlockFacts(rows, per_row, {"unit": 1}, rule="rows",
                           note="head_dim unknown (pass num_heads/head_dim or config): one block per row")
         hd = att.head_dim
         if rows % hd:
@@ -643,10 +643,10 @@ def adam_mini_layout(info: ParamInfo, rule: str) -> Layout:
         if expected is not None and rows // hd != expected:
             raise ValueError(f"{rows // hd} heads of head_dim={hd}, but the config says {expected} "
                              f"{'kv ' if info.role == 'key' else ''}heads")
-        return Layout(rows // hd, hd * per_row, {"unit": hd})
+        return BlockFacts(rows // hd, hd * per_row, {"unit": hd})
     # fused qkv
     if not att.known:
-        return Layout(rows, per_row, {"unit": 1}, rule="rows",
+        return BlockFacts(rows, per_row, {"unit": 1}, rule="rows",
                       note="attention geometry unknown (pass num_heads/head_dim): one block per row")
     h, kv, hd = att.num_heads, att.num_kv_heads or att.num_heads, att.head_dim
     if rows != (h + 2 * kv) * hd:
@@ -661,7 +661,7 @@ def adam_mini_layout(info: ParamInfo, rule: str) -> Layout:
     else:  # [q | k | v]
         segments = [[0, (h + kv) * hd, hd], [(h + kv) * hd, kv * hd, 1]]
     n_blocks = (h + kv) + kv * hd
-    return Layout(n_blocks, hd * per_row, {"segments": segments, "layout": info.qkv_layout})
+    return BlockFacts(n_blocks, hd * per_row, {"segments": segments, "layout": info.qkv_layout})
 
 
 ADAM_MINI = RuleSet(

@@ -2,7 +2,7 @@
 
 For each harness model preset and optimizer: build the model, give every parameter a gradient, take one
 optimizer step (state is allocated lazily) and count ``slimopt.state_bytes`` exactly; next to it the
-formula from ``slimopt.memory_model`` evaluated on the same named shapes, with the optimizer's own
+formula from ``slimopt.memory.formulas`` evaluated on the same named shapes, with the optimizer's own
 hyper-parameters (read from ``optimizer.defaults``, e.g. MicroAdam's m, k and block sizes). A mismatch
 means either the formula or the implementation keeps something the other does not.
 """
@@ -40,7 +40,7 @@ ANALYTIC_NAME = {
 
 def _formula_options(formula: str, optimizer: Any, model: torch.nn.Module) -> dict[str, Any]:
     """The optimizer's own hyper-parameters that the formula takes (m, k_init, block sizes, rank ...)."""
-    from slimopt.memory_model import OPTIMIZER_STATE
+    from slimopt.memory.formulas import OPTIMIZER_STATE
 
     accepted = set(inspect.signature(OPTIMIZER_STATE[formula].bytes).parameters) - {"t"}
     options: dict[str, Any] = {}
@@ -57,7 +57,7 @@ def _formula_options(formula: str, optimizer: Any, model: torch.nn.Module) -> di
 
 def compare(preset: str, names: list[str], *, seed: int = 0, log=print) -> list[dict[str, Any]]:
     from slimopt import state_bytes
-    from slimopt.memory_model import analytic_state_bytes
+    from slimopt.memory.formulas import analytic_state_bytes
 
     rows = []
     for name in names:

@@ -215,7 +215,7 @@ class SlimOptimizer(Optimizer):
                 if grad is not None and grad.layout == torch.strided and not grad.is_complex():
                     where.append((gi, index))
                     grads.append(grad)
-        # one sync per device; ranks holding shards of one tensor agree (slimopt.distributed)
+        # one sync per device; ranks holding shards of one tensor agree (slimopt.core.distributed)
         bad = [w for w, ok in zip(where, finite_flags(grads)) if not ok]
         if not bad:
             return set()
@@ -330,7 +330,7 @@ class SlimOptimizer(Optimizer):
                 here = names[i] if i < len(names) else None
                 raise ValueError(f"{where}: it was saved for another model: parameter {i} of param_groups[{gi}] "
                                  f"is {there!r} there, {here!r} here")
-            for key in group:  # per-parameter metadata of a parameter plan (slimopt.plan)
+            for key in group:  # per-parameter metadata of a parameter plan (slimopt.plans.param_plan)
                 if key.startswith("param_") and key != "param_names" and key in saved:
                     mine, theirs = list(group[key]), list(saved[key])
                     if mine != theirs:
@@ -362,7 +362,7 @@ class SlimOptimizer(Optimizer):
 
         One probe per distinct (shape, dtype, per-parameter metadata): a transformer has a handful.
         Per-parameter metadata are the group's ``param_*`` lists aligned with ``params`` (see
-        ``slimopt.plan``). Returns None when this optimizer's step cannot run on meta tensors; the
+        ``slimopt.plans.param_plan``). Returns None when this optimizer's step cannot run on meta tensors; the
         layout checks are then skipped for this group (the structural checks still apply).
         """
         params = group["params"]

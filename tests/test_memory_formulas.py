@@ -1,4 +1,4 @@
-"""slimopt.memory_model: published figures, shapes against real modules, formulas against measured state."""
+"""slimopt.memory.formulas: published figures, shapes against real modules, formulas against measured state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from slimopt import memory_model as mm
+from slimopt.memory import formulas as mm
 from slimopt import state_bytes
 from slimopt.cli import build_parser
 

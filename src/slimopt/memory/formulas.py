@@ -5,7 +5,7 @@ Hugging Face's parameter names (``model.layers.0.self_attn.q_proj.weight``, ``tr
 .weight``, ...), so that the same numbers can be checked against real modules (tests build tiny ones and
 compare with :func:`slimopt.state_bytes`). Tied weights are listed once, as ``named_parameters`` does.
 
-Every tensor is first classified by :mod:`slimopt.plan` (its role, and its Adam-mini blocks), then each
+Every tensor is first classified by :mod:`slimopt.plans.param_plan` (its role, and its Adam-mini blocks), then each
 optimizer's rule in :data:`OPTIMIZER_STATE` (the ONE table of formulas, reused by the planner) gives its
 state bytes. All optimizers also keep a 4-byte float32 step counter per tensor, as torch's AdamW and
 slimopt's base class do (``step_bytes``); it is negligible for real models but makes small checks exact.
@@ -59,7 +59,7 @@ __all__ = [
 GB = 1e9
 GiB = 2**30
 
-# roles (from slimopt.plan.classify) of the hidden matrices that SinkGD/SWAN update statelessly and GaLore
+# roles (from slimopt.plans.param_plan.classify) of the hidden matrices that SinkGD/SWAN update statelessly and GaLore
 # projects; everything else (embeddings, head, norms, biases, unrecognised) gets AdamW there
 MATRIX_ROLES = frozenset({"query", "key", "value", "qkv", "attn_out", "mlp"})
 
@@ -72,7 +72,7 @@ NamedShapes = list[tuple[str, tuple[int, ...]]]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A published configuration (HF-style keys, read by :mod:`slimopt.plan` for attention geometry)."""
+    """A published configuration (HF-style keys, read by :mod:`slimopt.plans.param_plan` for attention geometry)."""
 
     name: str
     family: str  # "llama", "gpt2", "bert", "opt"
@@ -238,14 +238,14 @@ def model_shapes(name: str) -> NamedShapes:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# per-tensor facts (role and Adam-mini blocks, from slimopt.plan)
+# per-tensor facts (role and Adam-mini blocks, from slimopt.plans.param_plan)
 
 
 @dataclass(frozen=True)
 class TensorFacts:
     name: str
     shape: tuple[int, ...]
-    role: str  # slimopt.plan role
+    role: str  # slimopt.plans.param_plan role
     adam_mini_blocks: int  # second-moment values Adam-mini keeps for this tensor
 
     @property
@@ -261,15 +261,15 @@ def _named_shapes(source: Any) -> NamedShapes:
 
 
 def tensor_facts(named_shapes: Any, config: Mapping[str, Any] | Any = None) -> list[TensorFacts]:
-    """Classify every tensor with :mod:`slimopt.plan` (meta tensors: nothing is allocated)."""
+    """Classify every tensor with :mod:`slimopt.plans.param_plan` (meta tensors: nothing is allocated)."""
     import torch
 
-    from .plan import ADAM_MINI, Plan
+    from ..plans.param_plan import ADAM_MINI, ParamPlan
 
     if config is None and hasattr(named_shapes, "config"):
         config = named_shapes.config
     pairs = [(n, torch.empty(s, device="meta")) for n, s in _named_shapes(named_shapes)]
-    plan = Plan.build(pairs, ADAM_MINI, config=config, warn=False)
+    plan = ParamPlan.build(pairs, ADAM_MINI, config=config, warn=False)
     return [TensorFacts(r.name, tuple(r.shape), r.role, r.n_blocks) for r in plan.rows]
 
 

@@ -96,7 +96,7 @@ def _shard_mesh_dims(t: Tensor, dim: int | None = None) -> list[int]:
         if placement.is_shard() and (dim is None or placement.dim % max(t.ndim, 1) == dim % max(t.ndim, 1)):
             out.append(mesh_dim)
         elif placement.is_partial():
-            raise ValueError(f"slimopt.distributed: a Partial placement ({placement}) is a pending sum, not a "
+            raise ValueError(f"slimopt.core.distributed: a Partial placement ({placement}) is a pending sum, not a "
                              "shard; redistribute the tensor first")
     return out
 
@@ -138,7 +138,7 @@ def shard_sizes(t: Tensor, dim: int = 0) -> list[int]:
     if not mesh_dims:
         return [n]
     if len(mesh_dims) > 1:
-        raise NotImplementedError("slimopt.distributed: a dimension sharded over several mesh dimensions")
+        raise NotImplementedError("slimopt.core.distributed: a dimension sharded over several mesh dimensions")
     world = t.device_mesh.size(mesh_dims[0])
     chunk = -(-n // world)
     return [max(0, min(chunk, n - r * chunk)) for r in range(world)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slimopt.bench.memory import compare
+from slimopt.bench.memory_check import compare
 
 
 def test_adamw_state_matches_the_formula_exactly():

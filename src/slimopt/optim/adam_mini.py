@@ -5,7 +5,7 @@ near-block-diagonal Hessian (paper v1.1, Algorithm 3); each block keeps one scal
 ``mean(g²)`` over the block, and every element of the block is updated with ``m̂ / (sqrt(v̂_b) + eps)``.
 The first moment stays full size; decoupled weight decay, bias correction and eps placement are AdamW's.
 
-The partition is a parameter plan (``slimopt.plan``, rule set ``ADAM_MINI``), decided from names,
+The partition is a parameter plan (``slimopt.plans.param_plan``, rule set ``ADAM_MINI``), decided from names,
 shapes and ``model.config`` -- not from name substrings alone:
 
     embedding, output head        one block per token row
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
-from .ops.blockstats import adam_mini_multi, adam_mini_step, block_mean_sq, block_state_shape
-from .optimizer import (
+from ..core.distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
+from ..ops.blockstats import adam_mini_multi, adam_mini_step, block_mean_sq, block_state_shape
+from ..core.base import (
     SlimOptimizer,
     as_param_groups,
     check_betas,
@@ -41,7 +41,7 @@ from .optimizer import (
     check_positive,
     placeholder_names,
 )
-from .plan import ADAM_MINI, ROLES, Plan
+from ..plans.param_plan import ADAM_MINI, ROLES, ParamPlan
 
 __all__ = ["AdamMini"]
 
@@ -76,7 +76,7 @@ class AdamMini(SlimOptimizer):
                  num_kv_heads: int | None = None, head_dim: int | None = None, hidden_size: int | None = None,
                  config: Any = None, overrides: Mapping[str, str] | None = None,
                  no_decay_roles: tuple[str, ...] = ("norm", "bias"), exp_avg_dtype: Any = None,
-                 nonfinite: str = "raise", _plan: Plan | None = None) -> None:
+                 nonfinite: str = "raise", _plan: ParamPlan | None = None) -> None:
         check_lr(lr)
         check_betas(betas)
         check_positive("eps", eps)
@@ -92,7 +92,7 @@ class AdamMini(SlimOptimizer):
         self._config = config
         if _plan is None:
             groups = _named(as_param_groups(params))
-            _plan = Plan.build(groups, ADAM_MINI, config=config, overrides=overrides, **self._geometry)
+            _plan = ParamPlan.build(groups, ADAM_MINI, config=config, overrides=overrides, **self._geometry)
         self.plan = _plan
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                     "no_decay_roles": tuple(no_decay_roles), "exp_avg_dtype": _DTYPES[exp_avg_dtype],
@@ -109,7 +109,7 @@ class AdamMini(SlimOptimizer):
         """
         kwargs.setdefault("config", getattr(model, "config", None))
         plan_keys = ("num_heads", "num_kv_heads", "head_dim", "hidden_size", "config", "overrides")
-        plan = Plan.build(model, ADAM_MINI, **{k: kwargs[k] for k in plan_keys if k in kwargs})
+        plan = ParamPlan.build(model, ADAM_MINI, **{k: kwargs[k] for k in plan_keys if k in kwargs})
         return cls(None, lr=lr, weight_decay=weight_decay, _plan=plan, **kwargs)
 
     # -- groups added later (torch calls this for the constructor's groups too) ---------------------
@@ -117,8 +117,8 @@ class AdamMini(SlimOptimizer):
         if "param_layouts" not in param_group:  # a group added after construction: plan it now
             group = _named(as_param_groups([param_group]), offset=len(self.param_groups))[0]
             if group["params"]:
-                plan = Plan.build([group], ADAM_MINI, config=self._config, **self._geometry)
-                self.plan = Plan(self.plan.rows + plan.rows, ADAM_MINI, self.plan.attention)
+                plan = ParamPlan.build([group], ADAM_MINI, config=self._config, **self._geometry)
+                self.plan = ParamPlan(self.plan.rows + plan.rows, ADAM_MINI, self.plan.attention)
                 group = plan.param_groups()[0]
             else:
                 group = {**group, "param_roles": [], "param_rules": [], "param_layouts": []}

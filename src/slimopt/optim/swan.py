@@ -8,7 +8,7 @@ Algorithm 1 for each hidden matrix W (m x n, m <= n; a tall matrix is handled tr
     X <- sqrt(mn) X / ||X||_F      # optional: entry-RMS 1, the same step scale as SinkGD and Adam
     W <- W - lr * scale * X        # stateless
 
-Embeddings, the output head, norms and biases take AdamW (``slimopt.routing``).
+Embeddings, the output head, norms and biases take AdamW (``slimopt.optim.hybrid``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 
 from torch import Tensor
 
-from .distributed import full, local_part
-from .distributed import local as local_tensor
-from .ops.newton_schulz import whiten
-from .ops.normalize import row_standardize
-from .optimizer import check_positive, check_positive_int
-from .routing import HybridStatelessOptimizer
+from ..core.distributed import full, local_part
+from ..core.distributed import local as local_tensor
+from ..ops.newton_schulz import whiten
+from ..ops.normalize import row_standardize
+from ..core.base import check_positive, check_positive_int
+from .hybrid import HybridStatelessOptimizer
 
 __all__ = ["SWAN", "swan_direction"]
 
@@ -42,7 +42,7 @@ class SWAN(HybridStatelessOptimizer):
     """SWAN with the papers' hybrid routing (AdamW for non-hidden tensors).
 
     Args:
-        params: tensors, ``(name, tensor)`` pairs or param groups (see ``slimopt.routing`` for routing).
+        params: tensors, ``(name, tensor)`` pairs or param groups (see ``slimopt.optim.hybrid`` for routing).
         lr: global learning rate; AdamW tensors use it unless ``adamw_lr`` is given.
         ns_iters: coupled Newton-Schulz steps of the whitening (10: converged to fp32 precision for
             moderately conditioned gradients; very ill-conditioned ones keep their smallest singular
@@ -73,7 +73,7 @@ class SWAN(HybridStatelessOptimizer):
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         step_size = group["lr"] * group["scale"]  # a 0-d tensor when the lr is one (kept so: no sync)
         # Under FSDP2 each rank gathers the whole gradient, whitens it as on one device and keeps its
-        # own rows (slimopt.distributed.full / local_part; no-ops for unsharded tensors).
+        # own rows (slimopt.core.distributed.full / local_part; no-ops for unsharded tensors).
         param = local_tensor(param)
         if group["weight_decay"] != 0:
             param.mul_(1 - step_size * group["weight_decay"])

@@ -37,11 +37,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .distributed import local, padded_local, shard_state
-from .ops.microadam_window import apply_window_update_, window_weights
-from .ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit, quantize_scratch_size
-from .ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast, k_for
-from .optimizer import (
+from ..core.distributed import local, padded_local, shard_state
+from ..ops.microadam_window import apply_window_update_, window_weights
+from ..ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit, quantize_scratch_size
+from ..ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast, k_for
+from ..core.base import (
     SlimOptimizer,
     check_betas,
     check_choice,
@@ -129,7 +129,7 @@ class MicroAdam(SlimOptimizer):
         if backend == "auto":
             if not p.is_cuda:
                 return False
-            from .ops.triton_support import triton_available
+            from ..ops.triton_support import triton_available
 
             return triton_available()
         return backend == "triton"
@@ -158,7 +158,7 @@ class MicroAdam(SlimOptimizer):
                     continue
                 job = _Job(p, grad, {key: local(value) for key, value in state.items()}, step)
                 if self._use_triton(p, group):
-                    from .ops.microadam_triton import microadam_step_triton
+                    from ..ops.microadam_triton import microadam_step_triton
 
                     microadam_step_triton(p, grad, job.state, group, step)
                 elif p is param:

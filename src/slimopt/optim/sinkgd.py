@@ -8,7 +8,7 @@ Algorithm 4 for each hidden matrix W (m x n) with gradient G:
 
 SR-Sinkhorn's iterates are all diag(r) G diag(c), so it is computed through two scale vectors
 (``slimopt.ops.normalize.sinkhorn_scales``). Embeddings, the output head, norms and biases take AdamW
-(``slimopt.routing``); only they hold optimizer state.
+(``slimopt.optim.hybrid``); only they hold optimizer state.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import Tensor
 
-from .distributed import global_shape, local, partial_sums
-from .ops.normalize import add_scaled_, sinkhorn_scales
-from .optimizer import check_positive, check_positive_int
-from .routing import HybridStatelessOptimizer
+from ..core.distributed import global_shape, local, partial_sums
+from ..ops.normalize import add_scaled_, sinkhorn_scales
+from ..core.base import check_positive, check_positive_int
+from .hybrid import HybridStatelessOptimizer
 
 __all__ = ["SinkGD"]
 
@@ -29,7 +29,7 @@ class SinkGD(HybridStatelessOptimizer):
     """SinkGD with the papers' hybrid routing (AdamW for non-hidden tensors).
 
     Args:
-        params: tensors, ``(name, tensor)`` pairs or param groups (see ``slimopt.routing`` for routing).
+        params: tensors, ``(name, tensor)`` pairs or param groups (see ``slimopt.optim.hybrid`` for routing).
         lr: global learning rate (0.02 in the papers' GaLore-benchmark convention). AdamW tensors use it
             unless ``adamw_lr`` is given; SinkGD matrices move by ``lr * scale`` per unit-RMS update.
         iters: L, the number of row-then-column normalisation rounds (5 in the paper).
@@ -60,12 +60,12 @@ class SinkGD(HybridStatelessOptimizer):
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         step_size = group["lr"] * group["scale"]  # a 0-d tensor when the lr is one (kept so: no sync)
         # Under FSDP2 each rank holds some rows: row sums are local, column sums take one all-reduce of
-        # an n-vector per iteration (slimopt.distributed; no-ops for unsharded tensors).
+        # an n-vector per iteration (slimopt.core.distributed; no-ops for unsharded tensors).
         param_local, grad_local = local(param), local(grad)
         if group["weight_decay"] != 0:
             param_local.mul_(1 - step_size * group["weight_decay"])
         if group.get("triton") and grad_local.is_cuda and param_local.stride(-1) == 1:
-            from .ops.sinkhorn_triton import sinkgd_update_triton  # imports triton only when asked
+            from ..ops.sinkhorn_triton import sinkgd_update_triton  # imports triton only when asked
 
             sinkgd_update_triton(param_local, grad_local, group["iters"], float(step_size), eps=group["eps"],
                                  complete=partial_sums(grad), shape=global_shape(grad))

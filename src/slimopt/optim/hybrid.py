@@ -5,7 +5,7 @@ o) and of the MLP; token embeddings, the output head, norm gains and biases are 
 (applying SinkGD to the embeddings as well is known to fail badly). This module holds
 
 * ``routing_rules(conv_as_matrix)``: that split as a rule set over the shared parameter plan
-  (``slimopt.plan``: roles from names and shapes -> rule ``"stateless"`` or ``"adamw"``);
+  (``slimopt.plans.param_plan``: roles from names and shapes -> rule ``"stateless"`` or ``"adamw"``);
 * ``HybridStatelessOptimizer``: the bookkeeping SinkGD and SWAN share. It routes every tensor to one
   of two kinds of param group, runs the AdamW fallback (``slimopt.ops.adamw``) on ``"adamw"`` groups,
   and hands each matrix of a ``"stateless"`` group to the subclass's ``update_matrix``.
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ops.adamw import adamw_multi
-from .optimizer import (
+from ..ops.adamw import adamw_multi
+from ..core.base import (
     SlimOptimizer,
     check_betas,
     check_choice,
@@ -42,7 +42,7 @@ from .optimizer import (
     check_nonnegative,
     placeholder_names,
 )
-from .plan import Layout, ParamInfo, Plan, RuleSet
+from ..plans.param_plan import BlockFacts, ParamInfo, ParamPlan, RuleSet
 
 __all__ = ["ADAMW", "STATELESS", "HybridStatelessOptimizer", "routing_layout", "routing_rules"]
 
@@ -57,7 +57,7 @@ _HIDDEN_ROLES = ("query", "key", "value", "qkv", "attn_out", "mlp")
 # the rule set
 
 
-def routing_layout(info: ParamInfo, rule: str, conv_as_matrix: bool = False) -> Layout:
+def routing_layout(info: ParamInfo, rule: str, conv_as_matrix: bool = False) -> BlockFacts:
     """Check ``rule`` against the tensor's shape; a stateless tensor gets its ``matrix`` view (rows, cols).
 
     Rows are the output dimension (``out_dim``; GPT-2's Conv1D stores ``(in, out)``). A tensor of 3 or more
@@ -68,14 +68,14 @@ def routing_layout(info: ParamInfo, rule: str, conv_as_matrix: bool = False) -> 
         raise ValueError(f"unknown routing rule {rule!r} (must be {STATELESS!r} or {ADAMW!r})")
     conv = conv_as_matrix and len(shape) > 2 and info.role not in ("embedding", "head")
     if rule == ADAMW and not conv:
-        return Layout(1, numel)
+        return BlockFacts(1, numel)
     if len(shape) == 2:
         rows = shape[info.out_dim]
-        return Layout(1, numel, {"matrix": [rows, numel // rows if rows else 0]})
+        return BlockFacts(1, numel, {"matrix": [rows, numel // rows if rows else 0]})
     if conv:
-        return Layout(1, numel, {"matrix": [shape[0], numel // shape[0] if shape[0] else 0]}, rule=STATELESS)
+        return BlockFacts(1, numel, {"matrix": [shape[0], numel // shape[0] if shape[0] else 0]}, rule=STATELESS)
     if len(shape) > 2:
-        return Layout(1, numel, rule=ADAMW,
+        return BlockFacts(1, numel, rule=ADAMW,
                       note=f"a {len(shape)}-D tensor takes AdamW (pass conv_as_matrix=True for (out, rest))")
     raise ValueError(f"the stateless update needs a matrix, got a {len(shape)}-D tensor")
 
@@ -125,7 +125,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
         defaults = {**defaults, "update": "auto", "adamw_lr": adamw_lr, "adamw_betas": tuple(adamw_betas),
                     "adamw_eps": adamw_eps, "adamw_weight_decay": adamw_weight_decay,
                     "conv_as_matrix": self._conv_as_matrix}
-        self.plan: Plan | None = None
+        self.plan: ParamPlan | None = None
         self._scratch: dict[torch.device, Tensor] = {}
         super().__init__(params, defaults)
 
@@ -134,12 +134,12 @@ class HybridStatelessOptimizer(SlimOptimizer):
     def from_model(cls, model: torch.nn.Module, lr: float | Tensor | None = None, weight_decay: float = 0.0, *,
                    overrides: Mapping[str, str] | None = None, print_plan: bool = False,
                    conv_as_matrix: bool = False, **kwargs: Any) -> HybridStatelessOptimizer:
-        """Route ``model``'s trainable tensors by name and shape (``slimopt.plan``) and build the optimizer.
+        """Route ``model``'s trainable tensors by name and shape (``slimopt.plans.param_plan``) and build the optimizer.
 
         ``overrides`` maps a name or ``fnmatch`` pattern to a role or to ``"stateless"``/``"adamw"``;
         ``print_plan`` prints the routing table. The plan is kept as ``optimizer.plan``.
         """
-        plan = Plan.build(model, routing_rules(conv_as_matrix), overrides=overrides)
+        plan = ParamPlan.build(model, routing_rules(conv_as_matrix), overrides=overrides)
         if lr is not None:
             kwargs["lr"] = lr
         opt = cls(plan.param_groups(), weight_decay=weight_decay, conv_as_matrix=conv_as_matrix, **kwargs)
@@ -165,7 +165,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
         elif "param_rules" in group:
             rules = list(group["param_rules"])
         elif names is not None:
-            planned = Plan.build(list(zip(names, params)), routing_rules(conv), warn=False).rules()
+            planned = ParamPlan.build(list(zip(names, params)), routing_rules(conv), warn=False).rules()
             rules = [planned.get(n) or _shape_rule(p, conv) for n, p in zip(names, params)]
         else:
             rules = [_shape_rule(p, conv) for p in params]

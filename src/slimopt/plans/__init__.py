@@ -1,0 +1,8 @@
+"""Parameter plans: what each tensor is (its role, from module types, shapes, names and the model's
+config), the shape facts a rule needs (out dimension, attention geometry), and the plan table that turns
+a rule set into param groups carrying per-tensor metadata. Rule sets themselves belong to the optimizers
+that use them."""
+
+from .param_plan import ROLES, ROLES_ONLY, BlockFacts, ParamInfo, ParamPlan, PlanRow, RuleSet, classify
+
+__all__ = ["ROLES", "ROLES_ONLY", "BlockFacts", "ParamInfo", "ParamPlan", "PlanRow", "RuleSet", "classify"]
