@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import slimopt
+from slimopt.comm import comm_bytes_per_step
 from slimopt.core import distributed as sd
 from slimopt.bench.model import build_model
 
@@ -136,7 +137,7 @@ def run_parity(rank: int, world: int) -> dict[str, Any]:
                 sd.COMM.reset()
                 train(model, opt, data[1:], rank, world)
                 results[key] = {"params": full_params(model), "comm_bytes": sd.COMM.bytes,
-                                "comm_expected": sd.comm_bytes_per_step(opt)["total"] * (STEPS - 1)}
+                                "comm_expected": comm_bytes_per_step(opt)["total"] * (STEPS - 1)}
             except Exception:
                 results[key] = {"error": traceback.format_exc()}
             dist.barrier()

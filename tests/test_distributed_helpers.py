@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import slimopt
+from slimopt.comm import comm_bytes_per_step
 from slimopt.core import distributed as sd
 from slimopt.bench.model import build_model
 
@@ -69,10 +70,10 @@ def test_comm_plan_is_zero_unsharded_and_follows_each_rule_when_planned():
         warnings.simplefilter("ignore")
         opts = {name: slimopt.create_optimizer(model, name, lr=1e-3) for name in slimopt.get_supported_optimizers()}
     for opt in opts.values():
-        assert sd.comm_bytes_per_step(opt)["total"] == 0  # DDP / one device: nothing added
+        assert comm_bytes_per_step(opt)["total"] == 0  # DDP / one device: nothing added
     world = 4
     n_tensors = sum(1 for _ in model.parameters())
-    planned = {name: sd.comm_bytes_per_step(opt, world=world) for name, opt in opts.items()}
+    planned = {name: comm_bytes_per_step(opt, world=world) for name, opt in opts.items()}
     assert planned["adamw"]["total"] == 0
     assert planned["microadam"] == {"finite": 4 * n_tensors, "total": 4 * n_tensors}
     # Adam-mini: per tensor, one fp32 value per output neuron (rows, heads, ...) or one for a whole tensor

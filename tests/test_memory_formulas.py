@@ -8,7 +8,11 @@ import math
 import pytest
 import torch
 
+import slimopt
 from slimopt.memory import formulas as mm
+from slimopt.memory import models
+from slimopt.optim import microadam
+from slimopt.optim.adam_mini import ADAM_MINI
 from slimopt import state_bytes
 from slimopt.cli import build_parser
 
@@ -80,21 +84,21 @@ def test_parameter_counts_of_published_models():
         "llama2-13b": 13_015_864_320,
     }
     for name, count in expected.items():
-        assert sum(math.prod(s) for _, s in mm.model_shapes(name)) == count, name
+        assert sum(math.prod(s) for _, s in models.model_shapes(name)) == count, name
 
 
 def test_adam_mini_keeps_one_v_per_block_on_llama2_7b():
     # tokens of embedding and head + per layer: q,k heads, v,o rows, three MLP row sets, two norms + final norm
     expected_blocks = 2 * 32000 + 32 * (32 + 32 + 4096 + 4096 + 11008 + 11008 + 4096 + 2) + 1
     assert expected_blocks == 1_163_841
-    facts = mm.tensor_facts(mm.model_shapes("llama2-7b"), mm.MODELS["llama2-7b"].config)
-    assert sum(t.adam_mini_blocks for t in facts) == expected_blocks
+    facts = mm.tensor_facts(models.model_shapes("llama2-7b"), models.MODELS["llama2-7b"].config)
+    assert sum(ADAM_MINI.layout(t, ADAM_MINI.rule_for(t.role)).n_blocks for t in facts) == expected_blocks
     total = mm.analytic_state_bytes(facts, "adam-mini")
     assert total == 4 * LLAMA2_7B + 4 * expected_blocks + 4 * len(facts)
 
 
 def test_microadam_matches_the_per_parameter_formula():
-    facts = mm.tensor_facts(mm.model_shapes("llama2-7b"), mm.MODELS["llama2-7b"].config)
+    facts = mm.tensor_facts(models.model_shapes("llama2-7b"), models.MODELS["llama2-7b"].config)
     for m, quant_block in [(10, 100_000), (20, 100_000), (10, 64)]:
         per_param = mm.analytic_state_bytes(facts, "microadam-m10", m=m, quant_block_size=quant_block) / LLAMA2_7B
         paper = 0.5 + 4 * m * 0.01 + 4 / quant_block
@@ -103,15 +107,31 @@ def test_microadam_matches_the_per_parameter_formula():
         assert paper <= per_param < paper * 1.002, (m, quant_block)
 
 
-def test_microadam_k_uses_ceil_per_topk_block():
-    assert mm.microadam_k(100, 0.01, 20_864) == 1
-    assert mm.microadam_k(50_000, 0.01, 20_864) == 2 * 209 + math.ceil(8_272 * 0.01)
+def test_microadam_formula_counts_k_as_the_optimizer_does():
+    # k per Top-K block is ceil(k_init * block) (after rounding k_init * block to 9 digits, so that
+    # 0.07 * 100 = 7.000000000000001 keeps 7, not 8): one function, ops.topk.k_for, serves both
+    def window_entries(n, k_init, block):
+        info = mm.tensor_facts([("w", (n,))])[0]
+        no_window = microadam.state_bytes_formula(info, m=0, k_init=k_init, quant_block_size=64,
+                                                  topk_block_size=block)
+        one_row = microadam.state_bytes_formula(info, m=1, k_init=k_init, quant_block_size=64, topk_block_size=block)
+        return (one_row - no_window) // 4  # int16 index + bf16 value per entry
+
+    assert window_entries(100, 0.01, 20_864) == 1
+    assert window_entries(50_000, 0.01, 20_864) == 2 * 209 + math.ceil(8_272 * 0.01)
+    assert window_entries(100, 0.07, 100) == 7
+    for n, k_init, block in [(100, 0.07, 100), (50_000, 0.01, 20_864), (1001, 0.05, 64)]:
+        p = torch.nn.Parameter(torch.zeros(n))
+        opt = slimopt.MicroAdam([("w", p)], k_init=k_init, topk_block_size=block)
+        p.grad = torch.randn(n)
+        opt.step()
+        assert opt.state[p]["window_indices"].shape[1] == window_entries(n, k_init, block), (n, k_init, block)
 
 
 def test_galore_and_stateless_rules_on_hand_counted_tensors():
     shapes = [("model.embed_tokens.weight", (32000, 4096)), ("model.layers.0.mlp.up_proj.weight", (11008, 4096)),
               ("model.layers.0.input_layernorm.weight", (4096,))]
-    config = mm.MODELS["llama2-7b"].config
+    config = models.MODELS["llama2-7b"].config
     adamw_rest = (32000 * 4096 + 4096) * 8 + 2 * 4
     # GaLore, rank 1024: projector 4096 x 1024 on the short side, m and v of 11008 x 1024, fp32
     galore_matrix = (4096 * 1024 + 2 * 11008 * 1024) * 4 + 4
@@ -123,7 +143,7 @@ def test_galore_and_stateless_rules_on_hand_counted_tensors():
 
 
 def test_unknown_optimizer_is_named():
-    with pytest.raises(KeyError, match="adamw-fp32"):
+    with pytest.raises(ValueError, match="adafactor"):
         mm.analytic_state_bytes([("w", (2, 2))], "adafactor")
 
 
@@ -149,9 +169,9 @@ def _hf_config(family: str, config: dict):
     return config_cls(**kwargs)
 
 
-@pytest.mark.parametrize("name", list(mm.MODELS))
+@pytest.mark.parametrize("name", list(models.MODELS))
 def test_shapes_match_transformers_modules(name):
-    spec = mm.MODELS[name]
+    spec = models.MODELS[name]
     _, model_cls = _hf_models()[spec.family]
     with torch.device("meta"):  # no memory, no download: only names and shapes
         model = model_cls(_hf_config(spec.family, dict(spec.config)))
@@ -170,7 +190,7 @@ def _tiny(family: str):
     _, model_cls = _hf_models()[family]
     torch.manual_seed(0)
     model = model_cls(_hf_config(family, configs[family]))
-    assert dict(mm._GENERATORS[family](configs[family])) == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert dict(models._GENERATORS[family](configs[family])) == {n: tuple(p.shape) for n, p in model.named_parameters()}
     return model
 
 
@@ -180,7 +200,7 @@ def _one_step(model, optimizer):
     optimizer.step()
 
 
-# analytic name -> how to build the optimizer (None: no implementation to measure yet)
+# analytic name -> how to build the optimizer (None: no implementation in this environment)
 _MEASURED = {
     "adamw-fp32": (torch.float32, lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3)),
     "adamw-bf16": (torch.bfloat16, lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3)),
@@ -201,12 +221,7 @@ def test_measured_state_matches_the_formula(family, optimizer_name):
         pytest.skip(build)
     model = _tiny(family).to(dtype)
     if isinstance(build, str):
-        from slimopt import create_optimizer
-
-        try:
-            optimizer = create_optimizer(model, build, lr=1e-3)
-        except (ImportError, AttributeError) as exc:
-            pytest.skip(f"slimopt optimizer {build!r} not importable yet: {exc}")
+        optimizer = slimopt.create_optimizer(model, build, lr=1e-3)
     else:
         optimizer = build(model)
     _one_step(model, optimizer)
@@ -214,12 +229,9 @@ def test_measured_state_matches_the_formula(family, optimizer_name):
     # the formula with the optimizer's own hyper-parameters where it has them (MicroAdam: m, k, blocks)
     options = {k: v for k, v in optimizer.defaults.items()
                if k in ("m", "k_init", "quant_block_size", "topk_block_size")}
-    analytic = mm.analytic_state_bytes(model, optimizer_name, **options)
-    # The formula counts what each state tensor holds, so for torch AdamW it is exact; 1% allows an
-    # implementation a few bytes of bookkeeping the formula does not name.
-    assert measured == pytest.approx(analytic, rel=0.01)
-    if optimizer_name.startswith("adamw"):
-        assert measured == analytic
+    analytic = mm.analytic_state_bytes(model, optimizer_name, param_bytes=dtype.itemsize, **options)
+    # each formula counts exactly what the class allocates (the MicroAdam one calls the class's own sizes)
+    assert measured == analytic
 
 
 def test_set_overrides_formula_options(capsys):

@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from slimopt.plans.param_plan import ADAM_MINI, ROLES, ROLES_ONLY, AttentionShape, ParamPlan, classify
+from slimopt.optim.adam_mini import ADAM_MINI
+from slimopt.plans.param_plan import ROLES, ROLES_ONLY, AttentionShape, ParamPlan, classify
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .memory import state_bytes, state_bytes_by_key
 from .core.base import SlimOptimizer
+from .memory import state_bytes, state_bytes_by_key
 from .registry import create_optimizer, get_supported_optimizers, load_optimizer
 
 __version__ = "0.1.0"

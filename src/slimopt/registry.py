@@ -1,60 +1,155 @@
-"""Optimizers by name: ``create_optimizer(model, "adammini", lr=1e-3)``.
+"""Optimizers by name, and everything the rest of the library asks about one: ``create_optimizer(model,
+"adammini", lr=1e-3)``.
 
-Every entry is imported lazily so that ``import slimopt`` stays cheap. Registering a name here is all
-it takes for the conformance suite (tests/test_conformance.py) to test that optimizer.
+One :class:`OptimizerSpec` per method is the only place that names it. Its class, its analytic
+state-bytes formula and its communication hook are ``"module:attribute"`` strings imported on first use,
+so ``import slimopt`` stays cheap and nothing below the optimizers imports them. The memory table
+(``slimopt memory``), the GPU planner (``slimopt plan``), the communication count
+(``slimopt.comm.comm_bytes_per_step``), the harness and the conformance suite (tests/test_conformance.py)
+all read the spec. Adding an optimizer = its module (class + formula), its kernels, one entry in
+:data:`SPECS` (or :func:`register`), its tests.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["OptimizerSpec", "create_optimizer", "get_supported_optimizers", "load_optimizer", "spec"]
+__all__ = ["OptimizerSpec", "create_optimizer", "get_supported_optimizers", "load_optimizer", "register", "spec",
+           "spec_of"]
+
+
+def import_target(target: str) -> Any:
+    """The attribute named by ``"package.module:attribute"``."""
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
+    """What the library knows of one optimizer.
+
+    ``state_formula``: ``f(info: ParamInfo, *, param_bytes, **options) -> int``, the exact state bytes the
+    class allocates for one tensor (``param_bytes``: the parameter dtype's size; ``options``: the
+    constructor arguments listed in ``formula_options``, whose defaults are read from the class).
+    ``comm``: ``f(group, index, shape, hops, local_numel, p) -> {kind: bytes}``, the collectives one
+    sharded tensor adds per step (None: nothing beyond the gradient reduction).
+    ``planner_note``: one line for ``slimopt plan``.
+    """
+
     name: str
-    target: str  # "module:attribute"
-    example_lr: float  # a learning rate that trains small models well; the harness's default before a sweep
+    target: str  # "module:Class"
+    example_lr: float  # trains small models well; the harness's default before a sweep
     summary: str
+    state_formula: str  # "module:function"
+    formula_options: tuple[str, ...] = ()
+    comm: str | None = None  # "module:function"
+    aliases: tuple[str, ...] = ()
+    planner_note: str = ""
+    lr_guidance: str = ""  # how to pick its lr (README and `slimopt bench` help print it)
+
+    @property
+    def in_slimopt(self) -> bool:
+        return self.target.startswith("slimopt.")
+
+    def load(self) -> type[torch.optim.Optimizer]:
+        return import_target(self.target)
+
+    def formula(self) -> Callable[..., int]:
+        return import_target(self.state_formula)
+
+    def comm_hook(self) -> Callable[..., dict[str, int]] | None:
+        return import_target(self.comm) if self.comm else None
+
+    def formula_defaults(self) -> dict[str, Any]:
+        """The class's default value of each formula option, so a table counts what the class allocates."""
+        params = inspect.signature(self.load().__init__).parameters
+        return {k: params[k].default for k in self.formula_options
+                if k in params and params[k].default is not inspect.Parameter.empty}
 
 
-_SPECS: dict[str, OptimizerSpec] = {
-    s.name: s
-    for s in [
-        OptimizerSpec("adamw", "torch.optim:AdamW", 1e-2, "torch AdamW, the baseline"),
-        OptimizerSpec("microadam", "slimopt.optim.microadam:MicroAdam", 1e-2,
-                      "MicroAdam: Top-K sparse gradients, 4-bit error feedback, windowed moments"),
-        OptimizerSpec("adammini", "slimopt.optim.adam_mini:AdamMini", 1e-2,
-                      "Adam-mini: one second moment per Hessian block"),
-        OptimizerSpec("sinkgd", "slimopt.optim.sinkgd:SinkGD", 0.02,
-                      "SinkGD: stateless Sinkhorn row/column normalisation (AdamW for non-matrices)"),
-        OptimizerSpec("swan", "slimopt.optim.swan:SWAN", 0.02,
-                      "SWAN: stateless row standardisation + whitening (AdamW for non-matrices)"),
-    ]
-}
+SPECS: dict[str, OptimizerSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(new: OptimizerSpec) -> OptimizerSpec:
+    """Add ``new`` to the registry (its name and aliases must be free)."""
+    taken = [n for n in (new.name, *new.aliases) if n in SPECS or n in _ALIASES]
+    if taken:
+        raise ValueError(f"register: name(s) already registered: {', '.join(taken)}")
+    SPECS[new.name] = new
+    _ALIASES.update({alias: new.name for alias in new.aliases})
+    return new
+
+
+def unregister(name: str) -> None:
+    """Remove a registered optimizer (tests add toy ones)."""
+    removed = SPECS.pop(name)
+    for alias in removed.aliases:
+        _ALIASES.pop(alias, None)
+
+
+for _spec in [
+    OptimizerSpec("adamw", "torch.optim:AdamW", 1e-2, "torch AdamW, the baseline",
+                  "slimopt.memory.formulas:adamw_state_bytes",
+                  planner_note="torch AdamW; m and v in the parameter dtype", aliases=("adam-w",)),
+    OptimizerSpec("microadam", "slimopt.optim.microadam:MicroAdam", 1e-2,
+                  "MicroAdam: Top-K sparse gradients, 4-bit error feedback, windowed moments",
+                  "slimopt.optim.microadam:state_bytes_formula",
+                  formula_options=("m", "k_init", "quant_block_size", "topk_block_size"),
+                  planner_note="window of sparse gradients + 4-bit error feedback", aliases=("micro-adam",)),
+    OptimizerSpec("adammini", "slimopt.optim.adam_mini:AdamMini", 1e-2,
+                  "Adam-mini: one second moment per Hessian block",
+                  "slimopt.optim.adam_mini:state_bytes_formula", formula_options=("exp_avg_dtype",),
+                  comm="slimopt.optim.adam_mini:comm_bytes",
+                  planner_note="m in the parameter dtype, one fp32 v per block", aliases=("adam-mini", "adam_mini")),
+    OptimizerSpec("sinkgd", "slimopt.optim.sinkgd:SinkGD", 0.02,
+                  "SinkGD: stateless Sinkhorn row/column normalisation (AdamW for non-matrices)",
+                  "slimopt.optim.hybrid:state_bytes_formula", formula_options=("conv_as_matrix",),
+                  comm="slimopt.optim.sinkgd:comm_bytes",
+                  planner_note="stateless hidden matrices; AdamW (parameter dtype) for the rest"),
+    OptimizerSpec("swan", "slimopt.optim.swan:SWAN", 0.02,
+                  "SWAN: stateless row standardisation + whitening (AdamW for non-matrices)",
+                  "slimopt.optim.hybrid:state_bytes_formula", formula_options=("conv_as_matrix",),
+                  comm="slimopt.optim.swan:comm_bytes",
+                  planner_note="stateless hidden matrices; AdamW (parameter dtype) for the rest"),
+]:
+    register(_spec)
 
 
 def get_supported_optimizers() -> list[str]:
-    """The registered optimizer names, lower case."""
-    return sorted(_SPECS)
+    """The registered optimizer names, lower case (aliases not included)."""
+    return sorted(SPECS)
 
 
 def spec(name: str) -> OptimizerSpec:
-    key = name.lower()
-    if key not in _SPECS:
+    """The spec registered as ``name`` or one of its aliases (case-insensitive)."""
+    key = str(name).lower()
+    key = _ALIASES.get(key, key)
+    if key not in SPECS:
         raise ValueError(f"Unknown optimizer name: {name!r} (supported: {', '.join(get_supported_optimizers())})")
-    return _SPECS[key]
+    return SPECS[key]
+
+
+def spec_of(optimizer: torch.optim.Optimizer | type) -> OptimizerSpec | None:
+    """The spec whose class ``optimizer`` is (or derives from); None for a class the registry does not hold."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    targets = {s.target: s for s in SPECS.values()}
+    for klass in cls.__mro__:
+        found = targets.get(f"{klass.__module__}:{klass.__qualname__}")
+        if found is not None:
+            return found
+    return None
 
 
 def load_optimizer(name: str) -> type[torch.optim.Optimizer]:
     """The optimizer class registered as ``name``."""
-    module, attribute = spec(name).target.split(":")
-    return getattr(importlib.import_module(module), attribute)
+    return spec(name).load()
 
 
 def create_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float = 0.0,

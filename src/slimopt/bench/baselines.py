@@ -42,6 +42,7 @@ class Baseline:
     default_lr: float
     summary: str
     build: Callable[..., Any]  # (model, lr, weight_decay, **kw) -> optimizer
+    state_formula: str | None = None  # its analytic state formula: a registry name or a memory baseline key
 
 
 def _require(module: str, pip_name: str) -> Any:
@@ -187,15 +188,18 @@ def _adam_mini_official(model: nn.Module, lr: float, weight_decay: float, **kw: 
 
 
 BASELINES: dict[str, Baseline] = {b.name: b for b in [
-    Baseline("adamw-foreach", 1e-2, "torch AdamW, foreach (multi-tensor) implementation", _adamw("foreach")),
-    Baseline("adamw-forloop", 1e-2, "torch AdamW, per-tensor for-loop implementation", _adamw("forloop")),
-    Baseline("adamw-fused", 1e-2, "torch AdamW, fused kernel", _adamw("fused")),
+    Baseline("adamw-foreach", 1e-2, "torch AdamW, foreach (multi-tensor) implementation", _adamw("foreach"),
+             "adamw"),
+    Baseline("adamw-forloop", 1e-2, "torch AdamW, per-tensor for-loop implementation", _adamw("forloop"),
+             "adamw"),
+    Baseline("adamw-fused", 1e-2, "torch AdamW, fused kernel", _adamw("fused"), "adamw"),
     Baseline("muon", 1e-2, "torch.optim.Muon on hidden matrices + AdamW elsewhere", _muon),
-    Baseline("adamw8bit", 1e-2, "8-bit AdamW (torchao on CUDA, else bitsandbytes)", _adamw8bit),
-    Baseline("galore", 1e-2, "GaLore AdamW (galore-torch), rank = width/4", _galore),
+    Baseline("adamw8bit", 1e-2, "8-bit AdamW (torchao on CUDA, else bitsandbytes)", _adamw8bit, "adamw-8bit"),
+    Baseline("galore", 1e-2, "GaLore AdamW (galore-torch), rank = width/4", _galore, "galore"),
     Baseline("came", 1e-3, "CAME (pytorch-optimizer)", _came),
     Baseline("adafactor", 1e-2, "Adafactor (torch.optim)", _adafactor),
-    Baseline("adam-mini-official", 1e-2, "the authors' Adam-mini (adam-mini==1.1.1)", _adam_mini_official),
+    Baseline("adam-mini-official", 1e-2, "the authors' Adam-mini (adam-mini==1.1.1)", _adam_mini_official,
+             "adammini"),
 ]}
 
 

@@ -12,7 +12,7 @@ With ``--nproc N > 1`` the command re-launches itself as ``python -m torch.distr
 * training and validation losses are averaged over the ranks, so every rank takes the same decisions
   (divergence, sweep winner) and rank 0 reports the global-batch numbers;
 * only rank 0 prints and writes the result folder; ``results.json`` gets a ``distributed`` entry with the
-  world size, the mode and ``slimopt.core.distributed.comm_bytes_per_step`` of each optimizer.
+  world size, the mode and ``slimopt.comm.comm_bytes_per_step`` of each optimizer.
 
 Without ``--nproc`` (or with 1) and outside torchrun every function here is a no-op.
 """
@@ -194,7 +194,7 @@ def note_optimizer(name: str, optimizer: Any) -> None:
     """Record the bytes ``optimizer`` adds to collectives per step (beyond gradient reduction)."""
     if not _run:
         return
-    from slimopt.core.distributed import comm_bytes_per_step
+    from slimopt.comm import comm_bytes_per_step
 
     try:
         _run["comm"][name] = comm_bytes_per_step(optimizer)

@@ -10,43 +10,38 @@ means either the formula or the implementation keeps something the other does no
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer, split_hidden_matrices
+from .baselines import BASELINES, OptimizerUnavailable, default_lr, known_names, make_optimizer, split_hidden_matrices
 from .model import PRESETS, build_model
 from .report import markdown_table, run_metadata, write_json
 
-__all__ = ["ANALYTIC_NAME", "add_arguments", "compare", "run"]
+__all__ = ["add_arguments", "compare", "run", "state_formula"]
 
-# harness optimizer name -> memory_model formula name
-ANALYTIC_NAME = {
-    "adamw": "adamw-fp32",
-    "adamw-foreach": "adamw-fp32",
-    "adamw-forloop": "adamw-fp32",
-    "adamw-fused": "adamw-fp32",
-    "microadam": "microadam-m10",
-    "adammini": "adam-mini",
-    "adam-mini-official": "adam-mini",
-    "sinkgd": "sinkgd",
-    "swan": "swan",
-    "galore": "galore",
-    "adamw8bit": "adamw-8bit",
-}
+
+def state_formula(name: str) -> str | None:
+    """The analytic formula of harness optimizer ``name``: its own (registered) or its baseline's, if any."""
+    from slimopt.registry import SPECS
+
+    if name in SPECS:
+        return name
+    return BASELINES[name].state_formula if name in BASELINES else None
 
 
 def _formula_options(formula: str, optimizer: Any, model: torch.nn.Module) -> dict[str, Any]:
-    """The optimizer's own hyper-parameters that the formula takes (m, k_init, block sizes, rank ...)."""
-    from slimopt.memory.formulas import OPTIMIZER_STATE
+    """The optimizer's own hyper-parameters that the formula takes (m, k_init, block sizes, rank ...), and
+    the parameter dtype's size."""
+    from slimopt.memory.formulas import formula_option_names
 
-    accepted = set(inspect.signature(OPTIMIZER_STATE[formula].bytes).parameters) - {"t"}
+    accepted = set(formula_option_names(formula))
     options: dict[str, Any] = {}
     for group in optimizer.param_groups:
+        options.setdefault("param_bytes", group["params"][0].element_size())
         for key in accepted & set(group):
-            if isinstance(group[key], (int, float)) and not isinstance(group[key], bool):
+            if group[key] is None or isinstance(group[key], (int, float, str, torch.dtype)):
                 options.setdefault(key, group[key])
     if formula == "galore":  # our GaLore baseline's rank: a quarter of the width
         hidden, _ = split_hidden_matrices(model)
@@ -73,7 +68,7 @@ def compare(preset: str, names: list[str], *, seed: int = 0, log=print) -> list[
             continue
         optimizer.step()
         measured = state_bytes(optimizer)
-        formula = ANALYTIC_NAME.get(name)
+        formula = state_formula(name)
         options = _formula_options(formula, optimizer, model) if formula else {}
         analytic = analytic_state_bytes(model, formula, **options) if formula else None
         rows.append({

@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 from .distributed import finite_flags
 
 __all__ = [
+    "STEP_BYTES",
     "SlimOptimizer",
     "as_param_groups",
     "check_betas",
@@ -162,6 +163,7 @@ def as_param_groups(params: Any) -> list[dict[str, Any]]:
 
 
 NONFINITE_POLICIES = ("raise", "skip")
+STEP_BYTES = 4  # every tensor with state keeps a float32 step counter, as torch's AdamW does
 
 
 class SlimOptimizer(Optimizer):

@@ -19,7 +19,7 @@ tensor is the rank-by-rank concatenation; state that every rank holds identicall
 per block) stays a plain tensor, which DCP treats as replicated.
 
 Every collective issued here is counted in :data:`COMM` (bytes, per process), which the tests hold
-against :func:`comm_bytes_per_step`, the analytic count of what each optimizer adds per step.
+against ``slimopt.comm.comm_bytes_per_step``, the analytic count of what each optimizer adds per step.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from torch import Tensor
 __all__ = [
     "COMM",
     "column_sq_sums",
-    "comm_bytes_per_step",
     "finite_flags",
     "full",
     "global_shape",
     "gram",
     "is_sharded",
     "local",
+    "shard_mesh_dims",
     "local_offset",
     "local_part",
     "local_rows",
@@ -87,7 +87,7 @@ def global_shape(t: Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
-def _shard_mesh_dims(t: Tensor, dim: int | None = None) -> list[int]:
+def shard_mesh_dims(t: Tensor, dim: int | None = None) -> list[int]:
     """Mesh dimensions whose placement shards ``t`` (along tensor dim ``dim``, when given)."""
     if not is_dtensor(t):
         return []
@@ -103,7 +103,7 @@ def _shard_mesh_dims(t: Tensor, dim: int | None = None) -> list[int]:
 
 def is_sharded(t: Tensor, dim: int | None = None) -> bool:
     """Whether ``t`` is split across ranks (along tensor dim ``dim``, when given)."""
-    return bool(_shard_mesh_dims(t, dim))
+    return bool(shard_mesh_dims(t, dim))
 
 
 def local_offset(t: Tensor) -> tuple[int, ...]:
@@ -134,7 +134,7 @@ def shard_sizes(t: Tensor, dim: int = 0) -> list[int]:
     empty. Computed from the global shape alone, so every rank gets the same answer without talking.
     """
     n = global_shape(t)[dim]
-    mesh_dims = _shard_mesh_dims(t, dim)
+    mesh_dims = shard_mesh_dims(t, dim)
     if not mesh_dims:
         return [n]
     if len(mesh_dims) > 1:
@@ -188,7 +188,7 @@ def sum_across_shards(partial: Tensor, t: Tensor, dims: Sequence[int] | None = N
     """Complete, in place, a sum over ``t``'s dims ``dims`` (default: all) of which each rank holds the
     part over its own shard. A no-op unless ``t`` is sharded along one of those dims."""
     dims = range(t.ndim) if dims is None else dims
-    mesh_dims = sorted({m for d in dims for m in _shard_mesh_dims(t, d)})
+    mesh_dims = sorted({m for d in dims for m in shard_mesh_dims(t, d)})
     return _all_reduce(partial, t, mesh_dims, dist.ReduceOp.SUM, tag) if mesh_dims else partial
 
 
@@ -309,7 +309,7 @@ def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
     position = {i: (d, k) for d, (where, _) in per_device.items() for k, i in enumerate(where)}
     for example, indices in meshes.values():  # sharded grads: agree across the ranks of their mesh
         flags = torch.stack([stacked[position[i][0]][position[i][1]] for i in indices]).to(torch.int32)
-        _all_reduce(flags, example, _shard_mesh_dims(example), dist.ReduceOp.MIN, "finite")
+        _all_reduce(flags, example, shard_mesh_dims(example), dist.ReduceOp.MIN, "finite")
         for i, ok in zip(indices, flags.tolist()):
             stacked[position[i][0]][position[i][1]] = bool(ok)
     for device, (where, _) in per_device.items():  # one sync per device
@@ -334,7 +334,7 @@ def shard_state(state: Tensor, p: Tensor, dim: int = 0) -> Tensor:
         return state
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    mesh_dims = _shard_mesh_dims(p)
+    mesh_dims = shard_mesh_dims(p)
     placements = [Replicate()] * p.device_mesh.ndim
     for m in mesh_dims:
         placements[m] = Shard(dim)
@@ -400,64 +400,3 @@ def rebind_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> i
         swapped += sum(a is not b for a, b in zip(group["params"], new))
         group["params"] = new
     return swapped
-
-
-# --------------------------------------------------------------------------------------------------
-# communication each optimizer adds per step
-
-
-def _rule(group: dict[str, Any], index: int) -> str | None:
-    rules = group.get("param_rules")
-    return rules[index] if rules is not None else None
-
-
-def comm_bytes_per_step(optimizer: torch.optim.Optimizer, world: int | None = None) -> dict[str, int]:
-    """Bytes this rank contributes to collectives per optimizer step, beyond gradient reduction.
-
-    All-reduces count their buffer; SWAN's gather counts the bytes received. Computed from the global
-    shapes and placements of the parameters the optimizer holds and the method's own rules: zero under
-    DDP (replicated parameters), nothing for torch's optimizers. With ``world`` given, plain parameters
-    are counted as if FSDP2 sharded each on dim 0 over ``world`` ranks (for planning, e.g. on a model
-    built on the meta device; the numbers are rank 0's, which holds the largest shard). Keys: ``"total"``
-    and one per kind of collective. The distributed tests hold these numbers against what the
-    collectives issued through this module moved (:data:`COMM`).
-    """
-    name = type(optimizer).__name__
-    out: dict[str, int] = {}
-
-    def add(kind: str, n: int) -> None:
-        out[kind] = out.get(kind, 0) + n
-
-    slim = any(c.__name__ == "SlimOptimizer" for c in type(optimizer).__mro__)
-    for group in optimizer.param_groups:
-        for index, p in enumerate(group["params"]):
-            shape = global_shape(p)
-            if is_sharded(p):
-                hops = len(_shard_mesh_dims(p))  # one all-reduce per mesh dimension that shards p
-                local_numel = local(p).numel()
-            elif world is not None and world > 1 and p.ndim:
-                hops = 1
-                local_numel = -(-shape[0] // world) * math.prod(shape[1:])
-            else:
-                continue
-            acc = 8 if p.dtype == torch.float64 else 4  # reductions accumulate in float32 (float64)
-            if slim:
-                add("finite", 4 * hops)  # one int32 flag per sharded gradient, in one all-reduce
-            if name == "AdamMini":
-                layout = group["param_layouts"][index]
-                if layout["rule"] == "whole":
-                    add("sq_sum", acc * hops)
-                elif layout["rule"] != "elementwise":
-                    add("sq_sums", acc * shape[layout["out_dim"]] * hops)
-            elif name in ("SinkGD", "SWAN") and group.get("update") == "stateless":
-                layouts = group.get("param_layouts")
-                matrix = layouts[index].get("matrix") if layouts is not None else None
-                transposed = matrix is not None and p.ndim == 2 and matrix[0] != shape[0]
-                rows, cols = (shape[1], shape[0]) if transposed else (shape[0], math.prod(shape[1:]))
-                if name == "SinkGD":  # fp32 scale vectors: rows stay local, columns take an all-reduce
-                    iters = group["iters"]
-                    add("sums", 4 * hops * (iters * cols + 1 if not transposed else iters * rows))
-                else:  # SWAN gathers the matrix
-                    add("gather", (math.prod(shape) - local_numel) * p.element_size())
-    out["total"] = sum(out.values())
-    return out

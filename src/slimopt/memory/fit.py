@@ -23,16 +23,18 @@ GiB everywhere (2^30 bytes, as ``torch.cuda`` and ``nvidia-smi`` count): an "80 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .formulas import MODELS, analytic_state_bytes, model_shapes, tensor_facts
+from ..registry import SPECS
+from .formulas import BASELINE_FORMULAS, analytic_state_bytes, formula, tensor_facts
+from .models import MODELS, model_shapes
 
-__all__ = ["PLANNED", "Arch", "FitPlan", "activation_bytes", "add_arguments", "arch_of", "plan", "planned_state_bytes",
-           "run"]
+__all__ = ["Arch", "FitPlan", "activation_bytes", "add_arguments", "arch_of", "plan", "planned_optimizers",
+           "planned_options", "planned_state_bytes", "run"]
 
 GiB = 2**30
 PRECISIONS = ("amp", "bf16", "fp32")
@@ -144,64 +146,40 @@ def activation_bytes(arch: Arch, seq_len: int, batch: int, precision: str = "amp
 
 
 # ---------------------------------------------------------------------------------------------------------
-# optimizers and their state formulas
+# optimizers and their state formulas (the registry's, and two baselines')
 
 
 @dataclass(frozen=True)
 class Planned:
-    """A row of the plan: ``formula`` (a key of memory_model.OPTIMIZER_STATE) with ``options``."""
+    """A row of the plan: a registered optimizer or a baseline formula of ``slimopt.memory.formulas``."""
 
     name: str
-    formula: str
     in_slimopt: bool
     note: str
 
 
-def _class_defaults(target: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Default arguments of a slimopt class, so that the plan counts what the class really allocates."""
-    module, _, attribute = target.partition(":")
-    try:
-        cls = getattr(__import__(module, fromlist=[attribute]), attribute)
-    except (ImportError, AttributeError):
-        return {}
-    params = inspect.signature(cls.__init__).parameters
-    return {k: params[k].default for k in keys if k in params and params[k].default is not inspect.Parameter.empty}
+def planned_optimizers() -> dict[str, Planned]:
+    """Every registered optimizer, then the baselines slimopt does not implement (8-bit AdamW, GaLore)."""
+    rows = {s.name: Planned(s.name, s.in_slimopt, s.planner_note or s.summary) for s in SPECS.values()}
+    rows.update({name: Planned(name, False, f.note) for name, f in BASELINE_FORMULAS.items()})
+    return rows
 
 
-PLANNED: dict[str, Planned] = {
-    p.name: p
-    for p in [
-        Planned("adamw", "adamw", True, "torch AdamW; m and v in the parameter dtype"),
-        Planned("adamw-8bit", "adamw-8bit", False, "baseline (bitsandbytes/torchao), not in slimopt"),
-        Planned("microadam", "microadam-m10", True, "window of sparse gradients + 4-bit error feedback"),
-        Planned("adammini", "adam-mini", True, "m in the parameter dtype, one fp32 v per block"),
-        Planned("sinkgd", "sinkgd", True, "stateless hidden matrices; AdamW (parameter dtype) for the rest"),
-        Planned("swan", "swan", True, "stateless hidden matrices; AdamW (parameter dtype) for the rest"),
-        Planned("galore", "galore", False, "baseline (GaLore, rank as the paper for this size), not in slimopt"),
-    ]
-}
+def planned_options(name: str, param_bytes: int = 4, galore_rank: int = 256) -> dict[str, Any]:
+    """The options the plan counts ``name`` with: the class's defaults and the parameter dtype's size."""
+    _, defaults = formula(name)
+    options = {"param_bytes": param_bytes, **defaults}
+    if name == "galore":
+        options["rank"] = galore_rank
+    return options
 
 
 def planned_state_bytes(name: str, model: Any, param_bytes: int = 4, *, config: Any = None,
                         galore_rank: int = 256) -> int:
-    """Optimizer-state bytes the plan counts for optimizer ``name`` (a key of :data:`PLANNED`) on
-    ``model``: an ``nn.Module``, (name, shape) pairs, or memory_model ``TensorFacts``. ``param_bytes``
-    is the parameter dtype's size (AdamW-type state is kept in it)."""
-    planned = PLANNED[name]
-    facts = model if isinstance(model, list) and model and hasattr(model[0], "adam_mini_blocks") \
-        else tensor_facts(model, config)
-    if planned.formula == "adamw":
-        return analytic_state_bytes(facts, "adamw-fp32", state_bytes=param_bytes)
-    if planned.formula == "microadam-m10":
-        options = _class_defaults("slimopt.optim.microadam:MicroAdam", ("m", "k_init", "quant_block_size", "topk_block_size"))
-        return analytic_state_bytes(facts, "microadam-m10", **options)
-    if planned.formula == "adam-mini":
-        return analytic_state_bytes(facts, "adam-mini", m_bytes=param_bytes)
-    if planned.formula in ("sinkgd", "swan"):
-        return analytic_state_bytes(facts, planned.formula, state_bytes=param_bytes)
-    if planned.formula == "galore":
-        return analytic_state_bytes(facts, "galore", rank=galore_rank, state_bytes=param_bytes)
-    return analytic_state_bytes(facts, planned.formula)
+    """Optimizer-state bytes the plan counts for optimizer ``name`` (a key of :func:`planned_optimizers`)
+    on ``model``: an ``nn.Module``, (name, shape) pairs, or the facts of ``formulas.tensor_facts``.
+    ``param_bytes`` is the parameter dtype's size (AdamW-type state is kept in it)."""
+    return analytic_state_bytes(model, name, config=config, **planned_options(name, param_bytes, galore_rank))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,6 +197,7 @@ class FitPlan:
     precision: str
     checkpointing: bool
     rows: list[dict[str, Any]]
+    flash: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,17 +208,20 @@ def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1,
          optimizers: list[str] | None = None) -> FitPlan:
     """Memory of training ``model`` with each optimizer, and whether it fits in ``gpu_mem_gib``."""
     if model not in MODELS:
-        raise KeyError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+        raise KeyError(f"unknown model (--model) {model!r}; known: {', '.join(MODELS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"Invalid precision: {precision!r} (must be one of {', '.join(PRECISIONS)})")
     if not 0 <= headroom < 1:
-        raise ValueError(f"Invalid headroom: {headroom} (must be in [0, 1))")
-    if gpu_mem_gib <= 0 or seq_len < 1 or batch < 1:
-        raise ValueError("gpu memory, seq_len and batch must be positive")
-    names = optimizers or list(PLANNED)
-    unknown = [n for n in names if n not in PLANNED]
+        raise ValueError(f"Invalid headroom (--headroom): {headroom} (must be in [0, 1))")
+    for argument, flag, value in (("gpu_mem_gib", "--gpu-mem", gpu_mem_gib), ("seq_len", "--seq-len", seq_len),
+                                  ("batch", "--batch", batch)):
+        if not value > 0:
+            raise ValueError(f"Invalid {argument} ({flag}): {value} (must be positive)")
+    known = planned_optimizers()
+    names = optimizers or list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise KeyError(f"unknown optimizer(s) {unknown}; known: {', '.join(PLANNED)}")
+        raise KeyError(f"unknown optimizer(s) (--optimizer) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     spec = MODELS[model]
     facts = tensor_facts(model_shapes(model), spec.config)
     n = sum(t.numel for t in facts)
@@ -252,8 +234,9 @@ def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1,
     budget = gpu_mem_gib * (1 - headroom) * GiB
     rows = []
     for name in names:
-        planned = PLANNED[name]
-        state = planned_state_bytes(name, facts, param_bytes, galore_rank=spec.galore_rank)
+        planned = known[name]
+        options = planned_options(name, param_bytes, spec.galore_rank)
+        state = analytic_state_bytes(facts, name, **options)
         static = weights + gradients + state
         total = static + act
         max_batch = max(0, int((budget - static) // act_per_sample)) if budget > static else 0
@@ -261,9 +244,35 @@ def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1,
             "optimizer": name, "in_slimopt": planned.in_slimopt, "note": planned.note,
             "weights_gib": weights / GiB, "gradients_gib": gradients / GiB, "state_gib": state / GiB,
             "activations_gib": act / GiB, "total_gib": total / GiB, "fits": total <= budget,
-            "max_batch": max_batch,
+            "max_batch": max_batch, "options": options,
         })
-    return FitPlan(model, n, gpu_mem_gib, budget / GiB, seq_len, batch, precision, checkpointing, rows)
+    return FitPlan(model, n, gpu_mem_gib, budget / GiB, seq_len, batch, precision, checkpointing, rows, flash)
+
+
+def why_not(p: FitPlan, row: dict[str, Any]) -> str:
+    """For a row that does not fit: which term is largest and what would make it fit (or that nothing can)."""
+    terms = {"weights": row["weights_gib"], "gradients": row["gradients_gib"], "optimizer state": row["state_gib"],
+             "activations": row["activations_gib"]}
+    largest = max(terms, key=terms.get)
+    static = row["weights_gib"] + row["gradients_gib"] + row["state_gib"]
+    over = row["total_gib"] - p.budget_gib
+    text = f"{over:.2f} GiB over; largest: {largest} {terms[largest]:.2f} GiB"
+    if static >= p.budget_gib:
+        hint = "weights + gradients + state alone exceed the usable memory"
+        if p.precision != "bf16":
+            hint += "; try --precision bf16 (2 B/param weights and gradients)"
+        return f"{text}. {hint}, or a GPU with more memory, or shard over several GPUs (FSDP2)"
+    hints = []
+    if not p.checkpointing:
+        hints.append("--checkpointing")
+    if p.batch > 1:
+        hints.append(f"--batch {max(1, row['max_batch'])}" if row["max_batch"] else "--batch 1")
+    if p.seq_len > 256:
+        hints.append(f"--seq-len {p.seq_len // 2}")
+    if not p.flash:
+        hints.append("sdpa attention (drop --eager-attention)")
+    return f"{text}; activations are what is left to cut: try " + (" or ".join(hints) if hints else
+                                                                         "a GPU with more memory")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headroom", type=float, default=0.1,
                         help="fraction of the GPU left for the CUDA context, fragmentation, workspaces (0.1)")
     parser.add_argument("--optimizer", action="append", metavar="NAME",
-                        help=f"restrict to these (repeatable): {', '.join(PLANNED)}")
+                        help="restrict to these (repeatable): " + ", ".join(planned_optimizers()))
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -304,6 +313,14 @@ def _format(p: FitPlan) -> str:
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("* baseline for comparison, not part of slimopt. 'max batch': largest micro-batch that fits.")
+    out.append("settings (the class defaults; state bytes per parameter dtype byte count param_bytes):")
+    for r in p.rows:
+        settings = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        out.append(f"  {r['optimizer']}: {settings}")
+    misfits = [r for r in p.rows if not r["fits"]]
+    if misfits:
+        out.append("does not fit:")
+        out.extend(f"  {r['optimizer']}: {why_not(p, r)}" for r in misfits)
     out.append("Estimate: total = weights + grads + state + activations; the measured peak is usually a little lower.")
     return "\n".join(out)
 
@@ -314,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
                       checkpointing=args.checkpointing, flash=not args.eager_attention, headroom=args.headroom,
                       optimizers=args.optimizer)
     except (KeyError, ValueError) as exc:
-        print(exc.args[0] if exc.args else exc)
+        print(f"slimopt plan: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     print(json.dumps(result.as_dict(), indent=1) if args.json else _format(result))
     return 0

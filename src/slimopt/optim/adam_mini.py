@@ -25,14 +25,14 @@ State per tensor: ``exp_avg`` (m, full size, the parameter's dtype or ``exp_avg_
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..core.distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
-from ..ops.blockstats import adam_mini_multi, adam_mini_step, block_mean_sq, block_state_shape
 from ..core.base import (
+    STEP_BYTES,
     SlimOptimizer,
     as_param_groups,
     check_betas,
@@ -41,12 +41,122 @@ from ..core.base import (
     check_positive,
     placeholder_names,
 )
-from ..plans.param_plan import ADAM_MINI, ROLES, ParamPlan
+from ..core.distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
+from ..ops.blockstats import adam_mini_multi, adam_mini_step, block_mean_sq, block_state_shape
+from ..plans.param_plan import ROLES, BlockFacts, ParamInfo, ParamPlan, RuleSet
 
-__all__ = ["AdamMini"]
+__all__ = ["ADAM_MINI", "AdamMini", "adam_mini_layout", "comm_bytes", "state_bytes_formula"]
 
 _DTYPES = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
            "fp32": torch.float32, "float32": torch.float32, torch.float32: torch.float32}
+
+
+# --------------------------------------------------------------------------------------------------
+# the partition: Adam-mini's rule set over the plan's roles
+
+
+def adam_mini_layout(info: ParamInfo, rule: str) -> BlockFacts:
+    """Blocks of one tensor under Adam-mini's rules; each block will keep one second-moment value.
+
+    ``elementwise`` one block per element (plain Adam, biases); ``whole`` one block per tensor;
+    ``rows`` one block per output neuron / token (``unit=1``); ``heads`` one block per attention head,
+    i.e. ``head_dim`` consecutive output neurons (``unit=head_dim``); ``qkv`` a fused projection whose
+    output neurons are cut into ``segments`` ``[start, length, unit]``: q and k by heads, v by neurons.
+    """
+    shape, numel = info.shape, info.numel
+    if rule == "elementwise":
+        return BlockFacts(numel, 1)
+    if rule == "whole":
+        return BlockFacts(1, numel)
+    if rule not in ("rows", "heads", "qkv"):
+        raise ValueError(f"unknown Adam-mini rule {rule!r}")
+    if len(shape) < 2:
+        raise ValueError(f"rule {rule!r} cuts the output dimension of a matrix; a {len(shape)}-D tensor "
+                         "has none")
+    rows = shape[info.out_dim]
+    per_row = numel // rows if rows else 0
+    if rule == "rows":
+        return BlockFacts(rows, per_row, {"unit": 1})
+    att = info.attention
+    if att.head_dim is None and att.num_heads and len(shape) == 2:
+        # no hidden size given: the input features of an attention projection are the hidden size
+        fan_in = shape[1 - info.out_dim]
+        if fan_in % att.num_heads == 0:
+            att = replace(att, head_dim=fan_in // att.num_heads)
+    if rule == "heads":
+        if att.head_dim is None:
+            return BlockFacts(rows, per_row, {"unit": 1}, rule="rows",
+                          note="head_dim unknown (pass num_heads/head_dim or config): one block per row")
+        hd = att.head_dim
+        if rows % hd:
+            raise ValueError(f"{rows} output neurons is not a multiple of head_dim={hd}")
+        expected = {"query": att.num_heads, "key": att.num_kv_heads}.get(info.role)
+        if expected is not None and rows // hd != expected:
+            raise ValueError(f"{rows // hd} heads of head_dim={hd}, but the config says {expected} "
+                             f"{'kv ' if info.role == 'key' else ''}heads")
+        return BlockFacts(rows // hd, hd * per_row, {"unit": hd})
+    # fused qkv
+    if not att.known:
+        return BlockFacts(rows, per_row, {"unit": 1}, rule="rows",
+                      note="attention geometry unknown (pass num_heads/head_dim): one block per row")
+    h, kv, hd = att.num_heads, att.num_kv_heads or att.num_heads, att.head_dim
+    if rows != (h + 2 * kv) * hd:
+        raise ValueError(f"{rows} output neurons, but fused q,k,v of {h}+{kv}+{kv} heads x {hd} need "
+                         f"{(h + 2 * kv) * hd}")
+    if info.qkv_layout == "grouped":  # per kv group: [q_1 .. q_g, k] by heads, then v by neurons
+        g = h // kv
+        segments = []
+        for i in range(kv):
+            start = i * (g + 2) * hd
+            segments += [[start, (g + 1) * hd, hd], [start + (g + 1) * hd, hd, 1]]
+    else:  # [q | k | v]
+        segments = [[0, (h + kv) * hd, hd], [(h + kv) * hd, kv * hd, 1]]
+    n_blocks = (h + kv) + kv * hd
+    return BlockFacts(n_blocks, hd * per_row, {"segments": segments, "layout": info.qkv_layout})
+
+
+ADAM_MINI = RuleSet(
+    "adam-mini",
+    {
+        "embedding": "rows",  # by tokens
+        "head": "rows",  # by tokens (output classes)
+        "query": "heads",
+        "key": "heads",  # GQA/MQA: num_kv_heads blocks
+        "qkv": "qkv",
+        "value": "rows",  # by output neurons
+        "attn_out": "rows",
+        "mlp": "rows",
+        "adapter": "rows",  # LoRA A (r x in) and B (out x r): by output neurons, never heads
+        "bias": "elementwise",  # plain Adam
+        "norm": "whole",
+        "other": "whole",
+    },
+    layout=adam_mini_layout,
+    default="whole",
+    extra_rules=("elementwise", "whole", "rows", "heads", "qkv"),
+)
+"""Adam-mini's partition (paper v1.1, Algorithm 3) as a rule set over roles (``slimopt.plans``)."""
+
+
+def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4, exp_avg_dtype: Any = None) -> int:
+    """State bytes of one tensor (registry formula): m in ``exp_avg_dtype`` (default: the parameter's),
+    one fp32 v per block of the partition, the step."""
+    m_bytes = param_bytes if _DTYPES.get(exp_avg_dtype) is None else _DTYPES[exp_avg_dtype].itemsize
+    blocks = ADAM_MINI.layout(t, ADAM_MINI.rule_for(t.role)).n_blocks
+    return t.numel * m_bytes + blocks * 4 + STEP_BYTES
+
+
+def comm_bytes(group: dict[str, Any], index: int, shape: tuple[int, ...], hops: int, local_numel: int,
+               p: Tensor) -> dict[str, int]:
+    """Collectives of one sharded tensor per step: its blocks' sums of squares, one all-reduce per mesh
+    dimension that shards it (float32, float64 for float64 parameters)."""
+    acc = 8 if p.dtype == torch.float64 else 4
+    layout = group["param_layouts"][index]
+    if layout["rule"] == "whole":
+        return {"sq_sum": acc * hops}
+    if layout["rule"] != "elementwise":
+        return {"sq_sums": acc * shape[layout["out_dim"]] * hops}
+    return {}
 
 
 class AdamMini(SlimOptimizer):

@@ -27,14 +27,15 @@ each has its own ``lr`` that schedulers scale. AdamW tensors use ``adamw_lr`` / 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..ops.adamw import adamw_multi
 from ..core.base import (
+    STEP_BYTES,
     SlimOptimizer,
     check_betas,
     check_choice,
@@ -42,9 +43,11 @@ from ..core.base import (
     check_nonnegative,
     placeholder_names,
 )
+from ..ops.adamw import adamw_multi
 from ..plans.param_plan import BlockFacts, ParamInfo, ParamPlan, RuleSet
 
-__all__ = ["ADAMW", "STATELESS", "HybridStatelessOptimizer", "routing_layout", "routing_rules"]
+__all__ = ["ADAMW", "STATELESS", "HybridStatelessOptimizer", "matrix_dims", "routing_layout", "routing_rules",
+           "state_bytes_formula"]
 
 STATELESS = "stateless"
 ADAMW = "adamw"
@@ -89,6 +92,28 @@ def routing_rules(conv_as_matrix: bool = False) -> RuleSet:
         default=ADAMW,
         extra_rules=(STATELESS, ADAMW),
     )
+
+
+def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4, conv_as_matrix: bool = False) -> int:
+    """State bytes of one tensor (registry formula of SinkGD and SWAN): none for a matrix the routing sends
+    to the stateless update; AdamW's m and v in the parameter dtype + the step for the rest."""
+    rules = routing_rules(conv_as_matrix)
+    rule = rules.rule_for(t.role)
+    if (rules.layout(t, rule).rule or rule) == STATELESS:
+        return 0
+    return 2 * t.numel * param_bytes + STEP_BYTES
+
+
+def matrix_dims(group: dict[str, Any], index: int, shape: tuple[int, ...]) -> tuple[int, int, bool] | None:
+    """(rows, cols, transposed) of the matrix view of a stateless tensor (rows = output dimension), or None
+    for a tensor on AdamW. ``transposed``: the view is the stored tensor's transpose (GPT-2's Conv1D)."""
+    if group.get("update") != STATELESS:
+        return None
+    layouts = group.get("param_layouts")
+    matrix = layouts[index].get("matrix") if layouts is not None else None
+    transposed = matrix is not None and len(shape) == 2 and matrix[0] != shape[0]
+    rows, cols = (shape[1], shape[0]) if transposed else (shape[0], math.prod(shape[1:]))
+    return rows, cols, transposed
 
 
 def _shape_rule(p: Tensor, conv_as_matrix: bool) -> str:

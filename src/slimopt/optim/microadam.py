@@ -37,11 +37,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.distributed import local, padded_local, shard_state
-from ..ops.microadam_window import apply_window_update_, window_weights
-from ..ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit, quantize_scratch_size
-from ..ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast, k_for
 from ..core.base import (
+    STEP_BYTES,
     SlimOptimizer,
     check_betas,
     check_choice,
@@ -50,8 +47,13 @@ from ..core.base import (
     check_positive_int,
     check_range,
 )
+from ..core.distributed import local, padded_local, shard_state
+from ..ops.microadam_window import apply_window_update_, window_weights
+from ..ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit, quantize_scratch_size
+from ..ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast, k_for
+from ..plans.param_plan import ParamInfo
 
-__all__ = ["MicroAdam", "chunk_spans"]
+__all__ = ["MicroAdam", "chunk_spans", "state_bytes_formula"]
 
 # Dense fp32 temporaries of the compression pass cover at most this many entries (rounded up to whole
 # blocks and buckets): the accumulator and 1.5x that of quantiser scratch in the step's workspace.
@@ -65,6 +67,20 @@ WINDOW_CHUNK_ELEMENTS = 1 << 18
 # State that describes one rank's own rows under FSDP2, and the dimension along which the ranks' parts
 # are concatenated into one DTensor (so that DCP saves every rank's part).
 PER_RANK_STATE = {"window_indices": 1, "window_values": 1, "ef_codes": 0, "ef_min": 0, "ef_max": 0}
+
+
+def state_sizes(n: int, m: int, k_init: float, quant_block_size: int, topk_block_size: int) -> tuple[int, int, int]:
+    """(window rows, entries per row, quantisation buckets) of a tensor of ``n`` entries."""
+    return m, block_layout(n, topk_block_size, k_init).k_total, num_buckets(n, quant_block_size)
+
+
+def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4, m: int, k_init: float, quant_block_size: int,
+                        topk_block_size: int) -> int:
+    """State bytes of one tensor (registry formula): a window of m rows of k int16 indices + k bf16 values,
+    4-bit error feedback (two codes a byte), bf16 min and max per bucket, the step. ~0.5 + 4·m·k_init +
+    4/quant_block_size B/param, whatever the parameter dtype."""
+    rows, k_total, buckets = state_sizes(t.numel, m, k_init, quant_block_size, topk_block_size)
+    return rows * k_total * (2 + 2) + (t.numel + 1) // 2 + 2 * buckets * 2 + STEP_BYTES
 
 
 class MicroAdam(SlimOptimizer):
@@ -115,8 +131,8 @@ class MicroAdam(SlimOptimizer):
     @staticmethod
     def _init_state(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
         n = p.numel()
-        k_total = block_layout(n, group["topk_block_size"], group["k_init"]).k_total
-        m, buckets = group["m"], num_buckets(n, group["quant_block_size"])
+        m, k_total, buckets = state_sizes(n, group["m"], group["k_init"], group["quant_block_size"],
+                                          group["topk_block_size"])
         state["window_indices"] = torch.zeros(m, k_total, dtype=torch.int16, device=p.device)
         state["window_values"] = torch.zeros(m, k_total, dtype=torch.bfloat16, device=p.device)
         state["ef_codes"] = torch.zeros((n + 1) // 2, dtype=torch.uint8, device=p.device)

@@ -17,12 +17,24 @@ from typing import Any
 
 from torch import Tensor
 
+from ..core.base import check_positive, check_positive_int
 from ..core.distributed import global_shape, local, partial_sums
 from ..ops.normalize import add_scaled_, sinkhorn_scales
-from ..core.base import check_positive, check_positive_int
-from .hybrid import HybridStatelessOptimizer
+from .hybrid import HybridStatelessOptimizer, matrix_dims
 
-__all__ = ["SinkGD"]
+__all__ = ["SinkGD", "comm_bytes"]
+
+
+def comm_bytes(group: dict[str, Any], index: int, shape: tuple[int, ...], hops: int, local_numel: int,
+               p: Tensor) -> dict[str, int]:
+    """Collectives of one sharded tensor per step: the fp32 scale vectors; row sums stay local under row
+    sharding, each iteration's column sums take an all-reduce (+ one for the final norm)."""
+    dims = matrix_dims(group, index, shape)
+    if dims is None:
+        return {}
+    rows, cols, transposed = dims
+    iters = group["iters"]
+    return {"sums": 4 * hops * (iters * rows if transposed else iters * cols + 1)}
 
 
 class SinkGD(HybridStatelessOptimizer):

@@ -18,14 +18,14 @@ from typing import Any
 
 from torch import Tensor
 
+from ..core.base import check_positive, check_positive_int
 from ..core.distributed import full, local_part
 from ..core.distributed import local as local_tensor
 from ..ops.newton_schulz import whiten
 from ..ops.normalize import row_standardize
-from ..core.base import check_positive, check_positive_int
-from .hybrid import HybridStatelessOptimizer
+from .hybrid import HybridStatelessOptimizer, matrix_dims
 
-__all__ = ["SWAN", "swan_direction"]
+__all__ = ["SWAN", "comm_bytes", "swan_direction"]
 
 
 def swan_direction(grad: Tensor, ns_iters: int, rescale: bool = True, eps: float = 1e-8) -> Tensor:
@@ -36,6 +36,14 @@ def swan_direction(grad: Tensor, ns_iters: int, rescale: bool = True, eps: float
     if rescale:
         x.mul_(x.norm().clamp_min(eps).reciprocal().mul_(math.sqrt(x.numel())))
     return x.t() if tall else x
+
+
+def comm_bytes(group: dict[str, Any], index: int, shape: tuple[int, ...], hops: int, local_numel: int,
+               p: Tensor) -> dict[str, int]:
+    """Collectives of one sharded tensor per step: SWAN gathers the whole matrix (bytes received)."""
+    if matrix_dims(group, index, shape) is None:
+        return {}
+    return {"gather": (math.prod(shape) - local_numel) * p.element_size()}
 
 
 class SWAN(HybridStatelessOptimizer):

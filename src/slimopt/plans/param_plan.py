@@ -31,7 +31,7 @@ hidden matrices to a stateless update and everything else to AdamW. That is one 
 3. **Rule sets** (:class:`RuleSet`): a small table ``role -> rule`` plus a ``layout`` function that
    checks the shape against the rule and returns the rule's facts (number of blocks, block size, any
    extra keys). A shape that contradicts its rule raises ``ValueError`` naming the parameter. Adam-mini's
-   partition is one rule set (``slimopt.optim.adam_mini.ADAM_MINI_RULES``); SinkGD/SWAN's routing
+   partition is one rule set (``slimopt.optim.adam_mini.ADAM_MINI``); SinkGD/SWAN's routing
    (``"stateless" | "adamw"``) is another, written the same way::
 
        def my_layout(info: ParamInfo, rule: str) -> BlockFacts:
@@ -55,14 +55,13 @@ import fnmatch
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "ADAM_MINI",
     "ROLES",
     "ROLES_ONLY",
     "AttentionShape",
@@ -71,9 +70,9 @@ __all__ = [
     "ParamPlan",
     "PlanRow",
     "RuleSet",
-    "adam_mini_layout",
     "classify",
     "named_tensors",
+    "param_infos",
 ]
 
 ROLES = ("embedding", "head", "query", "key", "value", "qkv", "attn_out", "mlp", "norm", "bias", "adapter",
@@ -410,6 +409,50 @@ def _qkv_layout(name: str, config: Any) -> str:
     return "concat"
 
 
+def _classified(pairs: list[tuple[str, Tensor]], config: Any, module_types: Mapping[str, str],
+                attention: AttentionShape, overrides: Mapping[str, str], used: set[str]
+                ) -> Iterator[tuple[ParamInfo, str | None, str]]:
+    """``(info, rule from an override or None, "auto" | "override")`` per tensor; tied weights once (the
+    first name wins, as ``named_parameters``). Adds the override keys that matched to ``used``."""
+    gpt2 = _gpt2_family(pairs, config)
+    seen: set[int] = set()
+    for name, p in pairs:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        shape = tuple(int(s) for s in p.shape)  # global shape, also for a DTensor
+        role = classify(name, shape, config)
+        rule = None
+        kind = "auto"
+        for key, value in overrides.items():
+            if key == name or fnmatch.fnmatchcase(name, key):
+                used.add(key)
+                kind = "override"
+                if value in ROLES:
+                    role = value
+                else:
+                    rule = value
+        transposed = _is_conv1d_layout(name, shape, module_types.get(name), gpt2)
+        info = ParamInfo(name=name, shape=shape, role=role, out_dim=1 if transposed else 0, attention=attention,
+                         qkv_layout=_qkv_layout(name, config) if role == "qkv" else None)
+        yield info, rule, kind
+
+
+def param_infos(source: Any, *, config: Any = None, num_heads: int | None = None, num_kv_heads: int | None = None,
+                head_dim: int | None = None, hidden_size: int | None = None) -> list[ParamInfo]:
+    """The shape facts of every tensor of ``source`` (a module, named pairs or named groups), no rule set
+    applied: what the analytic memory formulas read. Meta tensors work (nothing is allocated)."""
+    module_types: dict[str, str] = {}
+    if isinstance(source, torch.nn.Module):
+        if config is None:
+            config = getattr(source, "config", None)
+        module_types = _module_types(source)
+    pairs, _ = named_tensors(source)
+    attention = AttentionShape.from_config(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                           head_dim=head_dim, hidden_size=hidden_size)
+    return [info for info, _, _ in _classified(pairs, config, module_types, attention, {}, set())]
+
+
 # --------------------------------------------------------------------------------------------------
 # the plan
 
@@ -454,42 +497,22 @@ class ParamPlan:
                 raise ValueError(f"override {key!r} -> {value!r}: not a role ({', '.join(ROLES)}) nor a rule "
                                  f"of {rule_set.name!r} ({', '.join(sorted(rule_set.known_rules))})")
         used: set[str] = set()
-        gpt2 = _gpt2_family(pairs, config)
         rows: list[PlanRow] = []
         unknown: list[str] = []
         notes: list[str] = []
-        seen: set[int] = set()
-        for name, p in pairs:
-            if id(p) in seen:  # tied weights: one tensor, one row (the first name wins, as named_parameters)
-                continue
-            seen.add(id(p))
-            shape = tuple(int(s) for s in p.shape)  # global shape, also for a DTensor
-            role = classify(name, shape, config)
-            rule = None
-            kind = "auto"
-            for key, value in overrides.items():
-                if key == name or fnmatch.fnmatchcase(name, key):
-                    used.add(key)
-                    kind = "override"
-                    if value in ROLES:
-                        role = value
-                    else:
-                        rule = value
-            if role == "other" and kind == "auto":
-                unknown.append(name)
-            rule = rule or rule_set.rule_for(role)
-            transposed = _is_conv1d_layout(name, shape, module_types.get(name), gpt2)
-            info = ParamInfo(name=name, shape=shape, role=role, out_dim=1 if transposed else 0,
-                             attention=attention, qkv_layout=_qkv_layout(name, config) if role == "qkv" else None)
+        for info, rule, kind in _classified(pairs, config, module_types, attention, overrides, used):
+            if info.role == "other" and kind == "auto":
+                unknown.append(info.name)
+            rule = rule or rule_set.rule_for(info.role)
             try:
-                layout = rule_set.layout(info, rule)
+                facts = rule_set.layout(info, rule)
             except ValueError as err:
-                raise ValueError(f"parameter {name!r} (shape {shape}, role {role!r}, rule {rule!r}): "
-                                 f"{err}") from err
-            if layout.note:
-                notes.append(f"{name}: {layout.note}")
-            rows.append(PlanRow(name, shape, role, layout.rule or rule, layout.n_blocks, layout.block_size,
-                                info.out_dim, dict(layout.extra), kind))
+                raise ValueError(f"parameter {info.name!r} (shape {info.shape}, role {info.role!r}, rule "
+                                 f"{rule!r}): {err}") from err
+            if facts.note:
+                notes.append(f"{info.name}: {facts.note}")
+            rows.append(PlanRow(info.name, info.shape, info.role, facts.rule or rule, facts.n_blocks,
+                                facts.block_size, info.out_dim, dict(facts.extra), kind))
         unused = set(overrides) - used
         if unused:
             raise ValueError(f"overrides match no parameter: {', '.join(sorted(unused))}")
@@ -593,7 +616,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# two rule sets: roles as they are, and Adam-mini's partition (paper v1.1, Algorithm 3)
+# the rule set of roles as they are (each optimizer keeps its own rule set beside its class)
 
 
 def _one_block(info: ParamInfo, rule: str) -> BlockFacts:
@@ -602,86 +625,3 @@ def _one_block(info: ParamInfo, rule: str) -> BlockFacts:
 
 ROLES_ONLY = RuleSet("roles", {role: role for role in ROLES}, layout=_one_block, default="other")
 """Rule = role, one block per tensor: for printing what ``classify`` decided."""
-
-
-def adam_mini_layout(info: ParamInfo, rule: str) -> BlockFacts:
-    """Blocks of one tensor under Adam-mini's rules; each block will keep one second-moment value.
-
-    ``elementwise`` one block per element (plain Adam, biases); ``whole`` one block per tensor;
-    ``rows`` one block per output neuron / token (``unit=1``); ``heads`` one block per attention head,
-    i.e. ``head_dim`` consecutive output neurons (``unit=head_dim``); ``qkv`` a fused projection whose
-    output neurons are cut into ``segments`` ``[start, length, unit]``: q and k by heads, v by neurons.
-    """
-    shape, numel = info.shape, info.numel
-    if rule == "elementwise":
-        return BlockFacts(numel, 1)
-    if rule == "whole":
-        return BlockFacts(1, numel)
-    if rule not in ("rows", "heads", "qkv"):
-        raise ValueError(f"unknown Adam-mini rule {rule!r}")
-    if len(shape) < 2:
-        raise ValueError(f"rule {rule!r} cuts the output dimension of a matrix; a {len(shape)}-D tensor "
-                         "has none")
-    rows = shape[info.out_dim]
-    per_row = numel // rows if rows else 0
-    if rule == "rows":
-        return BlockFacts(rows, per_row, {"unit": 1})
-    att = info.attention
-    if att.head_dim is None and att.num_heads and len(shape) == 2:
-        # no hidden size given: the input features of an attention projection are the hidden size
-        fan_in = shape[1 - info.out_dim]
-        if fan_in % att.num_heads == 0:
-            att = replace(att, head_dim=fan_in // att.num_heads)
-    if rule == "heads":
-        if att.head_dim is None:
-            return BlockFacts(rows, per_row, {"unit": 1}, rule="rows",
-                          note="head_dim unknown (pass num_heads/head_dim or config): one block per row")
-        hd = att.head_dim
-        if rows % hd:
-            raise ValueError(f"{rows} output neurons is not a multiple of head_dim={hd}")
-        expected = {"query": att.num_heads, "key": att.num_kv_heads}.get(info.role)
-        if expected is not None and rows // hd != expected:
-            raise ValueError(f"{rows // hd} heads of head_dim={hd}, but the config says {expected} "
-                             f"{'kv ' if info.role == 'key' else ''}heads")
-        return BlockFacts(rows // hd, hd * per_row, {"unit": hd})
-    # fused qkv
-    if not att.known:
-        return BlockFacts(rows, per_row, {"unit": 1}, rule="rows",
-                      note="attention geometry unknown (pass num_heads/head_dim): one block per row")
-    h, kv, hd = att.num_heads, att.num_kv_heads or att.num_heads, att.head_dim
-    if rows != (h + 2 * kv) * hd:
-        raise ValueError(f"{rows} output neurons, but fused q,k,v of {h}+{kv}+{kv} heads x {hd} need "
-                         f"{(h + 2 * kv) * hd}")
-    if info.qkv_layout == "grouped":  # per kv group: [q_1 .. q_g, k] by heads, then v by neurons
-        g = h // kv
-        segments = []
-        for i in range(kv):
-            start = i * (g + 2) * hd
-            segments += [[start, (g + 1) * hd, hd], [start + (g + 1) * hd, hd, 1]]
-    else:  # [q | k | v]
-        segments = [[0, (h + kv) * hd, hd], [(h + kv) * hd, kv * hd, 1]]
-    n_blocks = (h + kv) + kv * hd
-    return BlockFacts(n_blocks, hd * per_row, {"segments": segments, "layout": info.qkv_layout})
-
-
-ADAM_MINI = RuleSet(
-    "adam-mini",
-    {
-        "embedding": "rows",  # by tokens
-        "head": "rows",  # by tokens (output classes)
-        "query": "heads",
-        "key": "heads",  # GQA/MQA: num_kv_heads blocks
-        "qkv": "qkv",
-        "value": "rows",  # by output neurons
-        "attn_out": "rows",
-        "mlp": "rows",
-        "adapter": "rows",  # LoRA A (r x in) and B (out x r): by output neurons, never heads
-        "bias": "elementwise",  # plain Adam
-        "norm": "whole",
-        "other": "whole",
-    },
-    layout=adam_mini_layout,
-    default="whole",
-    extra_rules=("elementwise", "whole", "rows", "heads", "qkv"),
-)
-"""Adam-mini's partition (paper v1.1, Algorithm 3) as a rule set over roles."""
