@@ -5,11 +5,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from . import _moved
 from .core.base import SlimOptimizer
 from .memory import state_bytes, state_bytes_by_key
 from .registry import create_optimizer, get_supported_optimizers, load_optimizer
 
 __version__ = "0.1.0"
+
+_moved.install()  # the import paths of 0.1 (slimopt.microadam, slimopt.plan, ...) keep working
 
 # The optimizer classes are imported on first use so that `import slimopt` stays light.
 _LAZY = {

@@ -28,8 +28,9 @@ each has its own ``lr`` that schedulers scale. AdamW tensors use ``adamw_lr`` / 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,8 +47,8 @@ from ..core.base import (
 from ..ops.adamw import adamw_multi
 from ..plans.param_plan import BlockFacts, ParamInfo, ParamPlan, RuleSet
 
-__all__ = ["ADAMW", "STATELESS", "HybridStatelessOptimizer", "matrix_dims", "routing_layout", "routing_rules",
-           "state_bytes_formula"]
+__all__ = ["ADAMW", "STATELESS", "HybridStatelessOptimizer", "MatrixView", "matrix_dims", "routing_layout",
+           "routing_rules", "state_bytes_formula"]
 
 STATELESS = "stateless"
 ADAMW = "adamw"
@@ -132,8 +133,27 @@ def _scalar(value: float | Tensor) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
+class MatrixView(NamedTuple):
+    """One hidden matrix as the matrix update sees it."""
+
+    param: Tensor  # (rows, cols) view of the parameter, the same object every step
+    grad: Tensor  # the same view of its gradient
+    state: dict[str, Any] | None  # the tensor's state (``optimizer.state[p]``); None if the method keeps none
+    index: int  # its position in the param group
+
+
+def _as_matrix(t: Tensor, out_dim: int) -> Tensor:
+    """(out, rest) view; never a copy for a parameter (``view`` raises rather than update a copy)."""
+    if t.ndim == 2:
+        return t.t() if out_dim == 1 else t
+    return t.view(t.shape[0], -1)
+
+
 class HybridStatelessOptimizer(SlimOptimizer):
-    """Stateless matrix update + AdamW fallback; subclasses implement ``update_matrix``."""
+    """A matrix update for hidden matrices + AdamW for the rest; subclasses implement ``update_matrix``
+    (one matrix) or ``update_matrices`` (a bucket of same-shaped matrices at once)."""
+
+    matrix_state = False  # True: the matrix update keeps per-tensor state (momentum, projectors) in ``state``
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, adamw_lr: float | None,
                  adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float | None,
@@ -152,6 +172,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
                     "conv_as_matrix": self._conv_as_matrix}
         self.plan: ParamPlan | None = None
         self._scratch: dict[torch.device, Tensor] = {}
+        self._views: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # id(p) -> (p, its matrix view)
         super().__init__(params, defaults)
 
     # -- construction from a model ------------------------------------------------------------------
@@ -254,22 +275,46 @@ class HybridStatelessOptimizer(SlimOptimizer):
         if group["update"] == ADAMW:
             self._adamw_step(group)
             return
-        layouts = group.get("param_layouts")
+        # same-shaped matrices (the layers' q/k/v/o, gate/up, down) form one bucket, in a fixed order that
+        # every rank shares (global shapes), so that a method can update a bucket with batched ops
+        buckets: dict[tuple[Any, ...], list[MatrixView]] = {}
         for index, p, grad in self.grads(group):
-            out_dim = layouts[index].get("out_dim", 0) if layouts is not None else 0
-            if p.ndim == 2 and out_dim == 1:  # GPT-2 Conv1D stores (in, out): normalise the (out, in) view
-                self.update_matrix(p.t(), grad.t(), group)
-            elif p.ndim > 2:
-                self.update_matrix(p.view(p.shape[0], -1), grad.reshape(p.shape[0], -1), group)
-            elif p.ndim == 2:
-                self.update_matrix(p, grad, group)
-            else:
-                raise RuntimeError(f"{type(self).__name__}: the stateless update needs a matrix, but "
-                                   f"{self.param_name(group, index)} has shape {tuple(p.shape)}; mark its "
-                                   "group update='adamw'")
+            view = self._matrix_view(group, index, p, grad)
+            key = (tuple(view.param.shape), view.param.dtype, str(view.param.device))
+            buckets.setdefault(key, []).append(view)
+        for views in buckets.values():
+            self.update_matrices(views, group)
 
-    def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
-        """Apply the method's stateless update to one (rows, cols) matrix view, in place."""
+    def _matrix_view(self, group: dict[str, Any], index: int, p: Tensor, grad: Tensor) -> MatrixView:
+        """The (rows, cols) view of ``p`` (rows: output neurons) and of its gradient, with the tensor's state.
+
+        The parameter's view is made once and kept (``self._views``): the same tensor object every step,
+        so a method may key per-matrix buffers on it. GPT-2's Conv1D stores (in, out): the view is the
+        transpose; a 3-D+ weight under ``conv_as_matrix`` is (out, in*kh*kw).
+        """
+        layouts = group.get("param_layouts")
+        out_dim = layouts[index].get("out_dim", 0) if layouts is not None else 0
+        if p.ndim < 2:
+            raise RuntimeError(f"{type(self).__name__}: the stateless update needs a matrix, but "
+                               f"{self.param_name(group, index)} has shape {tuple(p.shape)}; mark its "
+                               "group update='adamw'")
+        owner, view = self._views.get(id(p), (None, None))
+        if owner is None or owner() is not p:  # first step, or a new tensor (FSDP2 swapped it) at that id
+            view = _as_matrix(p, out_dim)
+            self._views[id(p)] = (weakref.ref(p), view)
+        state = self.state[p] if self.matrix_state else None  # a stateless method leaves optimizer.state empty
+        return MatrixView(view, _as_matrix(grad, out_dim), state, index)
+
+    def update_matrices(self, views: list[MatrixView], group: dict[str, Any]) -> None:
+        """Update same-shaped matrices, in place. The default updates one at a time; a method overrides
+        this to batch them (one launch for the whole bucket)."""
+        for view in views:
+            self.update_matrix(view.param, view.grad, group, view.state)
+
+    def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any] | None
+                      ) -> None:
+        """Apply the method's update to one (rows, cols) matrix view, in place. ``state``: the tensor's own
+        state dict when the class sets ``matrix_state`` (a momentum, a projector live there), else None."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def scratch(self, like: Tensor) -> Tensor:

@@ -78,7 +78,7 @@ class SWAN(HybridStatelessOptimizer):
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, conv_as_matrix=conv_as_matrix)
 
-    def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+    def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: None) -> None:
         step_size = group["lr"] * group["scale"]  # a 0-d tensor when the lr is one (kept so: no sync)
         # Under FSDP2 each rank gathers the whole gradient, whitens it as on one device and keeps its
         # own rows (slimopt.core.distributed.full / local_part; no-ops for unsharded tensors).
