@@ -17,6 +17,9 @@ so the window-update reference runs with an IEEE square root (``ieee_sqrt``).
 
 from __future__ import annotations
 
+import ast
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -44,6 +47,16 @@ def ieee_sqrt(monkeypatch):
         return self.copy_(torch.from_numpy(np.sqrt(self.numpy())))
 
     monkeypatch.setattr(torch.Tensor, "sqrt_", sqrt_)
+
+
+def test_kernels_take_no_optimizer_module():
+    """The kernel module imports nothing from slimopt.microadam (no import circle), and the step takes
+    numbers and tensors only."""
+    tree = ast.parse(inspect.getsource(kernels))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "microadam" not in imported and "slimopt.microadam" not in imported
+    params = inspect.signature(kernels.microadam_step_triton).parameters
+    assert "state" not in params and "group" not in params
 
 
 # -- compression kernels ------------------------------------------------------------------------------------
@@ -156,8 +169,11 @@ def _fresh_state(n: int, hp: dict, device) -> dict[str, torch.Tensor]:
 
 
 def _triton_step(p: torch.Tensor, grad: torch.Tensor, state: dict, hp: dict, step: int) -> None:
-    """How MicroAdam calls the Triton step."""
-    kernels.microadam_step_triton(p, grad, state, hp, step)
+    """How MicroAdam calls the Triton step: tensors and plain numbers."""
+    kernels.microadam_step_triton(p, grad, *(state[key] for key in STATE_KEYS), step=step, lr=hp["lr"],
+                                  betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"], m=hp["m"],
+                                  k_init=hp["k_init"], topk_block_size=hp["topk_block_size"],
+                                  quant_block_size=hp["quant_block_size"])
 
 
 def _compare_steps(w: torch.Tensor, hp: dict, steps: int, seed: int, lr_tensor: bool = False) -> None:

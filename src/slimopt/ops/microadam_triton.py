@@ -68,7 +68,6 @@ the torch path on CPU; tests hold the kernels against the CPU reference.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -407,23 +406,34 @@ def window_update(p_flat: Tensor, indices: Tensor, values: Tensor, block_size: i
         BLOCK=_ELEMENTWISE_BLOCK, **_EXACT)
 
 
-def microadam_step_triton(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
-                          step: int) -> None:
-    """One MicroAdam step of one tensor with the Triton kernels (same semantics as the torch path)."""
-    from ..microadam import _as_float
+def _to_float(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
 
-    block_size, bucket_size, k_init = group["topk_block_size"], group["quant_block_size"], group["k_init"]
-    lr, wd = _as_float(group["lr"]), _as_float(group["weight_decay"])
-    betas, eps = tuple(_as_float(b) for b in group["betas"]), _as_float(group["eps"])
-    row = (step - 1) % group["m"]
-    window_idx, window_val = state["window_indices"], state["window_values"]
 
-    a = dequant_add(state["ef_codes"], state["ef_min"], state["ef_max"], grad.reshape(-1), bucket_size)  # (4)
-    block_topk_into(a, window_idx[row], window_val[row], block_size, k_init)  # (5, 9, 6)
-    bucket_ranges(a, bucket_size, out=(state["ef_min"], state["ef_max"]))  # (7): dequant_add read the old ones
-    quantize_pack(a, state["ef_min"], state["ef_max"], bucket_size, out=state["ef_codes"])  # (8)
+def microadam_step_triton(p: Tensor, grad: Tensor, window_indices: Tensor, window_values: Tensor,
+                          ef_codes: Tensor, ef_min: Tensor, ef_max: Tensor, *, step: int, lr: float | Tensor,
+                          betas: tuple[float | Tensor, float | Tensor], eps: float | Tensor,
+                          weight_decay: float | Tensor, m: int, k_init: float, topk_block_size: int,
+                          quant_block_size: int) -> None:
+    """One MicroAdam step of one tensor with the Triton kernels (same semantics as the torch path).
+
+    ``p`` is updated in place and the five state tensors (shapes as MicroAdam's state: window (m, k_total)
+    int16 / bf16, ``ef_codes`` (ceil(n / 2),) uint8, ``ef_min``/``ef_max`` (buckets,) bf16) are advanced;
+    ``step`` is the tensor's own step count, from 1. Hyperparameters are plain numbers (a 0-dim tensor is
+    read with ``.item()``)."""
+    if window_indices.shape[0] != m:
+        raise ValueError(f"window has {window_indices.shape[0]} rows, m = {m}")
+    lr_, wd, eps_ = _to_float(lr), _to_float(weight_decay), _to_float(eps)
+    betas_ = (_to_float(betas[0]), _to_float(betas[1]))
+    row = (step - 1) % m
+
+    a = dequant_add(ef_codes, ef_min, ef_max, grad.reshape(-1), quant_block_size)  # (4)
+    block_topk_into(a, window_indices[row], window_values[row], topk_block_size, k_init)  # (5, 9, 6)
+    bucket_ranges(a, quant_block_size, out=(ef_min, ef_max))  # (7): dequant_add has read the old ones
+    quantize_pack(a, ef_min, ef_max, quant_block_size, out=ef_codes)  # (8)
     del a
     p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
-    window_update(p_flat, window_idx, window_val, block_size, k_init, step, betas, eps, lr, wd)  # (10, 11)
+    window_update(p_flat, window_indices, window_values, topk_block_size, k_init, step, betas_, eps_, lr_,
+                  wd)  # (10, 11)
     if p_flat.data_ptr() != p.data_ptr():
         p.copy_(p_flat.view_as(p))
