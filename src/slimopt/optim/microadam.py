@@ -176,7 +176,12 @@ class MicroAdam(SlimOptimizer):
                 if self._use_triton(p, group):
                     from ..ops.microadam_triton import microadam_step_triton
 
-                    microadam_step_triton(p, grad, job.state, group, step)
+                    s = job.state
+                    microadam_step_triton(
+                        p, grad, s["window_indices"], s["window_values"], s["ef_codes"], s["ef_min"], s["ef_max"],
+                        step=step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                        weight_decay=group["weight_decay"], m=group["m"], k_init=group["k_init"],
+                        topk_block_size=group["topk_block_size"], quant_block_size=group["quant_block_size"])
                 elif p is param:
                     deferred.setdefault(p.device, []).append(job)
                 else:
