@@ -260,8 +260,21 @@ def test_validation_does_not_refuse_a_checkpoint_from_an_lr_scheduled_run():
     assert fresh.param_groups[0]["initial_lr"] == opt.param_groups[0]["initial_lr"]
 
 
-def test_adamw_baseline_state_into_a_torch_model_is_torchs_business():
-    """Our validation is on SlimOptimizer only; torch.optim.AdamW keeps torch's behaviour."""
+def test_adamw_baseline_keeps_torchs_own_load_state_dict():
+    """Our validation is on SlimOptimizer only: the registry's "adamw" is torch.optim.AdamW itself, with
+    torch's load_state_dict (which, unlike ours, accepts a state of another shape), and round-trips."""
     model = nn.Linear(3, 3)
     opt = slimopt.create_optimizer(model, "adamw", lr=1e-3)
-    opt.load_state_dict(opt.state_dict())
+    assert type(opt) is torch.optim.AdamW
+    assert type(opt).load_state_dict is torch.optim.Optimizer.load_state_dict
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    fresh = slimopt.create_optimizer(model, "adamw", lr=1e-3)
+    fresh.load_state_dict(opt.state_dict())
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh.state[p][key], opt.state[p][key])
+    bad = opt.state_dict()
+    bad["state"][0]["exp_avg"] = torch.zeros(7)  # a SlimOptimizer refuses this; torch takes it as it is
+    fresh.load_state_dict(bad)
+    assert fresh.state[model.weight]["exp_avg"].shape == (7,)

