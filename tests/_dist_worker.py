@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 import slimopt
+from slimopt.bench.model import build_model
 from slimopt.comm import comm_bytes_per_step
 from slimopt.core import distributed as sd
-from slimopt.bench.model import build_model
 
 STEPS = 5  # > MicroAdam's window (m=3) so that ring rows are overwritten
 CKPT_STEP = 3  # the DCP tests save after this many steps, then train STEPS - CKPT_STEP more

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import toy_lion
 
 import slimopt
+import toy_lion
 from slimopt.bench.throughput import main as throughput_main
 from slimopt.cli import main as cli_main
 from slimopt.registry import register, unregister

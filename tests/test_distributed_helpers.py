@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import slimopt
+from slimopt.bench.model import build_model
 from slimopt.comm import comm_bytes_per_step
 from slimopt.core import distributed as sd
-from slimopt.bench.model import build_model
 
 
 def test_helpers_are_identities_on_plain_tensors():

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import slimopt
+from slimopt import state_bytes
+from slimopt.cli import build_parser
 from slimopt.memory import formulas as mm
 from slimopt.memory import models
 from slimopt.optim import microadam
 from slimopt.optim.adam_mini import ADAM_MINI
-from slimopt import state_bytes
-from slimopt.cli import build_parser
 
 LLAMA2_7B = 6_738_415_616  # parameters of meta-llama/Llama-2-7b-hf
 

@@ -12,7 +12,6 @@ import torch
 import slimopt
 import slimopt.optim.microadam as microadam_module
 from slimopt import MicroAdam
-from slimopt.optim.microadam import chunk_spans
 from slimopt.ops.microadam_window import (
     adam_update_from_window,
     apply_window_update_,
@@ -21,6 +20,7 @@ from slimopt.ops.microadam_window import (
     window_weights,
 )
 from slimopt.ops.topk import block_layout
+from slimopt.optim.microadam import chunk_spans
 
 # --------------------------------------------------------------------------------------------------
 # a slow, obvious reference: python loops over blocks and buckets, float64 arithmetic. It keeps the

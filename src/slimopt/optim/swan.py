@@ -4,7 +4,7 @@ Normalization and Whitening Enables Stateless LLM Training", arXiv 2412.13148, I
 Algorithm 1 for each hidden matrix W (m x n, m <= n; a tall matrix is handled transposed):
 
     G~ = GradNorm(G)               # each row minus its mean, divided by its standard deviation
-    X  = GradWhitening(G~)         # (G~ G~^T)^(-1/2) G~, coupled Newton-Schulz in fp32 on the m x m side
+    X  = GradWhitening(G~)         # (G~ G~^T)^(-1/2) G~: a Newton-Schulz polar iteration on G~ itself, fp32
     X <- sqrt(mn) X / ||X||_F      # optional: entry-RMS 1, the same step scale as SinkGD and Adam
     W <- W - lr * scale * X        # stateless
 
@@ -21,7 +21,7 @@ from torch import Tensor
 from ..core.base import check_positive, check_positive_int
 from ..core.distributed import full, local_part
 from ..core.distributed import local as local_tensor
-from ..ops.newton_schulz import whiten
+from ..ops.newton_schulz import DEFAULT_ITERS, whiten
 from ..ops.normalize import row_standardize
 from .hybrid import HybridStatelessOptimizer, matrix_dims
 
@@ -52,9 +52,9 @@ class SWAN(HybridStatelessOptimizer):
     Args:
         params: tensors, ``(name, tensor)`` pairs or param groups (see ``slimopt.optim.hybrid`` for routing).
         lr: global learning rate; AdamW tensors use it unless ``adamw_lr`` is given.
-        ns_iters: coupled Newton-Schulz steps of the whitening (10: converged to fp32 precision for
-            moderately conditioned gradients; very ill-conditioned ones keep their smallest singular
-            directions below 1, as any fixed-step polar approximation does).
+        ns_iters: Newton-Schulz steps of the whitening (default 11, ``ops.newton_schulz.DEFAULT_ITERS``):
+            >= 0.9999 cosine to the float64 pseudo-inverse whitening on gradients whose Gram condition
+            number reaches 1e10 (singular ones included); fewer steps resolve fewer small singular values.
         scale: multiplier on ``lr`` for the matrices (0.05, the GaLore-benchmark convention).
         rescale: scale each update to entry-RMS 1 (sqrt(mn) / Frobenius norm) before the step.
         weight_decay: decoupled, W <- W (1 - lr * scale * weight_decay) on the matrices; also AdamW's
@@ -65,7 +65,7 @@ class SWAN(HybridStatelessOptimizer):
         nonfinite: ``"raise"`` (default) or ``"skip"`` tensors whose gradient has a NaN/inf.
     """
 
-    def __init__(self, params: Any, lr: float | Tensor = 0.02, ns_iters: int = 10, scale: float = 0.05,
+    def __init__(self, params: Any, lr: float | Tensor = 0.02, ns_iters: int = DEFAULT_ITERS, scale: float = 0.05,
                  rescale: bool = True, weight_decay: float = 0.0, eps: float = 1e-8, *,
                  adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.999),
                  adamw_eps: float = 1e-8, adamw_weight_decay: float | None = None,
