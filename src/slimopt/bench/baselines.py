@@ -8,6 +8,8 @@ Names:
 
 * registry names (``adamw``, ``microadam``, ``adammini``, ``sinkgd``, ``swan``) via ``slimopt.create_optimizer``;
 * ``adamw-foreach`` / ``adamw-forloop`` / ``adamw-fused``: torch AdamW with one implementation forced;
+* ``adamw-split``: torch AdamW with SinkGD/SWAN's split: ``lr`` for the hidden matrices, ``adamw_lr`` for
+  embeddings, head and 1-D tensors (the reference beside plain AdamW in pre-training comparisons);
 * ``muon``: ``torch.optim.Muon`` on hidden matrices, AdamW on embeddings, head and norms;
 * ``adamw8bit``: torchao's ``AdamW8bit`` (CUDA) or bitsandbytes' ``AdamW8bit``;
 * ``galore``: ``galore_torch.GaLoreAdamW`` on hidden matrices (rank 128 or a quarter of the width);
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["BASELINES", "CombinedOptimizer", "OptimizerUnavailable", "default_lr", "known_names",
+__all__ = ["BASELINES", "CombinedOptimizer", "OptimizerUnavailable", "default_lr", "hybrid_split", "known_names",
            "make_optimizer", "split_hidden_matrices"]
 
 
@@ -121,6 +123,31 @@ def _adamw(impl: str) -> Callable[..., Optimizer]:
     return build
 
 
+def hybrid_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden matrices, the rest) exactly as SinkGD and SWAN route them (``optim.hybrid.routing_rules``):
+    the rest (embeddings, head, norms, biases) is what the hybrids train with AdamW at ``adamw_lr``."""
+    from slimopt.optim.hybrid import STATELESS, routing_rules
+    from slimopt.plans import ParamPlan
+
+    plan = ParamPlan.build(model, routing_rules(), warn=False)
+    by_name = dict(model.named_parameters())
+    hidden = [by_name[r.name] for r in plan if r.rule == STATELESS]
+    rest = [by_name[r.name] for r in plan if r.rule != STATELESS]
+    return hidden, rest
+
+
+def _adamw_split(model: nn.Module, lr: float, weight_decay: float, adamw_lr: float | None = None,
+                 **kw: Any) -> Optimizer:
+    """torch AdamW with the hybrids' advantage: ``lr`` for the hidden matrices, ``adamw_lr`` for embeddings,
+    head and 1-D tensors (default: what SinkGD gives them by default, its registry lr)."""
+    from slimopt.registry import spec
+
+    hidden, rest = hybrid_split(model)
+    other_lr = spec("sinkgd").example_lr if adamw_lr is None else adamw_lr
+    groups = [g for g in ({"params": hidden, "lr": lr}, {"params": rest, "lr": other_lr}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **kw)
+
+
 def _muon(model: nn.Module, lr: float, weight_decay: float, **kw: Any) -> Any:
     muon_cls = getattr(torch.optim, "Muon", None)
     if muon_cls is None:
@@ -193,6 +220,8 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in [
     Baseline("adamw-forloop", 1e-2, "torch AdamW, per-tensor for-loop implementation", _adamw("forloop"),
              "adamw"),
     Baseline("adamw-fused", 1e-2, "torch AdamW, fused kernel", _adamw("fused"), "adamw"),
+    Baseline("adamw-split", 1e-2, "torch AdamW, hidden matrices at lr, embeddings/head/1-D at adamw_lr "
+             "(the hybrids' split)", _adamw_split, "adamw"),
     Baseline("muon", 1e-2, "torch.optim.Muon on hidden matrices + AdamW elsewhere", _muon),
     Baseline("adamw8bit", 1e-2, "8-bit AdamW (torchao on CUDA, else bitsandbytes)", _adamw8bit, "adamw-8bit"),
     Baseline("galore", 1e-2, "GaLore AdamW (galore-torch), rank = width/4", _galore, "galore"),

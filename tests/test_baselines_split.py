@@ -1,0 +1,43 @@
+"""``adamw-split``: torch AdamW with the hybrids' lr split, the fair baseline for SinkGD and SWAN."""
+
+from __future__ import annotations
+
+import torch
+
+import slimopt
+from slimopt.bench.baselines import hybrid_split, make_optimizer
+from slimopt.bench.model import build_model
+
+
+def test_split_follows_the_hybrids_routing():
+    model = build_model("tiny")
+    hidden, rest = hybrid_split(model)
+    sinkgd = slimopt.create_optimizer(model, "sinkgd", lr=0.02)
+    stateless = {id(p) for g in sinkgd.param_groups if g["update"] == "stateless" for p in g["params"]}
+    assert {id(p) for p in hidden} == stateless and stateless
+    assert {id(p) for p in rest} == {id(p) for p in model.parameters()} - stateless
+    assert any(p.ndim == 1 for p in rest) and any(p.ndim == 2 for p in rest)  # norms, embedding/head
+
+
+def test_split_is_adamw_with_two_lrs():
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    reference = build_model("tiny")
+    reference.load_state_dict(model.state_dict())
+    opt = make_optimizer(model, "adamw-split", lr=1e-3, adamw_lr=3e-2, weight_decay=0.1)
+    hidden, rest = hybrid_split(reference)
+    expected = torch.optim.AdamW([{"params": hidden, "lr": 1e-3}, {"params": rest, "lr": 3e-2}], weight_decay=0.1)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        expected.step()
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 3e-2]
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_split_default_second_lr_is_the_hybrids_default():
+    opt = make_optimizer(build_model("tiny"), "adamw-split", lr=1e-3)
+    assert opt.param_groups[1]["lr"] == slimopt.registry.spec("sinkgd").example_lr
