@@ -159,7 +159,36 @@ def demo_table() -> str:
     return _table(["optimizer", "lr", "final val loss", "state B/param", "tokens to AdamW's final loss"], rows)
 
 
+GPU_RESULTS = RESULTS / "gpu"
+
+
+def gpu_table() -> str:
+    """Step time at 1B from the newest committed GPU suite run (benchmarks/gpu_suite.py), dry runs left out."""
+    runs = sorted(p for p in GPU_RESULTS.glob("*/results.json") if not _load(p).get("dry_run"))
+    if not runs:
+        return ("_No GPU suite run committed yet: `python benchmarks/gpu_suite.py` on a CUDA machine writes "
+                "`benchmarks/results/gpu/<date>-<gpu>/`._")
+    data = _load(runs[-1])
+    timing = data["results"].get("timing", {}).get("result")
+    if not timing:
+        return f"_The GPU suite run `{runs[-1].parent.relative_to(ROOT)}` has no step-time section._"
+    rows = []
+    for key, row in timing["rows"].items():
+        name, dtype = key.split("/")
+        if "error" in row:
+            rows.append([name, dtype, "error", "–", "–", "–"])
+            continue
+        rows.append([name, dtype, f"{row['ms']:.2f}", f"{row.get('x_fused_adamw', float('nan')):.2f}",
+                     str(row["launches"]), f"{row['state_bytes_per_param']:.2f}"])
+    meta = data["meta"]
+    caption = (f"{meta.get('device')}, {timing['preset']} preset, torch {meta['versions'].get('torch')}, "
+               f"commit {str(meta.get('git_commit'))[:7]} (`{runs[-1].parent.relative_to(ROOT)}`)")
+    return caption + "\n\n" + _table(["optimizer", "params", "step ms", "× fused AdamW", "CUDA kernels",
+                                        "state B/param"], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "gpu": gpu_table,
     "step-time": step_time_table,
     "pretrain-cpu": pretrain_reference_table,
     "finetune-rt": finetune_table,
