@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = [s for s in args.only.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
-        parser.error(f"--only {args.only!r}: unknown section(s) {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
+        parser.error(f"--only {args.only!r}: unknown section(s) {', '.join(unknown)} "
+                     f"(choose from {', '.join(SECTIONS)})")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device here: run with --dry-run to check the suite on CPU")
     device = torch.device("cpu" if args.dry_run else "cuda")
