@@ -16,6 +16,7 @@ import sys
 _TASKS = {
     "pretrain": ("slimopt.bench.pretrain", "train a LLaMA-style decoder on real text with each optimizer"),
     "finetune": ("slimopt.bench.finetune", "fine-tune MiniLM-L6 on Rotten Tomatoes / 20 Newsgroups"),
+    "finetune-lm": ("slimopt.bench.finetune_lm", "fine-tune a pre-trained decoder on a held-out corpus, 3 seeds"),
     "memory": ("slimopt.bench.memory_check", "analytic optimizer-state bytes beside the measured ones"),
     "throughput": ("slimopt.bench.throughput", "optimizer step time against torch AdamW in the same run"),
     "rosenbrock": ("slimopt.bench.rosenbrock", "Adam vs Top-K Adam with and without error feedback"),
