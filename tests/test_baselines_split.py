@@ -41,3 +41,12 @@ def test_split_is_adamw_with_two_lrs():
 def test_split_default_second_lr_is_the_hybrids_default():
     opt = make_optimizer(build_model("tiny"), "adamw-split", lr=1e-3)
     assert opt.param_groups[1]["lr"] == slimopt.registry.spec("sinkgd").example_lr
+
+
+def test_a_variant_name_passes_constructor_options():
+    from slimopt.bench.baselines import is_known, parse_name
+
+    assert parse_name("microadam@k_init=0.05,backend=torch") == ("microadam", {"k_init": 0.05, "backend": "torch"})
+    opt = make_optimizer(build_model("tiny"), "microadam@k_init=0.05,m=4")
+    assert opt.defaults["k_init"] == 0.05 and opt.defaults["m"] == 4
+    assert is_known("adamw-split@adamw_lr=0.01") and not is_known("nope@x=1") and not is_known("adamw@x")

@@ -70,3 +70,18 @@ def test_verdict_needs_a_difference_beyond_the_spread():
     assert verdict(spread([1.10, 1.12, 1.08]), reference) == "loss"
     assert verdict(spread([0.99, 1.03, 0.97]), reference) == "within spread"
     assert verdict(spread([0.5]), reference) == "one seed"
+
+
+def test_parts_run_apart_merge_into_one_comparison(synthetic):
+    common = [a for a in ARGS if a not in ("adamw,adammini",)]
+    i = common.index("--optimizers")
+    del common[i]
+    assert bench_main(["finetune-lm", *common, "--optimizers", "adamw", "--out", str(synthetic / "a")]) == 0
+    assert bench_main(["finetune-lm", *common, "--optimizers", "adammini@exp_avg_dtype=bf16", "--no-reference-ok",
+                       "--out", str(synthetic / "b")]) == 0
+    assert bench_main(["finetune-lm", "--merge", f"{synthetic / 'a'},{synthetic / 'b'}",
+                       "--out", str(synthetic / "merged")]) == 0
+    merged = json.loads((synthetic / "merged" / "results.json").read_text())
+    rows = {r["optimizer"]: r for r in merged["summary"]}
+    assert set(rows) == {"adamw", "adammini@exp_avg_dtype=bf16"}
+    assert rows["adammini@exp_avg_dtype=bf16"]["ratio@8"] is not None

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["BASELINES", "CombinedOptimizer", "OptimizerUnavailable", "default_lr", "hybrid_split", "known_names",
-           "make_optimizer", "split_hidden_matrices"]
+__all__ = ["BASELINES", "CombinedOptimizer", "OptimizerUnavailable", "default_lr", "hybrid_split", "is_known",
+           "known_names", "make_optimizer", "parse_name", "split_hidden_matrices"]
 
 
 class OptimizerUnavailable(RuntimeError):
@@ -238,7 +238,38 @@ def known_names() -> list[str]:
     return get_supported_optimizers() + list(BASELINES)
 
 
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_name(name: str) -> tuple[str, dict[str, Any]]:
+    """``"microadam@k_init=0.05,bias_correction=window"`` -> ``("microadam", {"k_init": 0.05, ...})``: a
+    variant of a known optimizer with constructor options, usable wherever the harness takes a name."""
+    base, _, options = name.partition("@")
+    kwargs = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"optimizer {name!r}: options after '@' must be KEY=VALUE, got {item!r}")
+        kwargs[key] = _value(value)
+    return base, kwargs
+
+
+def is_known(name: str) -> bool:
+    try:
+        base, _ = parse_name(name)
+    except ValueError:
+        return False
+    return base in known_names()
+
+
 def default_lr(name: str) -> float:
+    name, _ = parse_name(name)
     if name in BASELINES:
         return BASELINES[name].default_lr
     from slimopt.registry import spec
@@ -248,11 +279,13 @@ def default_lr(name: str) -> float:
 
 def make_optimizer(model: nn.Module, name: str, lr: float | None = None, weight_decay: float = 0.0,
                    **kwargs: Any) -> Any:
-    """Build optimizer ``name`` for ``model``; raises ``OptimizerUnavailable`` when it cannot be built here."""
+    """Build optimizer ``name`` for ``model`` (``NAME@key=value,...`` passes options to its constructor);
+    raises ``OptimizerUnavailable`` when it cannot be built here."""
     lr = default_lr(name) if lr is None else lr
+    name, options = parse_name(name)
+    kwargs = {**options, **kwargs}
     if name in BASELINES:
         return BASELINES[name].build(model, lr=lr, weight_decay=weight_decay, **kwargs)
     from slimopt import create_optimizer
 
     return create_optimizer(model, name, lr=lr, weight_decay=weight_decay, **kwargs)
-

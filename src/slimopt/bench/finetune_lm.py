@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import statistics
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
+from .baselines import OptimizerUnavailable, default_lr, is_known, known_names, make_optimizer
 from .data import load_text, make_token_data
 from .model import PRESETS, build_model
 from .report import markdown_table, run_metadata, write_json
@@ -219,6 +220,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="result folder (default runs/finetune-lm-<time>)")
+    parser.add_argument("--no-reference-ok", action="store_true",
+                        help="allow a run without adamw (a part of a comparison, merged later)")
+    parser.add_argument("--merge", default=None, metavar="DIR,DIR",
+                        help="one comparison from result folders of the same settings (run in parallel processes)")
 
 
 def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[str]]:
@@ -236,16 +241,60 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
                          f"--eval-every {args.eval_every}, or --steps, and at most --steps {args.steps})")
     factors = _positive_floats(args.sweep_factors, "--sweep-factors")
     names = [n for n in args.optimizers.split(",") if n]
-    unknown = [n for n in names if n not in known_names()]
+    unknown = [n for n in names if not is_known(n)]
     if unknown:
         raise ValueError(f"--optimizers {args.optimizers!r}: unknown {', '.join(unknown)} "
-                         f"(choose from {', '.join(known_names())})")
-    if "adamw" not in names:
-        raise ValueError(f"--optimizers {args.optimizers!r}: must include adamw, the reference")
+                         f"(choose from {', '.join(known_names())}; NAME@key=value,... passes options)")
+    if "adamw" not in names and not args.no_reference_ok:
+        raise ValueError(f"--optimizers {args.optimizers!r}: must include adamw, the reference (or pass "
+                         "--no-reference-ok for a part to --merge with one that has it)")
     return checkpoints, factors, names
 
 
+# settings that must agree for runs to be compared in one table
+_MERGE_KEYS = ("preset", "base_sha256", "corpus", "steps", "batch_size", "seq_len", "eval_every", "eval_batches",
+               "checkpoints", "sweep_factors", "sweep_steps")
+
+
+def merge(folders: list[Path], out: Path) -> dict[str, Any]:
+    parts = []
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            raise ValueError(f"--merge: {folder} has no results.json")
+        parts.append(json.loads(path.read_text()))
+    first = parts[0]["settings"]
+    for folder, part in zip(folders[1:], parts[1:]):
+        differ = [k for k in _MERGE_KEYS if part["settings"].get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"--merge: {folder} differs from {folders[0]} in {', '.join(differ)}")
+    runs = [r for p in parts for r in p["runs"]]
+    result = {"meta": run_metadata() | {"merged_from": [str(f) for f in folders]}, "settings": first,
+              "summary": summarize(runs, first["checkpoints"]), "runs": runs,
+              "sweeps": {k: v for p in parts for k, v in p["sweeps"].items()},
+              "skipped": {k: v for p in parts for k, v in p["skipped"].items()}}
+    _write(result, out)
+    return result
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
+    write_json(out / "results.json", result)
+    plot = _ratio_plot(result, out / "loss_ratio_vs_step.png")
+    report = _report(result) + (f"\n![loss ratio]({plot.name})\n" if plot else "")
+    (out / "report.md").write_text(report)
+    print(report)
+    print(f"wrote {out.resolve()}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-lm-merged-%Y%m%d-%H%M%S")
+        try:
+            merge([Path(f) for f in args.merge.split(",") if f], out)
+        except ValueError as exc:
+            print(f"slimopt bench finetune-lm: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         checkpoints, factors, names = _validate(args)
     except ValueError as exc:
@@ -301,10 +350,5 @@ def run(args: argparse.Namespace) -> int:
         "sweeps": sweeps,
         "skipped": skipped,
     }
-    write_json(out / "results.json", result)
-    plot = _ratio_plot(result, out / "loss_ratio_vs_step.png")
-    report = _report(result) + (f"\n![loss ratio]({plot.name})\n" if plot else "")
-    (out / "report.md").write_text(report)
-    print(report)
-    print(f"wrote {out.resolve()}")
+    _write(result, out)
     return 0
