@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from slimopt.bench.baselines import BASELINES, Baseline, OptimizerUnavailable
+from slimopt.bench.baselines import BASELINES, Baseline, OptimizerUnavailable, default_lr
 from slimopt.bench.data import encode, make_token_data
 from slimopt.bench.pretrain import main, summarize
 from slimopt.bench.train import lr_factor
@@ -164,7 +164,8 @@ def test_sweep_uses_the_given_factors_and_merge_combines_parallel_runs(tmp_path)
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     trials = a["sweeps"]["adamw"]
     lrs = [t["lr"] for t in trials]
-    assert lrs == sorted(lrs) and {0.005, 0.02} <= {round(lr, 6) for lr in lrs}  # default lr 0.01
+    base = default_lr("adamw")
+    assert lrs == sorted(lrs) and {round(0.5 * base, 9), round(2 * base, 9)} <= {round(lr, 9) for lr in lrs}
     best = min(trials, key=lambda t: t["final_val_loss"])
     assert a["runs"][0]["lr"] == best["lr"]
     # the grid grows past an edge that wins (x2 per extension, at most two), so the best is inside
@@ -197,14 +198,16 @@ def test_bad_sweep_factors_are_refused(factors, capsys):
 
 
 def test_sweep_grows_past_a_winning_edge(monkeypatch):
-    """Validation loss as a bowl around lr 1e-3: from adamw's default grid (0.0025 ... 0.04) the sweep
-    must walk down past its lower edge and pick the lr nearest the bottom it reached."""
+    """Validation loss as a bowl around a tenth of adamw's default lr: from the default grid (1/4 ... 4 x the
+    default) the sweep must walk down past its lower edge and pick the lr nearest the bottom it reached."""
     from types import SimpleNamespace
 
     from slimopt.bench import pretrain
 
+    base = default_lr("adamw")
+
     def fake_run(name, lr, seed, data, config, *args):
-        return SimpleNamespace(final_val_loss=math.log2(lr / 1e-3) ** 2, diverged=False, interrupted=False,
+        return SimpleNamespace(final_val_loss=math.log2(lr / (base / 10)) ** 2, diverged=False, interrupted=False,
                                steps_done=config.steps)
 
     monkeypatch.setattr(pretrain, "_one_run", fake_run)
@@ -212,9 +215,9 @@ def test_sweep_grows_past_a_winning_edge(monkeypatch):
     config = pretrain.TrainConfig(steps=100)
     lr, trials, interrupted = pretrain._sweep("adamw", None, config, "tiny", torch.device("cpu"), 0.0, progress)
     assert not interrupted
-    assert [t["lr"] for t in trials] == pytest.approx([0.000625, 0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04])
-    assert lr == pytest.approx(0.00125) and all(t["steps"] == 25 for t in trials)
-    # a bowl around 0.01, inside the grid: no extension
+    assert [t["lr"] for t in trials] == pytest.approx([base * f for f in (0.0625, 0.125, 0.25, 0.5, 1, 2, 4)])
+    assert lr == pytest.approx(base / 8) and all(t["steps"] == 25 for t in trials)
+    # a bowl around the default, inside the grid: no extension
     monkeypatch.setattr(pretrain, "_one_run", lambda name, lr, *a, **k: fake_run(name, lr / 10, *a, **k))
     lr, trials, _ = pretrain._sweep("adamw", None, config, "tiny", torch.device("cpu"), 0.0, progress)
-    assert len(trials) == 5 and lr == pytest.approx(0.01)
+    assert len(trials) == 5 and lr == pytest.approx(base)

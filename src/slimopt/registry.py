@@ -95,29 +95,35 @@ def unregister(name: str) -> None:
 
 
 for _spec in [
-    OptimizerSpec("adamw", "torch.optim:AdamW", 1e-2, "torch AdamW, the baseline",
+    OptimizerSpec("adamw", "torch.optim:AdamW", 1.25e-3, "torch AdamW, the baseline",
                   "slimopt.optim.adamw:adamw_state_bytes",
-                  planner_note="torch AdamW; m and v in the parameter dtype", aliases=("adam-w",)),
-    OptimizerSpec("microadam", "slimopt.optim.microadam:MicroAdam", 1e-2,
+                  planner_note="torch AdamW; m and v in the parameter dtype", aliases=("adam-w",),
+                  lr_guidance="1.25e-3 won the CPU pre-training sweep (3.3M params, 1000 steps)"),
+    OptimizerSpec("microadam", "slimopt.optim.microadam:MicroAdam", 2.5e-3,
                   "MicroAdam: Top-K sparse gradients, 4-bit error feedback, windowed moments",
                   "slimopt.optim.microadam:state_bytes_formula",
                   formula_options=("m", "k_init", "quant_block_size", "topk_block_size"),
-                  planner_note="window of sparse gradients + 4-bit error feedback", aliases=("micro-adam",)),
-    OptimizerSpec("adammini", "slimopt.optim.adam_mini:AdamMini", 1e-2,
+                  planner_note="window of sparse gradients + 4-bit error feedback", aliases=("micro-adam",),
+                  lr_guidance="2x AdamW's for pre-training (CPU sweep: 2.5e-3 vs 1.25e-3); fine-tuning: see "
+                              "benchmarks/results/cpu/finetune_lm"),
+    OptimizerSpec("adammini", "slimopt.optim.adam_mini:AdamMini", 1.25e-3,
                   "Adam-mini: one second moment per Hessian block",
                   "slimopt.optim.adam_mini:state_bytes_formula", formula_options=("exp_avg_dtype",),
                   comm="slimopt.optim.adam_mini:comm_bytes",
-                  planner_note="m in the parameter dtype, one fp32 v per block", aliases=("adam-mini", "adam_mini")),
+                  planner_note="m in the parameter dtype, one fp32 v per block", aliases=("adam-mini", "adam_mini"),
+                  lr_guidance="AdamW's own lr (the CPU pre-training sweep picked the same 1.25e-3)"),
     OptimizerSpec("sinkgd", "slimopt.optim.sinkgd:SinkGD", 0.02,
                   "SinkGD: stateless Sinkhorn row/column normalisation (AdamW for non-matrices)",
                   "slimopt.optim.hybrid:state_bytes_formula", formula_options=("conv_as_matrix",),
                   comm="slimopt.optim.sinkgd:comm_bytes",
-                  planner_note="stateless hidden matrices; AdamW (parameter dtype) for the rest"),
+                  planner_note="stateless hidden matrices; AdamW (parameter dtype) for the rest",
+                  lr_guidance="0.02 with scale=0.05 (CPU sweep); sweep adamw_lr too, for embeddings/head/norms"),
     OptimizerSpec("swan", "slimopt.optim.swan:SWAN", 0.02,
                   "SWAN: stateless row standardisation + whitening (AdamW for non-matrices)",
                   "slimopt.optim.hybrid:state_bytes_formula", formula_options=("conv_as_matrix",),
                   comm="slimopt.optim.swan:comm_bytes",
-                  planner_note="stateless hidden matrices; AdamW (parameter dtype) for the rest"),
+                  planner_note="stateless hidden matrices; AdamW (parameter dtype) for the rest",
+                  lr_guidance="as SinkGD: 0.02 with scale=0.05; sweep adamw_lr too"),
 ]:
     register(_spec)
 

@@ -215,12 +215,12 @@ def _adam_mini_official(model: nn.Module, lr: float, weight_decay: float, **kw: 
 
 
 BASELINES: dict[str, Baseline] = {b.name: b for b in [
-    Baseline("adamw-foreach", 1e-2, "torch AdamW, foreach (multi-tensor) implementation", _adamw("foreach"),
+    Baseline("adamw-foreach", 1.25e-3, "torch AdamW, foreach (multi-tensor) implementation", _adamw("foreach"),
              "adamw"),
-    Baseline("adamw-forloop", 1e-2, "torch AdamW, per-tensor for-loop implementation", _adamw("forloop"),
+    Baseline("adamw-forloop", 1.25e-3, "torch AdamW, per-tensor for-loop implementation", _adamw("forloop"),
              "adamw"),
-    Baseline("adamw-fused", 1e-2, "torch AdamW, fused kernel", _adamw("fused"), "adamw"),
-    Baseline("adamw-split", 1e-2, "torch AdamW, hidden matrices at lr, embeddings/head/1-D at adamw_lr "
+    Baseline("adamw-fused", 1.25e-3, "torch AdamW, fused kernel", _adamw("fused"), "adamw"),
+    Baseline("adamw-split", 1.25e-3, "torch AdamW, hidden matrices at lr, embeddings/head/1-D at adamw_lr "
              "(the hybrids' split)", _adamw_split, "adamw"),
     Baseline("muon", 1e-2, "torch.optim.Muon on hidden matrices + AdamW elsewhere", _muon),
     Baseline("adamw8bit", 1e-2, "8-bit AdamW (torchao on CUDA, else bitsandbytes)", _adamw8bit, "adamw-8bit"),
