@@ -253,7 +253,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
 
 # settings that must agree for runs to be compared in one table
 _MERGE_KEYS = ("preset", "base_sha256", "corpus", "steps", "batch_size", "seq_len", "eval_every", "eval_batches",
-               "checkpoints", "sweep_factors", "sweep_steps")
+               "checkpoints", "sweep_steps")  # sweep grids may differ per part: each optimizer has its own
 
 
 def merge(folders: list[Path], out: Path) -> dict[str, Any]:
