@@ -145,7 +145,7 @@ def _report(result: dict[str, Any]) -> str:
              f"Base: {s['preset']} pre-trained with AdamW on {s['base_corpora']} for {s['base_steps']} steps "
              f"(sha256 `{s['base_sha256']}`). Fine-tuning: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} "
              f"byte tokens, warm-up {s['warmup_fraction']:.0%} + cosine, seeds {s['seeds']}; lr per optimizer "
-             f"from a {s['sweep_steps']}-step sweep at {s['sweep_factors']} x its default.",
+             f"from a {s['sweep_steps']}-step sweep from the base (seed 0; the grids are in the sweep table).",
              f"{meta['machine']['cpu']} ({meta['machine']['torch_threads']} threads); torch "
              f"{meta['versions']['torch']}; commit {meta['git_commit']}; `{meta['command']}`", "",
              "Validation loss as a ratio to AdamW's mean at each step (mean ± std over seeds); the verdict calls "
