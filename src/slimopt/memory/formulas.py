@@ -28,7 +28,7 @@ from typing import Any
 
 from ..core.base import STEP_BYTES
 from ..optim.adamw import adamw_state_bytes
-from ..plans.param_plan import ParamInfo, param_infos
+from ..plans.param_plan import HIDDEN_ROLES, ParamInfo, param_infos
 from ..registry import SPECS, spec
 from .models import MODELS
 
@@ -50,8 +50,8 @@ __all__ = [
 GB = 1e9
 GiB = 2**30
 
-# roles of the hidden matrices GaLore projects (the hybrids' own routing decides theirs)
-MATRIX_ROLES = frozenset({"query", "key", "value", "qkv", "attn_out", "mlp"})
+# roles of the hidden matrices GaLore projects (2-D ones; the hybrids' own routing decides theirs)
+MATRIX_ROLES = HIDDEN_ROLES
 
 
 # ---------------------------------------------------------------------------------------------------------
