@@ -300,6 +300,10 @@ def _format(table: dict[str, Any]) -> str:
     sources = list(dict.fromkeys(r["published"]["source"] for r in table["optimizers"] if "published" in r))
     if sources:
         out.append("paper: " + "; ".join(sources))
+    out.append("settings of each row (the class defaults unless the row names others; `--set ROW.KEY=VALUE`")
+    out.append("changes one; `slimopt plan` uses the class defaults, param_bytes from its --precision):")
+    out.extend(f"  {r['optimizer']}: " + ", ".join(f"{k}={v}" for k, v in r["options"].items())
+               for r in table["optimizers"])
     return "\n".join(out)
 
 
