@@ -352,6 +352,7 @@ class _BasicBlock(nn.Module):
 class _ResNet(nn.Module):
     def __init__(self, classes=10):
         super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))  # a bare parameter first: the input width is still the stem's
         self.stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(8)
         self.layer1 = _BasicBlock(8, 16, 2)
@@ -359,7 +360,7 @@ class _ResNet(nn.Module):
         self.fc = nn.Linear(16, classes)
 
     def forward(self, x):
-        return self.fc(self.pool(self.layer1(torch.relu(self.bn(self.stem(x))))).flatten(1))
+        return self.fc(self.pool(self.layer1(torch.relu(self.bn(self.stem(x))))).flatten(1)) * self.gain
 
 
 def test_resnet_style_convs_take_adamw_reported_once_unless_conv_as_matrix():
@@ -367,24 +368,25 @@ def test_resnet_style_convs_take_adamw_reported_once_unless_conv_as_matrix():
     convs = ["stem.weight", "layer1.conv1.weight", "layer1.conv2.weight", "layer1.shortcut.0.weight"]
     with pytest.warns(UserWarning) as record:
         plan = ParamPlan.build(model, ROUTING)
-    assert len(record) == 1  # one report, a table naming every convolution and the way out
+    assert len(record) == 1  # one report, a table naming every convolution, the bare gain and the way out
     message = str(record[0].message)
     assert all(name in message for name in convs) and "conv_as_matrix=True" in message and "Conv2d" in message
+    assert "gain" in message and "not recognised" in message
     assert {n: plan[n].rule for n in convs} == dict.fromkeys(convs, "adamw")
     assert all(plan[n].role == "conv" for n in convs)
     assert plan["bn.weight"].role == "norm" and plan["layer1.shortcut.1.bias"].role == "bias"
     assert (plan["fc.weight"].role, plan["fc.weight"].rule) == ("head", "adamw")  # the classifier
 
-    as_matrix = _quiet_plan(model, routing_rules(conv_as_matrix=True))
+    as_matrix = _quiet_plan(model, routing_rules(conv_as_matrix=True), overrides={"gain": "norm"})
     assert {n: as_matrix[n].rule for n in convs} == dict.fromkeys(convs, "stateless")
     assert as_matrix["layer1.conv1.weight"].extra["matrix"] == [16, 8 * 3 * 3]
     assert as_matrix["fc.weight"].rule == "adamw" and as_matrix["bn.weight"].rule == "adamw"
-    mini = _quiet_plan(model, ADAM_MINI)  # Adam-mini: one block per output channel
+    mini = _quiet_plan(model, ADAM_MINI, overrides={"gain": "norm"})  # Adam-mini: one block per output channel
     assert (mini["layer1.conv2.weight"].rule, mini["layer1.conv2.weight"].n_blocks) == ("rows", 16)
 
     import slimopt  # and SinkGD trains it, convolutions included
 
-    opt = slimopt.create_optimizer(model, "sinkgd", lr=0.02, conv_as_matrix=True)
+    opt = slimopt.create_optimizer(model, "sinkgd", lr=0.02, conv_as_matrix=True, overrides={"gain": "norm"})
     model(torch.randn(2, 3, 8, 8)).square().mean().backward()
     before = model.stem.weight.detach().clone()
     opt.step()
@@ -538,3 +540,24 @@ def test_state_formula_follows_the_type_based_plan():
         model(torch.randint(0, 30, (4,))).square().mean().backward()
         opt.step()
         assert slimopt.state_bytes(opt) == analytic_state_bytes(model, name), name
+
+
+def test_docs_plans_examples_run_and_print_what_they_show(capsys):
+    """docs/plans.md: its Python blocks run in order, and the plan tables it shows are what they print."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "plans.md").read_text()
+    blocks = re.findall(r"```(python)?\n(.*?)```", text, re.DOTALL)
+    namespace: dict = {}
+    shown = []
+    for lang, body in blocks:
+        if lang:
+            exec(compile(body, "docs/plans.md", "exec"), namespace)
+        else:
+            shown.append(body)
+    printed = capsys.readouterr().out
+    for body in shown:
+        lines = [line for line in body.splitlines() if line.strip() and line.strip() != "..."]
+        if lines[0].startswith("parameter"):  # a printed plan table: each line shown was printed
+            assert all(line in printed for line in lines), body

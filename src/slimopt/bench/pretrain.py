@@ -7,8 +7,9 @@
     -> results.json, report.md, loss_vs_step.png, loss_vs_time.png, memory.png
 
 ``--quick`` is the README demo: Shakespeare only, the tiny preset, 200 steps of 16 x 128 bytes, adamw /
-microadam / adammini / sinkgd / swan (measured: 9 min 26 s wall with one thread on a shared 2-core Xeon
-that other jobs kept busy; two idle cores do it faster). Ctrl-C stops the current run and still writes
+microadam / adammini / sinkgd / swan. Measured: 2 min 25 s on two idle CPU cores; 51 min on a 2-core
+machine other jobs kept busy, with torch's default of one thread per core (the threads wait on each
+other); 9 min 26 s with ``--threads 1`` on such a machine. Ctrl-C stops the current run and still writes
 what finished.
 """
 
@@ -83,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of the steps, seed 0; extended by x2 steps when the best is at an edge), then "
                              "the full runs at the best lr")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: one per core; on a machine other jobs keep busy, 1)")
     parser.add_argument("--out", default=None, help="result folder (default runs/pretrain-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     launch.add_arguments(parser)

@@ -459,7 +459,7 @@ def module_facts(model: torch.nn.Module) -> dict[str, ModuleFacts]:
     * ``nn.Linear`` / GPT-2 ``Conv1D`` weight: ``hidden`` (a hidden matrix), except the output layer:
       a Linear whose weight is an embedding's (tied), or the *last* Linear (registration order) when it
       maps to the vocabulary (an embedding's ``num_embeddings``) or out of the model's input width (the
-      width the first parameterised module reads: a classifier; a last Linear back to that width is a
+      width the first layer of a known type reads: a classifier; a last Linear back to that width is a
       block's hidden layer): ``head``;
     * ``nn.MultiheadAttention``: ``in_proj_weight`` qkv (q/k/v_proj_weight when separate), ``out_proj``
       attn_out, its biases bias; its heads come with it;
@@ -473,8 +473,9 @@ def module_facts(model: torch.nn.Module) -> dict[str, ModuleFacts]:
     embeddings = [m for _, m in named if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
     embedding_weights = {id(m.weight) for m in embeddings}
     vocab = {m.num_embeddings for m in embeddings}
-    first = next((m for _, m in named if any(True for _ in m.parameters(recurse=False))), None)
-    width = _input_width(first) if first is not None else None
+    # the width the model reads: that of the first layer (registration order) whose type tells it
+    width = next((w for w in (_input_width(m) for _, m in named if any(True for _ in m.parameters(recurse=False)))
+                  if w is not None), None)
 
     def parent(mname: str) -> torch.nn.Module | None:
         return by_name.get(mname.rsplit(".", 1)[0] if "." in mname else "") if mname else None
