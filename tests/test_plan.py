@@ -561,3 +561,15 @@ def test_docs_plans_examples_run_and_print_what_they_show(capsys):
         lines = [line for line in body.splitlines() if line.strip() and line.strip() != "..."]
         if lines[0].startswith("parameter"):  # a printed plan table: each line shown was printed
             assert all(line in printed for line in lines), body
+
+
+def test_print_plan_reports_the_tensors_to_look_at_once(capsys):
+    import slimopt
+
+    model = _ResNet()
+    for name in ("sinkgd", "adammini"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # printed: not warned a second time
+            slimopt.create_optimizer(model, name, lr=1e-3, print_plan=True)
+        out = capsys.readouterr().out
+        assert out.count("tensor(s) to look at") == 1 and "gain" in out.split("to look at")[1]

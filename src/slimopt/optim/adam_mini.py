@@ -219,7 +219,8 @@ class AdamMini(SlimOptimizer):
         """
         kwargs.setdefault("config", getattr(model, "config", None))
         plan_keys = ("num_heads", "num_kv_heads", "head_dim", "hidden_size", "config", "overrides")
-        plan = ParamPlan.build(model, ADAM_MINI, **{k: kwargs[k] for k in plan_keys if k in kwargs})
+        plan = ParamPlan.build(model, ADAM_MINI, warn=not print_plan,  # reported once: printed, else a warning
+                               **{k: kwargs[k] for k in plan_keys if k in kwargs})
         opt = cls(None, lr=lr, weight_decay=weight_decay, _plan=plan, **kwargs)
         if print_plan:
             print(opt.partition_table())

@@ -185,7 +185,8 @@ class HybridStatelessOptimizer(SlimOptimizer):
         ``overrides`` maps a name or ``fnmatch`` pattern to a role or to ``"stateless"``/``"adamw"``;
         ``print_plan`` prints the routing table. The plan is kept as ``optimizer.plan``.
         """
-        plan = ParamPlan.build(model, routing_rules(conv_as_matrix), overrides=overrides)
+        # the tensors that need a look are reported once: in the printed table, else in a warning
+        plan = ParamPlan.build(model, routing_rules(conv_as_matrix), overrides=overrides, warn=not print_plan)
         if lr is not None:
             kwargs["lr"] = lr
         opt = cls(plan.param_groups(), weight_decay=weight_decay, conv_as_matrix=conv_as_matrix, **kwargs)
