@@ -42,7 +42,7 @@ from .report import (
 )
 from .train import lr_factor
 
-__all__ = ["add_arguments", "finetune_lr", "run", "validate"]
+__all__ = ["add_arguments", "console_summary", "finetune_lr", "run", "validate"]
 
 TASKS = ("rotten-tomatoes", "20newsgroups")
 ADAMW_FINETUNE_LR = 5e-5
@@ -249,13 +249,20 @@ def run(args: argparse.Namespace) -> int:
               + ("\nSkipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + "\n" if skipped else "")
               + "".join(f"\n![{Path(p).stem}]({Path(p).name})\n" for p in plots))
     (out / "report.md").write_text(report)
-    console = console_table(
-        f"MiniLM-L6 on {args.task}, {len(train_set)} train / {len(test_set)} test examples",
-        ["optimizer", "lr", "test acc.", "train loss", "state MiB", "state B/p", "peak MiB", "step ms"],
-        [[r["optimizer"], f"{r['lr']:.3g}", f"{100 * r['test_accuracy']:.2f}%",
-          None if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}", f"{r['state_bytes'] / 2**20:.1f}",
-          f"{r['state_bytes_per_param']:.2f}",
-          None if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.1f}",
-          None if not r["optimizer_step_median_s"] else f"{r['optimizer_step_median_s'] * 1e3:.1f}"] for r in runs])
+    console = console_summary(runs, f"MiniLM-L6 on {args.task}, {len(train_set)} train / {len(test_set)} test "
+                                    "examples")
     print_results(console, out, ["report.md", "results.json", *(Path(p).name for p in plots)])
     return 0
+
+
+def console_summary(runs: list[dict[str, Any]], title: str) -> str:
+    """The end-of-run table for a terminal (report.md keeps the Markdown one)."""
+    def fixed(value: float | None, digits: int, scale: float = 1.0, suffix: str = "") -> str | None:
+        return None if value is None else f"{value * scale:.{digits}f}{suffix}"
+
+    return console_table(
+        title, ["optimizer", "lr", "test acc.", "train loss", "state MiB", "state B/p", "peak MiB", "step ms"],
+        [[r["optimizer"], f"{r['lr']:.3g}", fixed(r["test_accuracy"], 2, 100, "%"), fixed(r["final_train_loss"], 4),
+          fixed(r["state_bytes"], 1, 2**-20), fixed(r["state_bytes_per_param"], 2),
+          fixed(r["peak_memory_bytes"], 1, 2**-20), fixed(r["optimizer_step_median_s"] or None, 1, 1e3)]
+         for r in runs])
