@@ -36,3 +36,14 @@ def test_finetune_writes_results(tmp_path):
 def test_finetune_lr_keeps_the_registry_ratios():
     assert finetune.finetune_lr("adamw") == pytest.approx(5e-5)
     assert finetune.finetune_lr("adamw-forloop") == pytest.approx(5e-5)
+
+
+def test_end_of_run_table_fits_100_columns():
+    runs = [{"optimizer": name, "lr": 5e-5 * (i + 1), "test_accuracy": 0.8 - i / 100, "final_train_loss": 0.46 + i,
+             "state_bytes": 182_000_000 - i * 10**7, "state_bytes_per_param": 8.0 - i, "peak_memory_bytes": None,
+             "optimizer_step_median_s": 0.2 * (i + 1)}
+            for i, name in enumerate(["adamw", "microadam", "adammini", "sinkgd", "swan", "adam-mini-official"])]
+    table = finetune.console_summary(runs, "MiniLM-L6 on rotten-tomatoes, 4096 train / 1066 test examples")
+    assert max(len(line) for line in table.splitlines()) <= 100
+    line = next(line for line in table.splitlines() if line.split()[:1] == ["adamw"])
+    assert line.split()[1:5] == ["5e-05", "80.00%", "0.4600", "173.6"] and line.split()[-2] == "–"

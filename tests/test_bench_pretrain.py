@@ -51,7 +51,7 @@ def _unavailable(*args, **kwargs):
     raise OptimizerUnavailable("needs `pip install not-installed`")
 
 
-def test_tiny_pretrain_run_writes_results_report_and_plots(tmp_path, monkeypatch):
+def test_tiny_pretrain_run_writes_results_report_and_plots(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(BASELINES, "missing", Baseline("missing", 1e-3, "not here", _unavailable))
     text_file = tmp_path / "corpus.txt"
     text_file.write_text(_synthetic_text())
@@ -78,6 +78,11 @@ def test_tiny_pretrain_run_writes_results_report_and_plots(tmp_path, monkeypatch
     assert "| adamw |" in report and "Skipped" in report
     for png in ("loss_vs_step.png", "loss_vs_time.png", "memory.png"):
         assert (out / png).stat().st_size > 5_000
+    # the end of the run: a table for a 100-column terminal (not the wide Markdown) and where it all went
+    printed = capsys.readouterr().out
+    table, _, where = printed[printed.index("tiny on file corpus.txt"):].partition("results: ")
+    assert max(len(line) for line in table.splitlines()) <= 100 and "| adamw |" not in table
+    assert where.startswith(f"{out.resolve()}/\n  report.md, results.json, loss_vs_step.png")
 
 
 def test_tokens_to_reference_loss():
@@ -194,7 +199,7 @@ def test_sweep_uses_the_given_factors_and_merge_combines_parallel_runs(tmp_path)
 @pytest.mark.parametrize("factors", ["1,x", "0,1", "-1", "nan"])
 def test_bad_sweep_factors_are_refused(factors, capsys):
     assert main(["--sweep-factors", factors, "--steps", "1"]) == 2
-    assert "--sweep-factors" in capsys.readouterr().out
+    assert f"--sweep-factors {factors}" in capsys.readouterr().err
 
 
 def test_sweep_grows_past_a_winning_edge(monkeypatch):
@@ -211,7 +216,7 @@ def test_sweep_grows_past_a_winning_edge(monkeypatch):
                                steps_done=config.steps)
 
     monkeypatch.setattr(pretrain, "_one_run", fake_run)
-    progress = SimpleNamespace(log=lambda message: None)
+    progress = SimpleNamespace(log=lambda message: None, expect=lambda steps: None)
     config = pretrain.TrainConfig(steps=100)
     lr, trials, interrupted = pretrain._sweep("adamw", None, config, "tiny", torch.device("cpu"), 0.0, progress)
     assert not interrupted
@@ -221,3 +226,66 @@ def test_sweep_grows_past_a_winning_edge(monkeypatch):
     monkeypatch.setattr(pretrain, "_one_run", lambda name, lr, *a, **k: fake_run(name, lr / 10, *a, **k))
     lr, trials, _ = pretrain._sweep("adamw", None, config, "tiny", torch.device("cpu"), 0.0, progress)
     assert len(trials) == 5 and lr == pytest.approx(base)
+
+
+def _fake_result(n_optimizers: int = 14) -> dict:
+    from slimopt.bench.report import run_metadata
+
+    names = ["adamw", "microadam", "adammini", "sinkgd", "swan", "adamw-foreach", "adamw-forloop", "adamw-fused",
+             "muon", "adamw8bit", "galore", "came", "adafactor", "adam-mini-official"][:n_optimizers]
+    runs = []
+    for i, name in enumerate(names):
+        curve = [(0, 0, 0.0, 5.5), (50, 10_000, 1.0, 3.0 - 0.01 * i), (100, 20_000, 2.0, 2.0 + 0.05 * i)]
+        runs.append({"optimizer": name, "seed": 0, "lr": 0.001 * (i + 1), "final_val_loss": curve[-1][3],
+                     "diverged": False, "interrupted": i == 3, "val_curve": curve,
+                     "train_curve": [(s, s / 50, 5.0 - s / 40) for s in range(1, 101)],
+                     "state_bytes": (8 - i / 2) * 2**20 * 100, "n_params": 100 * 2**20,
+                     "peak_memory_bytes": 2**30 * 3, "optimizer_step_median_s": 0.0123 * (i + 1),
+                     "tokens_per_s": 1234.5, "memory_kind": "CUDA max allocated"})
+    meta = run_metadata()
+    settings = {"preset": "350m", "data": "shakespeare+moby-dick+sotu+news", "tokenizer": "gpt2", "n_params": 368e6,
+                "steps": 100, "batch_size": 8, "seq_len": 1024, "warmup_fraction": 0.1, "min_lr_fraction": 0.1,
+                "grad_clip": 1.0, "train_tokens": 10**7, "val_tokens": 10**5, "seeds": [0]}
+    return {"meta": meta, "settings": settings, "reference": "adamw", "memory_kind": "CUDA max allocated",
+            "summary": summarize(runs, "adamw"), "runs": runs, "skipped": {}, "sweeps": {}, "interrupted": False}
+
+
+def test_end_of_run_table_fits_100_columns_with_every_optimizer(tmp_path, capsys, monkeypatch):
+    from slimopt.bench.pretrain import write_result
+
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal still gets at most 100 columns
+    write_result(_fake_result(), tmp_path / "r")
+    out = capsys.readouterr().out
+    table, _, where = out.partition("results: ")
+    assert max(len(line) for line in table.splitlines()) <= 100
+    assert "adam-mini-official" in table and "sinkgd (interrupted)" in table
+    assert where.startswith(f"{(tmp_path / 'r').resolve()}/\n")
+    assert "| optimizer |" in (tmp_path / "r" / "report.md").read_text()  # the Markdown keeps every column
+    for png in ("loss_vs_step.png", "loss_vs_time.png", "memory.png"):
+        assert (tmp_path / "r" / png).stat().st_size > 5_000
+
+
+def test_plots_label_plainly_and_keep_small_state_visible(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from slimopt.bench import plots
+
+    figures = []
+    monkeypatch_close = plt.close
+    plt.close = lambda fig=None: figures.append(fig)  # keep the figures to inspect them
+    try:
+        plots.loss_curves(_fake_result(3)["runs"], tmp_path / "loss.png")
+        plots.memory_bars([("adamw", 2700.0, 9200.0), ("sinkgd", 12.5, 6800.0), ("swan", 12.5, None)],
+                          tmp_path / "memory.png", peak_label="CUDA max allocated")
+    finally:
+        plt.close = monkeypatch_close
+    loss_fig, memory_fig = figures
+    (ax,) = loss_fig.axes
+    assert ax.get_ylabel() == "loss (nats per token)"
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()][-2:] == ["validation", "training (smoothed)"]
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # outside the axes, not over the curves
+    state_ax, peak_ax = memory_fig.axes  # state on its own axis: 12.5 MiB is not flattened by GiB of peak
+    assert state_ax.get_ylim()[1] < 4000 and peak_ax.get_ylim()[1] > 9200
+    assert "12.5" in [t.get_text() for t in state_ax.texts] and "n/a" in [t.get_text() for t in peak_ax.texts]
+    for fig in figures:
+        plt.close(fig)

@@ -157,3 +157,44 @@ def test_cli_table_json_and_errors(capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert "unknown model" in err and "--model" in err and "no-such-model" in err
+
+
+def test_a_misfit_is_explained_with_what_would_fit(capsys):
+    """Llama-2 7B in bf16 on 24 GiB: nothing fits; each row says what it needs, its largest term, and the
+    way out: a GPU size or FSDP2 over several GPUs (no setting of one GPU can hold 26 GiB of weights,
+    gradients and state)."""
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--model", "llama2-7b", "--gpu-mem", "24", "--precision", "bf16"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.split("does not fit:")[1].splitlines()) <= 100
+    text = " ".join(out.split("does not fit:")[1].split())  # unwrapped
+    p = plan("llama2-7b", 24, precision="bf16")
+    rows = {r["optimizer"]: r for r in p.rows}
+    adamw, sinkgd = rows["adamw"], rows["sinkgd"]
+    assert f"adamw: needs {adamw['total_gib']:.2f} GiB" in text
+    assert f"largest: optimizer state {adamw['state_gib']:.2f} GiB" in text  # AdamW's bf16 m and v
+    assert f"sinkgd: needs {sinkgd['total_gib']:.2f} GiB" in text and "largest: weights 12.55 GiB" in text
+    static = sinkgd["weights_gib"] + sinkgd["gradients_gib"] + sinkgd["state_gib"]
+    assert f"weights + gradients + state alone are {static:.2f} GiB" in text
+    assert f"a GPU with {sinkgd['total_gib'] / 0.9:.1f} GiB" in text and "FSDP2 over 3 GPUs of 24 GiB" in text
+    assert "none fits; the smallest total is sinkgd's" in text
+    # the settings each row was counted with, and the `slimopt memory` row with the same
+    assert "adamw: param_bytes=2  [memory row adamw-bf16]" in out
+    assert "microadam: param_bytes=2, m=10, k_init=0.01, quant_block_size=64, topk_block_size=4096" in out
+
+
+def test_an_activation_misfit_names_the_settings_that_fit():
+    from slimopt.memory.fit import why_not
+
+    p = plan("llama-1b", 24, batch=8, optimizers=["sinkgd"])
+    (row,) = p.rows
+    assert not row["fits"]
+    text = why_not(p, row)
+    assert "largest: activations" in text and "Fits with" in text
+    for fix in ("--checkpointing", f"--batch {row['max_batch']}"):
+        if fix in text:  # each fix offered does fit, with the total it gives
+            changed = plan("llama-1b", 24, batch=row["max_batch"] if "batch" in fix else 8,
+                           checkpointing="checkpointing" in fix, optimizers=["sinkgd"])
+            assert changed.rows[0]["fits"] and f"{fix} ({changed.rows[0]['total_gib']:.2f} GiB)" in text
+    assert "--batch 1" in text

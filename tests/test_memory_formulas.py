@@ -247,3 +247,19 @@ def test_set_overrides_formula_options(capsys):
     row = json.loads(capsys.readouterr().out)["optimizers"][0]
     assert row["options"]["quant_block_size"] == 64 and "published" not in row  # no longer the paper's setting
     assert 0.9625 <= row["bytes_per_param"] < 0.9625 * 1.002  # 0.5 + 0.4 + 4/64
+
+
+def test_printed_table_says_the_settings_of_every_row(capsys):
+    args = build_parser(["memory", "--model", "llama2-7b"]).parse_args(["memory", "--model", "llama2-7b"])
+    assert mm.run(args) == 0
+    out = capsys.readouterr().out
+    settings = out.split("settings of each row")[1]
+    assert "  microadam: param_bytes=4, m=10, k_init=0.01, quant_block_size=64, topk_block_size=4096" in settings
+    assert "  microadam-m10: param_bytes=4, m=10, k_init=0.01, quant_block_size=100000, topk_block_size=20864" \
+        in settings
+    assert "  adamw-bf16: param_bytes=2" in settings and "  galore: param_bytes=4, rank=1024" in settings
+    from slimopt.memory.fit import matching_memory_row, planned_options
+
+    # `slimopt plan` counts each optimizer with the same settings as the row it names
+    assert matching_memory_row("microadam", planned_options("microadam")) == "microadam"
+    assert matching_memory_row("adamw", planned_options("adamw", param_bytes=2)) == "adamw-bf16"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
 _SUBCOMMANDS = {
@@ -26,7 +27,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, (module, help_text) in _SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == chosen:  # import only the module whose command runs
-            importlib.import_module(module).add_arguments(sub)
+            add = importlib.import_module(module).add_arguments
+            if "chosen" in inspect.signature(add).parameters:  # slimopt bench: only the task that runs
+                add(sub, chosen=argv[1] if len(argv) > 1 and not argv[1].startswith("-") else None)
+            else:
+                add(sub)
             sub.set_defaults(_module=module)
     return parser
 

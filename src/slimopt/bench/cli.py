@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import math
 import sys
+
+from .args import UsageError, check_int, check_number, check_out
 
 _TASKS = {
     "pretrain": ("slimopt.bench.pretrain", "train a LLaMA-style decoder on real text with each optimizer"),
@@ -41,7 +44,30 @@ def add_arguments(parser: argparse.ArgumentParser, chosen: str | None = None) ->
         sub.set_defaults(_task_module=module)
 
 
+def _check_rosenbrock(args: argparse.Namespace) -> None:
+    try:
+        start = [float(v) for v in args.start.split(",")]
+    except ValueError:
+        start = []
+    if len(start) != 2 or not all(math.isfinite(v) for v in start):
+        raise UsageError("--start", args.start, "expected two finite numbers x,y")
+    check_number("--lr", args.lr)
+    check_int("--steps", args.steps)
+    check_out("--out", args.out)
+
+
+# argument checks of the tasks whose module has none of its own (the others validate in their ``run``)
+_CHECKS = {"rosenbrock": _check_rosenbrock}
+
+
 def run(args: argparse.Namespace) -> int:
+    check = _CHECKS.get(args.task)
+    if check is not None:
+        try:
+            check(args)
+        except UsageError as exc:
+            print(f"slimopt bench {args.task}: {exc}", file=sys.stderr)
+            return 2
     return importlib.import_module(args._task_module).run(args) or 0
 
 

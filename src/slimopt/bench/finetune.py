@@ -26,11 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .args import UsageError, check_choices, check_device, check_int, check_number, check_out, check_threads, guarded
 from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
 from .plots import memory_bars
 from .report import (
+    console_table,
     markdown_table,
     peak_rss_bytes,
+    print_results,
     release_freed_memory,
     reset_peak_rss,
     rss_bytes,
@@ -39,7 +42,7 @@ from .report import (
 )
 from .train import lr_factor
 
-__all__ = ["add_arguments", "finetune_lr", "run"]
+__all__ = ["add_arguments", "console_summary", "finetune_lr", "run", "validate"]
 
 TASKS = ("rotten-tomatoes", "20newsgroups")
 ADAMW_FINETUNE_LR = 5e-5
@@ -166,7 +169,29 @@ def _one_run(name: str, lr: float, train_set, test_set, n_labels: int, pad_id: i
             "wall_s": wall, "interrupted": interrupted}
 
 
+MAX_POSITIONS = 512  # MiniLM-L6's position embeddings
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every argument, before the data or the model is loaded; a bad one raises :class:`UsageError`."""
+    check_choices("--optimizers", args.optimizers, known_names(), "optimizer")
+    check_number("--lr", args.lr, what="the peak learning rate")
+    check_number("--epochs", args.epochs)
+    check_int("--batch-size", args.batch_size)
+    check_int("--max-length", args.max_length, minimum=2)
+    if args.max_length is not None and args.max_length > MAX_POSITIONS:
+        raise UsageError("--max-length", args.max_length, f"MiniLM-L6 reads at most {MAX_POSITIONS} tokens")
+    check_int("--train-examples", args.train_examples, minimum=0, what="0 = all")
+    check_int("--test-examples", args.test_examples, minimum=0, what="0 = all")
+    check_int("--seed", args.seed, minimum=0)
+    check_device("--device", args.device)
+    check_threads(args.threads)
+    check_out("--out", args.out)
+
+
+@guarded("slimopt bench finetune")
 def run(args: argparse.Namespace) -> int:
+    validate(args)
     from transformers import AutoTokenizer
 
     from slimopt.bench.fetch import labelled, minilm_path
@@ -174,10 +199,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.optimizers.split(",")
-    unknown = [n for n in names if n not in known_names()]
-    if unknown:
-        print(f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(known_names())}")
-        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     max_length = args.max_length or (256 if args.task == "20newsgroups" else 64)
     data = labelled(args.task)
@@ -228,6 +249,20 @@ def run(args: argparse.Namespace) -> int:
               + ("\nSkipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + "\n" if skipped else "")
               + "".join(f"\n![{Path(p).stem}]({Path(p).name})\n" for p in plots))
     (out / "report.md").write_text(report)
-    print(table)
-    print(f"wrote {out}/results.json and report.md")
+    console = console_summary(runs, f"MiniLM-L6 on {args.task}, {len(train_set)} train / {len(test_set)} test "
+                                    "examples")
+    print_results(console, out, ["report.md", "results.json", *(Path(p).name for p in plots)])
     return 0
+
+
+def console_summary(runs: list[dict[str, Any]], title: str) -> str:
+    """The end-of-run table for a terminal (report.md keeps the Markdown one)."""
+    def fixed(value: float | None, digits: int, scale: float = 1.0, suffix: str = "") -> str | None:
+        return None if value is None else f"{value * scale:.{digits}f}{suffix}"
+
+    return console_table(
+        title, ["optimizer", "lr", "test acc.", "train loss", "state MiB", "state B/p", "peak MiB", "step ms"],
+        [[r["optimizer"], f"{r['lr']:.3g}", fixed(r["test_accuracy"], 2, 100, "%"), fixed(r["final_train_loss"], 4),
+          fixed(r["state_bytes"], 1, 2**-20), fixed(r["state_bytes_per_param"], 2),
+          fixed(r["peak_memory_bytes"], 1, 2**-20), fixed(r["optimizer_step_median_s"] or None, 1, 1e3)]
+         for r in runs])

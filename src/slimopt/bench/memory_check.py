@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from .args import check_choices, check_out, check_threads, guarded
 from .baselines import BASELINES, OptimizerUnavailable, default_lr, known_names, make_optimizer, split_hidden_matrices
 from .model import PRESETS, build_model
 from .report import markdown_table, run_metadata, write_json
 
-__all__ = ["add_arguments", "compare", "run", "state_formula"]
+__all__ = ["add_arguments", "compare", "run", "state_formula", "validate"]
 
 
 def state_formula(name: str) -> str | None:
@@ -91,15 +92,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/memory", help="folder for results.json and report.md")
 
 
+def validate(args: argparse.Namespace) -> None:
+    check_choices("--presets", args.presets, PRESETS, "preset")
+    check_choices("--optimizers", args.optimizers, known_names(), "optimizer")
+    check_threads(args.threads)
+    check_out("--out", args.out)
+
+
+@guarded("slimopt bench memory")
 def run(args: argparse.Namespace) -> int:
+    validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = args.presets.split(",")
     names = args.optimizers.split(",")
-    bad = [p for p in presets if p not in PRESETS] + [n for n in names if n not in known_names()]
-    if bad:
-        print(f"unknown preset/optimizer: {', '.join(bad)}")
-        return 2
     rows = [row for preset in presets for row in compare(preset, names)]
     table = markdown_table(
         ["preset", "params", "optimizer", "measured B", "B/param", "formula", "analytic B", "analytic - measured"],
@@ -112,5 +118,5 @@ def run(args: argparse.Namespace) -> int:
     (out / "report.md").write_text("# Optimizer state: measured (after one step) vs analytic formula\n\n"
                                    + table + "\n")
     print(table)
-    print(f"wrote {out}/results.json and report.md")
+    print(f"results: {out.resolve()}/ (report.md, results.json)")
     return 0

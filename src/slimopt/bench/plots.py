@@ -31,11 +31,14 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def loss_curves(runs: list[dict[str, Any]], path: Path, *, x: str = "step", title: str = "") -> Path | None:
-    """Validation loss (markers) and smoothed training loss (thin line) per run; x is "step" or "time"."""
+    """Validation loss (markers) and smoothed training loss (thin line) per run; x is "step" or "time".
+    The legend sits outside the axes, with one entry per optimizer and two saying which line is which."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     colors: dict[str, Any] = {}
     for run in runs:
         name = run["optimizer"]
@@ -50,7 +53,7 @@ def loss_curves(runs: list[dict[str, Any]], path: Path, *, x: str = "step", titl
         xs = [v[0] if x == "step" else v[2] for v in val]
         ax.plot(xs, [v[3] for v in val], "o-", color=color, markersize=3, linewidth=1.5, label=label)
     ax.set_xlabel("step" if x == "step" else "wall time (s)")
-    ax.set_ylabel("loss (nats/token): validation o-, training (smoothed) thin")
+    ax.set_ylabel("loss (nats per token)")
     if title:
         ax.set_title(title, fontsize=10)
     losses = [v[3] for run in runs for v in run["val_curve"][1:]]
@@ -58,7 +61,11 @@ def loss_curves(runs: list[dict[str, Any]], path: Path, *, x: str = "step", titl
         low, high = min(losses), max(losses)
         ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.25 * (high - low + 1e-9))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color="0.3", marker="o", markersize=3, linewidth=1.5),
+                Line2D([], [], color="0.3", alpha=0.35, linewidth=1)]
+    labels += ["validation", "training (smoothed)"]
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -68,23 +75,34 @@ def loss_curves(runs: list[dict[str, Any]], path: Path, *, x: str = "step", titl
 
 def memory_bars(rows: list[tuple[str, float | None, float | None]], path: Path, *, peak_label: str,
                 title: str = "") -> Path | None:
-    """Per optimizer: optimizer-state MiB and peak memory MiB, side by side."""
+    """Per optimizer: optimizer-state MiB (left panel) and peak memory MiB (right panel), each on its own
+    scale, so a few MiB of state stay visible beside a peak of GiB; every bar carries its value."""
     plt = _pyplot()
     if plt is None:
         return None
     names = [r[0] for r in rows]
-    state = [r[1] or 0.0 for r in rows]
-    peak = [r[2] or 0.0 for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names) + 2), 4))
-    positions = range(len(names))
-    ax.bar([p - 0.2 for p in positions], state, width=0.4, label="optimizer state (exact)")
-    ax.bar([p + 0.2 for p in positions], peak, width=0.4, label=peak_label)
-    ax.set_xticks(list(positions), names, rotation=20, ha="right")
-    ax.set_ylabel("MiB")
+    if len(names) <= 6:  # side by side
+        fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.3 * len(names) + 3), 4.2))
+    else:  # one above the other, each as wide as the figure
+        fig, axes = plt.subplots(2, 1, figsize=(min(12.0, 0.65 * len(names) + 2), 7.5))
+    positions = list(range(len(names)))
+    panels = [(axes[0], [r[1] for r in rows], "optimizer state (exact)", "C0"),
+              (axes[1], [r[2] for r in rows], peak_label, "C1")]
+    for ax, values, label, color in panels:
+        heights = [v or 0.0 for v in values]
+        bars = ax.bar(positions, heights, width=0.6, color=color)
+        top = max(heights) if any(heights) else 1.0
+        for bar, value in zip(bars, values):
+            text = "n/a" if value is None else f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, top * 1.15)
+        ax.set_xticks(positions, names, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("MiB")
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
     if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -7,8 +7,9 @@
     -> results.json, report.md, loss_vs_step.png, loss_vs_time.png, memory.png
 
 ``--quick`` is the README demo: Shakespeare only, the tiny preset, 200 steps of 16 x 128 bytes, adamw /
-microadam / adammini / sinkgd / swan (measured: 9 min 26 s wall with one thread on a shared 2-core Xeon
-that other jobs kept busy; two idle cores do it faster). Ctrl-C stops the current run and still writes
+microadam / adammini / sinkgd / swan. Measured: 2 min 25 s on two idle CPU cores; 51 min on a 2-core
+machine other jobs kept busy, with torch's default of one thread per core (the threads wait on each
+other); 9 min 26 s with ``--threads 1`` on such a machine. Ctrl-C stops the current run and still writes
 what finished.
 """
 
@@ -19,6 +20,7 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -26,14 +28,24 @@ from typing import Any
 import torch
 
 from . import launch
+from .args import (
+    UsageError,
+    check_choices,
+    check_device,
+    check_int,
+    check_number,
+    check_out,
+    check_threads,
+    guarded,
+)
 from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
 from .data import TOKENIZERS, load_text, make_token_data
 from .model import PRESETS, build_model
 from .plots import loss_curves, memory_bars
-from .report import markdown_table, run_metadata, write_json
+from .report import console_table, markdown_table, print_results, run_metadata, write_json
 from .train import RunResult, TrainConfig, train
 
-__all__ = ["add_arguments", "merge_results", "run", "summarize", "write_result"]
+__all__ = ["add_arguments", "merge_results", "run", "summarize", "validate", "write_result"]
 
 QUICK_OPTIMIZERS = ["adamw", "microadam", "adammini", "sinkgd", "swan"]
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -72,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of the steps, seed 0; extended by x2 steps when the best is at an edge), then "
                              "the full runs at the best lr")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: one per core; on a machine other jobs keep busy, 1)")
     parser.add_argument("--out", default=None, help="result folder (default runs/pretrain-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     launch.add_arguments(parser)
@@ -83,14 +96,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
+    """One bar per training run (steps, elapsed, time remaining, losses) and, under rich, one for all the
+    runs planned (``expect``), whose time remaining is the whole comparison's."""
+
     def __init__(self, plain: bool) -> None:
         self.rich = None
+        self.overall = None
+        self.started = time.perf_counter()
+        self.total = self.done = 0
         if not plain:
             try:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
 
-                self.rich = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+                self.rich = Progress(TextColumn("{task.description:<26}"), BarColumn(bar_width=16),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
             except ImportError:
                 pass
 
@@ -106,20 +133,43 @@ class _Progress:
     def log(self, message: str) -> None:
         (self.rich.console.print if self.rich else print)(message)
 
+    def expect(self, steps: int) -> None:
+        """``steps`` more training steps are planned (the overall bar's total)."""
+        self.total += steps
+        if self.rich:
+            if self.overall is None:
+                self.overall = self.rich.add_task("all runs", total=self.total, info="")
+            self.rich.update(self.overall, total=self.total)
+
+    def settle(self, planned: int, done: int) -> None:
+        """A run stopped after ``done`` of its ``planned`` steps (diverged, interrupted)."""
+        self.expect(done - planned)
+
+    def _eta(self) -> str:
+        if not self.done or self.total <= self.done:
+            return ""
+        left = (time.perf_counter() - self.started) / self.done * (self.total - self.done)
+        return f", all runs: eta {int(left // 60)}:{int(left % 60):02d}"
+
     def tracker(self, label: str, total: int):
         task = self.rich.add_task(label, total=total, info="") if self.rich else None
         last_val: list[float | None] = [None]
+        last_step = [0]
 
         def update(result: RunResult, val: float | None) -> None:
             if val is not None:
                 last_val[0] = val
+            self.done += result.steps_done - last_step[0]
+            if self.rich and self.overall is not None:
+                self.rich.advance(self.overall, result.steps_done - last_step[0])
+            last_step[0] = result.steps_done
             parts = [f"train {result.train_curve[-1][2]:.3f}"] if result.train_curve else []
             parts += [f"val {last_val[0]:.3f}"] if last_val[0] is not None else []
             info = "  ".join(parts)
             if self.rich:
                 self.rich.update(task, completed=result.steps_done, info=info)
             elif val is not None:
-                print(f"  {label} step {result.steps_done}/{total}: {info}", flush=True)
+                print(f"  {label} step {result.steps_done}/{total}: {info}{self._eta()}", flush=True)
 
         return update
 
@@ -137,6 +187,7 @@ def _one_run(name: str, lr: float, seed: int, data, config: TrainConfig, preset:
     seeded = TrainConfig(**{**config.__dict__, "seed": seed})
     result = train(model, optimizer, data, seeded, name=name, lr=lr,
                    on_progress=progress.tracker(label, config.steps))
+    progress.settle(config.steps, result.steps_done)
     del model, optimizer
     return result
 
@@ -177,6 +228,7 @@ def _sweep(name: str, data, config: TrainConfig, preset: str, device: torch.devi
         else:
             break
         progress.log(f"{name}: best lr at the edge of the sweep; also trying x{extra:g}")
+        progress.expect(short_steps)
         if try_factor(extra):
             return trials[-1]["lr"], trials, True
     trials.sort(key=lambda t: t["lr"])
@@ -195,9 +247,14 @@ def _warm_up(preset: str, data, config: TrainConfig, device: torch.device) -> in
 
 
 def _seeds(text: str) -> list[int]:
-    if "," in text:
-        return [int(s) for s in text.split(",")]
-    return list(range(int(text)))
+    """``"3"`` -> seeds 0, 1, 2; ``"0,3,7"`` -> those seeds."""
+    try:
+        seeds = [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+    except ValueError:
+        raise UsageError("--seeds", text, "expected a count N (seeds 0..N-1) or a comma list like 0,3,7") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UsageError("--seeds", text, "expected a count N >= 1 or distinct seeds >= 0")
+    return seeds
 
 
 def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict[str, Any]]:
@@ -322,10 +379,28 @@ def write_result(result: dict[str, Any], out: Path) -> None:
         if path is not None:
             result["plots"].append(str(path))
     write_json(out / "results.json", result)
-    report = _report(result)
-    (out / "report.md").write_text(report)
-    print(report)
-    print(f"wrote {out}/results.json, report.md" + (" and plots" if result["plots"] else ""))
+    (out / "report.md").write_text(_report(result))
+    print_results(_console_summary(result), out,
+                  ["report.md", "results.json", *(Path(p).name for p in result["plots"])])
+
+
+def _console_summary(result: dict[str, Any]) -> str:
+    """The end-of-run table for a terminal: the columns a reader compares (report.md has them all)."""
+    s = result["settings"]
+    def fixed(value: float | None, digits: int, scale: float = 1.0) -> str | None:
+        return None if value is None else f"{value * scale:.{digits}f}"
+
+    rows = []
+    for r in sorted(result["summary"], key=lambda r: math.inf if r["final_val_loss"] is None
+                    else r["final_val_loss"]):
+        flag = " (diverged)" if r["diverged"] else " (interrupted)" if r["interrupted"] else ""
+        rows.append([r["optimizer"] + flag, f"{r['lr']:.3g}", fixed(r["final_val_loss"], 4),
+                     fixed(r.get("val_loss_ratio"), 3), format_reach(r), fixed(r["state_bytes_per_param"], 2),
+                     fixed(r["peak_memory_bytes"], 1, 2**-20), fixed(r["optimizer_step_median_s"] or None, 1, 1e3)])
+    title = (f"{s['preset']} on {s['data']}, {s['steps']} steps, seeds {s['seeds']}; reference "
+             f"{result['reference']}")
+    return console_table(title, ["optimizer", "lr", "val loss", "x ref", "tokens to ref", "state B/p",
+                                 "peak MiB", "step ms"], rows)
 
 
 # settings that must agree for runs to be compared in one table
@@ -371,13 +446,55 @@ def _parse_factors(text: str) -> tuple[float, ...]:
     try:
         factors = tuple(float(f) for f in text.split(","))
     except ValueError:
-        raise ValueError(f"--sweep-factors must be comma-separated numbers, got {text!r}") from None
+        raise UsageError("--sweep-factors", text, "must be comma-separated numbers") from None
     if not factors or any(not math.isfinite(f) or f <= 0 for f in factors):
-        raise ValueError(f"--sweep-factors must be positive, got {text!r}")
+        raise UsageError("--sweep-factors", text, "must be positive")
     return factors
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Every argument, before any data is loaded or folder made; a bad one raises :class:`UsageError`."""
+    check_out("--out", args.out)
+    if args.merge:
+        folders = [f for f in args.merge.split(",") if f]
+        if len(folders) < 1:
+            raise UsageError("--merge", args.merge, "expected comma-separated result folders")
+        for folder in folders:
+            if not (Path(folder) / "results.json").is_file():
+                raise UsageError("--merge", args.merge, f"{folder} has no results.json")
+        return
+    if args.optimizers is not None:
+        check_choices("--optimizers", args.optimizers, known_names(), "optimizer")
+    if args.corpus is not None:
+        from .fetch import TEXT_CORPORA
+
+        check_choices("--corpus", args.corpus, TEXT_CORPORA, "corpus")
+    if args.text is not None and not Path(args.text).is_file():
+        raise UsageError("--text", args.text, "no such file")
+    check_number("--lr", args.lr, what="the peak learning rate")
+    check_number("--weight-decay", args.weight_decay, strict=False)
+    check_int("--steps", args.steps)
+    check_int("--batch-size", args.batch_size)
+    check_int("--seq-len", args.seq_len, minimum=2)
+    check_int("--eval-every", args.eval_every)
+    check_int("--eval-batches", args.eval_batches)
+    _seeds(args.seeds)
+    _parse_factors(args.sweep_factors)
+    if args.sweep and args.lr is not None:
+        raise UsageError("--lr", args.lr, "--sweep chooses each optimizer's lr; drop --lr or --sweep")
+    check_device("--device", args.device)
+    check_threads(args.threads)
+    check_int("--nproc", getattr(args, "nproc", 1))
+    nproc = getattr(args, "nproc", 1)
+    if nproc > 1 and args.batch_size % nproc:
+        raise UsageError("--batch-size", args.batch_size, f"is the global batch and must be divisible by "
+                                                          f"--nproc {nproc}")
+
+
+@guarded("slimopt bench pretrain")
 def run(args: argparse.Namespace) -> int:
+    if not launch._in_worker():  # the launcher checked before starting the workers
+        validate(args)
     code = launch.start(args)  # --nproc > 1: re-launch through torchrun, or join its process group
     if code is not None:
         return code
@@ -393,14 +510,9 @@ def _run(args: argparse.Namespace) -> int:
         try:
             result = merge_results([Path(f) for f in args.merge.split(",") if f], out)
         except ValueError as exc:
-            print(exc)
-            return 2
+            raise UsageError("--merge", args.merge, str(exc).removeprefix("--merge: ")) from None
         return 130 if result["interrupted"] else 0
-    try:
-        sweep_factors = _parse_factors(args.sweep_factors)
-    except ValueError as exc:
-        print(exc)
-        return 2
+    sweep_factors = _parse_factors(args.sweep_factors)
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -411,30 +523,35 @@ def _run(args: argparse.Namespace) -> int:
     preset = args.preset or ("tiny" if quick else "cpu")
     steps = args.steps or (200 if quick else 1000)
     names = args.optimizers.split(",") if args.optimizers else list(QUICK_OPTIMIZERS)
-    unknown = [n for n in names if n not in known_names()]
-    if unknown:
-        print(f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(known_names())}")
-        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          eval_every=args.eval_every or max(1, steps // 6), eval_batches=args.eval_batches)
     seeds = _seeds(args.seeds)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
-    if launch.is_main():
-        out.mkdir(parents=True, exist_ok=True)
 
     text, description = load_text(corpora, args.text)
-    data = launch.rank_slices(make_token_data(text, args.tokenizer, description=description))
+    try:
+        tokens = make_token_data(text, args.tokenizer, description=description)
+    except ValueError as exc:  # a text too short for a train/validation split
+        raise UsageError("--text" if args.text else "--corpus", args.text or ",".join(corpora), str(exc)) from None
+    if len(tokens.val) < args.seq_len + 1:
+        raise UsageError("--seq-len", args.seq_len, f"longer than the validation split of {description} "
+                                                    f"({len(tokens.val)} tokens)")
+    data = launch.rank_slices(tokens)
     n_params = _warm_up(preset, data, config, device)
-    print(f"pretrain: {preset} ({n_params / 1e6:.2f}M params) on {description}: {len(data.train):,} train / "
-          f"{len(data.val):,} val {args.tokenizer} tokens; {steps} steps; {device}, {torch.get_num_threads()} "
-          f"threads; optimizers {', '.join(names)}; seeds {seeds}")
+    print(textwrap.fill(f"pretrain: {preset} ({n_params / 1e6:.2f}M params) on {description}: {len(data.train):,} "
+                        f"train / {len(data.val):,} val {args.tokenizer} tokens; {steps} steps; {device}, "
+                        f"{torch.get_num_threads()} threads; optimizers {', '.join(names)}; seeds {seeds}",
+                        width=100, subsequent_indent="  "))
 
     runs: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     sweeps: dict[str, list[dict[str, Any]]] = {}
     interrupted = False
     with _Progress(args.no_progress) as progress:
+        short_steps = min(config.steps, max(20, config.steps // 4))  # as _sweep
+        planned = len(seeds) * steps + (len(sweep_factors) * short_steps if args.sweep else 0)
+        progress.expect(planned * len(names))
         for name in names:
             try:
                 lr = args.lr or default_lr(name)
@@ -451,6 +568,7 @@ def _run(args: argparse.Namespace) -> int:
                         break
             except OptimizerUnavailable as exc:
                 progress.log(f"skipping {name}: {exc}")
+                progress.settle(planned, 0)
                 skipped[name] = str(exc)
             except KeyboardInterrupt:  # between training steps (building a model, evaluating at step 0)
                 interrupted = True

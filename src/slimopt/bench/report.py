@@ -6,6 +6,7 @@ tables a reader wants. Plots live in ``plots.py``-style helpers below and need m
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -19,8 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["markdown_table", "peak_rss_bytes", "release_freed_memory", "reset_peak_rss", "rss_bytes",
-           "run_metadata", "write_json"]
+__all__ = ["console_table", "markdown_table", "peak_rss_bytes", "print_results", "release_freed_memory",
+           "reset_peak_rss", "rss_bytes", "run_metadata", "write_json"]
 
 
 def _cpu_model() -> str:
@@ -108,6 +109,69 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _cell(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def console_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
+                  width: int | None = None) -> str:
+    """The table a run prints at its end, for a terminal (rich when installed, plain columns otherwise);
+    at most ``width`` columns (default: the terminal's, at most 100), where the Markdown report keeps the
+    wide one. Numbers are right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    numeric = [all(_is_number(row[i]) for row in rows if row[i] is not None) and any(row[i] is not None
+               for row in rows) for i in range(len(headers))]
+    try:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        return _plain_table(title, headers, cells, numeric)
+    import shutil
+
+    width = width or min(100, shutil.get_terminal_size((100, 24)).columns)
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for header, right in zip(headers, numeric):
+        table.add_column(header, justify="right" if right else "left", overflow="fold")
+    for row in cells:
+        table.add_row(*row)
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None).print(table)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
+
+
+_NUMERIC_TEXT = re.compile(r"[-+]?[\d,.]+(e[-+]?\d+)?%?( \(.*\))?")
+
+
+def _is_number(v: Any) -> bool:
+    """A number, or text that shows one (``"1,280"``, ``"0.52"``, ``"3,840 (1/2 seeds)"``): right-aligned."""
+    if isinstance(v, str):
+        return _NUMERIC_TEXT.fullmatch(v) is not None
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _plain_table(title: str, headers: Sequence[str], cells: list[list[str]], numeric: list[bool]) -> str:
+    lines = [list(headers), *cells]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    out = [title]
+    for i, line in enumerate(lines):
+        out.append("  ".join(c.rjust(w) if right else c.ljust(w) for c, w, right in zip(line, widths, numeric)))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def print_results(table: str, out: Path, files: Sequence[str]) -> None:
+    """The end of a run: its console table, then where everything went, as an absolute path."""
+    print(table)
+    print(f"results: {Path(out).resolve()}{os.sep}")
+    print(f"  {', '.join(files)}")
 
 
 # --------------------------------------------------------------------------------------------------

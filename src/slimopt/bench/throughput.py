@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from .args import check_choices, check_device, check_int, check_out, check_threads, guarded
 from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
-from .model import build_model, count_parameters
+from .model import PRESETS, build_model, count_parameters
 from .report import (
     markdown_table,
     peak_rss_bytes,
@@ -38,7 +39,7 @@ from .report import (
     write_json,
 )
 
-__all__ = ["add_arguments", "default_optimizers", "main", "measure_step_times", "run"]
+__all__ = ["add_arguments", "default_optimizers", "main", "measure_step_times", "run", "validate"]
 
 REFERENCES = ("adamw-foreach", "adamw-forloop")
 
@@ -221,15 +222,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a Markdown summary is written beside it")
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Every argument, before a model is built; a bad one raises ``UsageError``."""
+    if args.optimizers is not None:
+        check_choices("--optimizers", args.optimizers, known_names(), "optimizer")
+    check_choices("--preset", args.preset, PRESETS, "preset")
+    check_int("--rounds", args.rounds)
+    check_int("--steps", args.steps)
+    check_int("--warmup", args.warmup, minimum=0)
+    check_threads(args.threads)
+    check_device("--device", args.device)
+    check_out("--out", args.out, file=True)
+
+
+@guarded("slimopt bench throughput")
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = args.optimizers.split(",") if args.optimizers else default_optimizers(device)
-    unknown = [n for n in names if n not in known_names()]
-    if unknown:
-        print(f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(known_names())}")
-        return 2
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     model = build_model(args.preset).to(device=device, dtype=dtype)
@@ -250,7 +262,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     summary = markdown_summary(result)
     out.with_suffix(".md").write_text(summary)
     print(summary)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    print(f"results: {out.resolve()} and {out.with_suffix('.md').name} beside it")
     return 0
 
 

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,8 +34,8 @@ from ..registry import SPECS
 from .formulas import BASELINE_FORMULAS, analytic_state_bytes, formula, tensor_facts
 from .models import MODELS, model_shapes
 
-__all__ = ["Arch", "FitPlan", "activation_bytes", "add_arguments", "arch_of", "plan", "planned_optimizers",
-           "planned_options", "planned_state_bytes", "run"]
+__all__ = ["Arch", "FitPlan", "activation_bytes", "add_arguments", "arch_of", "matching_memory_row", "plan",
+           "planned_optimizers", "planned_options", "planned_state_bytes", "run", "why_not"]
 
 GiB = 2**30
 PRECISIONS = ("amp", "bf16", "fp32")
@@ -198,6 +199,7 @@ class FitPlan:
     checkpointing: bool
     rows: list[dict[str, Any]]
     flash: bool = True
+    headroom: float = 0.1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,33 +248,89 @@ def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1,
             "activations_gib": act / GiB, "total_gib": total / GiB, "fits": total <= budget,
             "max_batch": max_batch, "options": options,
         })
-    return FitPlan(model, n, gpu_mem_gib, budget / GiB, seq_len, batch, precision, checkpointing, rows, flash)
+    return FitPlan(model, n, gpu_mem_gib, budget / GiB, seq_len, batch, precision, checkpointing, rows, flash,
+                   headroom)
+
+
+def _total_with(p: FitPlan, name: str, **changes: Any) -> float:
+    """The total GiB of optimizer ``name`` under ``p``'s settings with ``changes``."""
+    settings = {"seq_len": p.seq_len, "batch": p.batch, "precision": p.precision, "checkpointing": p.checkpointing,
+                "flash": p.flash, "headroom": p.headroom, **changes}
+    return plan(p.model, p.gpu_gib, optimizers=[name], **settings).rows[0]["total_gib"]
 
 
 def why_not(p: FitPlan, row: dict[str, Any]) -> str:
-    """For a row that does not fit: which term is largest and what would make it fit (or that nothing can)."""
+    """For a row that does not fit: how much it needs, which term is largest, and what would make it fit:
+    each single change of the settings that does (with the total it gives), else the GPU memory it needs
+    and over how many GPUs of this size FSDP2 would have to shard weights, gradients and state."""
     terms = {"weights": row["weights_gib"], "gradients": row["gradients_gib"], "optimizer state": row["state_gib"],
              "activations": row["activations_gib"]}
     largest = max(terms, key=terms.get)
     static = row["weights_gib"] + row["gradients_gib"] + row["state_gib"]
-    over = row["total_gib"] - p.budget_gib
-    text = f"{over:.2f} GiB over; largest: {largest} {terms[largest]:.2f} GiB"
-    if static >= p.budget_gib:
-        hint = "weights + gradients + state alone exceed the usable memory"
-        if p.precision != "bf16":
-            hint += "; try --precision bf16 (2 B/param weights and gradients)"
-        return f"{text}. {hint}, or a GPU with more memory, or shard over several GPUs (FSDP2)"
-    hints = []
+    name = row["optimizer"]
+    text = (f"needs {row['total_gib']:.2f} GiB, {row['total_gib'] - p.budget_gib:.2f} over; largest: {largest} "
+            f"{terms[largest]:.2f} GiB")
+    candidates: list[tuple[str, dict[str, Any]]] = []
     if not p.checkpointing:
-        hints.append("--checkpointing")
-    if p.batch > 1:
-        hints.append(f"--batch {max(1, row['max_batch'])}" if row["max_batch"] else "--batch 1")
-    if p.seq_len > 256:
-        hints.append(f"--seq-len {p.seq_len // 2}")
+        candidates.append(("--checkpointing", {"checkpointing": True}))
+    if p.batch > 1 and row["max_batch"] >= 1:
+        candidates.append((f"--batch {row['max_batch']}", {"batch": row["max_batch"]}))
+    seq = p.seq_len // 2
+    while seq >= 128:  # the longest sequence that fits, halving
+        if _total_with(p, name, seq_len=seq) <= p.budget_gib:
+            candidates.append((f"--seq-len {seq}", {"seq_len": seq}))
+            break
+        seq //= 2
     if not p.flash:
-        hints.append("sdpa attention (drop --eager-attention)")
-    return f"{text}; activations are what is left to cut: try " + (" or ".join(hints) if hints else
-                                                                         "a GPU with more memory")
+        candidates.append(("sdpa attention (drop --eager-attention)", {"flash": True}))
+    if p.precision != "bf16":
+        candidates.append(("--precision bf16", {"precision": "bf16"}))
+    fixes = []
+    for flag, changes in candidates:
+        total = _total_with(p, name, **changes)
+        if total <= p.budget_gib:
+            fixes.append(f"{flag} ({total:.2f} GiB)")
+    if fixes:
+        return f"{text}. Fits with " + " or ".join(fixes)
+    need = row["total_gib"] / (1 - p.headroom)
+    if static >= p.budget_gib:
+        why = f"weights + gradients + state alone are {static:.2f} GiB, over the {p.budget_gib:.2f} usable"
+    else:
+        why = "no single change of the settings is enough"
+    act = row["activations_gib"]
+    if p.budget_gib > act:
+        shards = math.ceil(static / (p.budget_gib - act))
+        shard = f"; or FSDP2 over {shards} GPUs of {p.gpu_gib:g} GiB (weights, gradients and state split"
+        if not p.checkpointing:
+            act_ckpt = _total_with(p, name, checkpointing=True) - static
+            fewer = math.ceil(static / (p.budget_gib - act_ckpt)) if p.budget_gib > act_ckpt else shards
+            shard += f"; {fewer} with --checkpointing" if fewer < shards else ""
+        shard += ")"
+    else:
+        shard = "; activations alone exceed one GPU: cut --batch/--seq-len or add --checkpointing"
+    return f"{text}. {why}: it needs a GPU with {need:.1f} GiB at this headroom{shard}"
+
+
+def matching_memory_row(name: str, options: dict[str, Any]) -> str | None:
+    """The ``slimopt memory`` row that counts optimizer ``name`` with these options (``param_bytes`` aside:
+    that table is for fp32 parameters, but for AdamW's bf16 row), and what differs, e.g.
+    ``"microadam (there param_bytes=4)"``; None if no row does."""
+    from .formulas import TABLE
+
+    found = None
+    for label, table_row in TABLE.items():
+        if table_row.optimizer != name:
+            continue
+        _, defaults = formula(table_row.optimizer)
+        row_options = {"param_bytes": 4, **defaults, **table_row.options}
+        if name == "galore":
+            row_options["rank"] = options.get("rank")
+        if row_options == options:
+            return label
+        others = {k: v for k, v in row_options.items() if k != "param_bytes"}
+        if found is None and others == {k: v for k, v in options.items() if k != "param_bytes"}:
+            found = f"{label} (there param_bytes={row_options['param_bytes']})"
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,15 +371,24 @@ def _format(p: FitPlan) -> str:
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("* baseline for comparison, not part of slimopt. 'max batch': largest micro-batch that fits.")
-    out.append("settings (the class defaults; state bytes per parameter dtype byte count param_bytes):")
+    param_bytes = p.rows[0]["options"]["param_bytes"] if p.rows else 4
+    out.append(f"settings of each state formula: the class defaults, param_bytes={param_bytes} ({p.precision} "
+               "parameters); the `slimopt memory` row with the same settings:")
     for r in p.rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["options"].items())
-        out.append(f"  {r['optimizer']}: {settings}")
+        same = matching_memory_row(r["optimizer"], r["options"])
+        out.append(f"  {r['optimizer']}: {settings}" + (f"  [memory row {same}]" if same else ""))
     misfits = [r for r in p.rows if not r["fits"]]
+    fitting = [r["optimizer"] for r in p.rows if r["fits"]]
     if misfits:
         out.append("does not fit:")
-        out.extend(f"  {r['optimizer']}: {why_not(p, r)}" for r in misfits)
-    out.append("Estimate: total = weights + grads + state + activations; the measured peak is usually a little lower.")
+        for r in misfits:
+            out.append(textwrap.fill(f"{r['optimizer']}: {why_not(p, r)}", width=100, initial_indent="  ",
+                                     subsequent_indent="    "))
+        if not fitting:
+            best = min(p.rows, key=lambda r: r["total_gib"])
+            out.append(f"none fits; the smallest total is {best['optimizer']}'s, {best['total_gib']:.2f} GiB")
+    out.append("Estimate: total = weights + grads + state + activations; the measured peak is usually a bit lower.")
     return "\n".join(out)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..core.base import STEP_BYTES
 from ..optim.adamw import adamw_state_bytes
-from ..plans.param_plan import ParamInfo, param_infos
+from ..plans.param_plan import HIDDEN_ROLES, ParamInfo, param_infos
 from ..registry import SPECS, spec
 from .models import MODELS
 
@@ -50,8 +50,8 @@ __all__ = [
 GB = 1e9
 GiB = 2**30
 
-# roles of the hidden matrices GaLore projects (the hybrids' own routing decides theirs)
-MATRIX_ROLES = frozenset({"query", "key", "value", "qkv", "attn_out", "mlp"})
+# roles of the hidden matrices GaLore projects (2-D ones; the hybrids' own routing decides theirs)
+MATRIX_ROLES = HIDDEN_ROLES
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,6 +300,10 @@ def _format(table: dict[str, Any]) -> str:
     sources = list(dict.fromkeys(r["published"]["source"] for r in table["optimizers"] if "published" in r))
     if sources:
         out.append("paper: " + "; ".join(sources))
+    out.append("settings of each row (the class defaults unless the row names others; `--set ROW.KEY=VALUE`")
+    out.append("changes one; `slimopt plan` uses the class defaults, param_bytes from its --precision):")
+    out.extend(f"  {r['optimizer']}: " + ", ".join(f"{k}={v}" for k, v in r["options"].items())
+               for r in table["optimizers"])
     return "\n".join(out)
 
 

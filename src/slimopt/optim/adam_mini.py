@@ -210,17 +210,21 @@ class AdamMini(SlimOptimizer):
         super().__init__(_plan.param_groups(), defaults)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, lr: float | Tensor = 1e-3, weight_decay: float = 0.0,
-                   **kwargs: Any) -> AdamMini:
+    def from_model(cls, model: torch.nn.Module, lr: float | Tensor = 1e-3, weight_decay: float = 0.0, *,
+                   print_plan: bool = False, **kwargs: Any) -> AdamMini:
         """Adam-mini for ``model``'s trainable parameters, partitioned with ``model.config`` and module types.
 
         Geometry keywords (``num_heads``, ``num_kv_heads``, ``head_dim``, ``hidden_size``) and
-        ``overrides`` win over the config.
+        ``overrides`` win over the config. ``print_plan`` prints the partition table (with each tensor's lr).
         """
         kwargs.setdefault("config", getattr(model, "config", None))
         plan_keys = ("num_heads", "num_kv_heads", "head_dim", "hidden_size", "config", "overrides")
-        plan = ParamPlan.build(model, ADAM_MINI, **{k: kwargs[k] for k in plan_keys if k in kwargs})
-        return cls(None, lr=lr, weight_decay=weight_decay, _plan=plan, **kwargs)
+        plan = ParamPlan.build(model, ADAM_MINI, warn=not print_plan,  # reported once: printed, else a warning
+                               **{k: kwargs[k] for k in plan_keys if k in kwargs})
+        opt = cls(None, lr=lr, weight_decay=weight_decay, _plan=plan, **kwargs)
+        if print_plan:
+            print(opt.partition_table())
+        return opt
 
     # -- groups added later (torch calls this for the constructor's groups too) ---------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -236,8 +240,9 @@ class AdamMini(SlimOptimizer):
         super().add_param_group(param_group)
 
     def partition_table(self) -> str:
-        """The partition as a table: one line per tensor (name, shape, role, rule, blocks, block size)."""
-        return self.plan.table()
+        """The partition as a table: one line per tensor (name, shape, role, rule, blocks, block size, and
+        the lr and weight decay its param group gives it)."""
+        return self.plan.table(self.param_groups)
 
     # -- the step (paper Algorithm 1) -------------------------------------------------------------------
     def update_group(self, group: dict[str, Any]) -> None:

@@ -185,7 +185,8 @@ class HybridStatelessOptimizer(SlimOptimizer):
         ``overrides`` maps a name or ``fnmatch`` pattern to a role or to ``"stateless"``/``"adamw"``;
         ``print_plan`` prints the routing table. The plan is kept as ``optimizer.plan``.
         """
-        plan = ParamPlan.build(model, routing_rules(conv_as_matrix), overrides=overrides)
+        # the tensors that need a look are reported once: in the printed table, else in a warning
+        plan = ParamPlan.build(model, routing_rules(conv_as_matrix), overrides=overrides, warn=not print_plan)
         if lr is not None:
             kwargs["lr"] = lr
         opt = cls(plan.param_groups(), weight_decay=weight_decay, conv_as_matrix=conv_as_matrix, **kwargs)
@@ -350,17 +351,22 @@ class HybridStatelessOptimizer(SlimOptimizer):
 
     # -- reporting --------------------------------------------------------------------------------------
     def routing_table(self) -> str:
-        """One line per tensor: name, shape, update rule and its group's lr."""
-        rows = [("parameter", "shape", "update", "lr")]
+        """One line per tensor: name, shape, role and what decided it (when planned), update rule and its
+        group's lr; then the totals and the plan's report of tensors that need a look."""
+        plan_rows = {r.name: r for r in self.plan} if self.plan is not None else {}
+        rows = [("parameter", "shape", "role", "from", "update", "lr")]
         totals = {STATELESS: 0, ADAMW: 0}
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names") or placeholder_names(gi, len(group["params"]))
             for name, p in zip(names, group["params"]):
-                rows.append((name, "x".join(map(str, p.shape)) or "()", group["update"], f"{_scalar(group['lr']):g}"))
+                row = plan_rows.get(name)
+                rows.append((name, "x".join(map(str, p.shape)) or "()", row.role if row else "-",
+                             (row.basis or "-") if row else "-", group["update"], f"{_scalar(group['lr']):g}"))
                 totals[group["update"]] += p.numel()
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"{totals[STATELESS]} elements stateless, {totals[ADAMW]} elements on AdamW")
+        if self.plan is not None and self.plan.notes:
+            lines.append(self.plan.report())
         return "\n".join(lines)
-

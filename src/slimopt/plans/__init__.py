@@ -3,6 +3,20 @@ config), the shape facts a rule needs (out dimension, attention geometry), and t
 a rule set into param groups carrying per-tensor metadata. Rule sets themselves belong to the optimizers
 that use them."""
 
-from .param_plan import ROLES, ROLES_ONLY, BlockFacts, ParamInfo, ParamPlan, PlanRow, RuleSet, classify
+from .param_plan import (
+    HIDDEN_ROLES,
+    ROLE_FALLBACK,
+    ROLES,
+    ROLES_ONLY,
+    BlockFacts,
+    ModuleFacts,
+    ParamInfo,
+    ParamPlan,
+    PlanRow,
+    RuleSet,
+    classify,
+    module_facts,
+)
 
-__all__ = ["ROLES", "ROLES_ONLY", "BlockFacts", "ParamInfo", "ParamPlan", "PlanRow", "RuleSet", "classify"]
+__all__ = ["HIDDEN_ROLES", "ROLES", "ROLES_ONLY", "ROLE_FALLBACK", "BlockFacts", "ModuleFacts", "ParamInfo",
+           "ParamPlan", "PlanRow", "RuleSet", "classify", "module_facts"]

@@ -4,8 +4,14 @@ Three of slimopt's methods need to know a tensor's part in the Transformer befor
 Adam-mini cuts every tensor into Hessian blocks (heads, rows, whole tensor), SinkGD and SWAN send
 hidden matrices to a stateless update and everything else to AdamW. That is one concept built once:
 
-1. **Roles** (``classify(name, shape)``, a pure function): names *and* shapes decide each tensor's
-   role, one of :data:`ROLES`::
+1. **Roles**: what a tensor is, one of :data:`ROLES`. When a module is given, its module *types* and
+   shapes decide first (:func:`module_facts`): ``nn.Embedding`` -> embedding; ``nn.Linear`` and GPT-2's
+   ``Conv1D`` -> a hidden matrix (``hidden``), except the model's output layer (a Linear tied to an
+   embedding, mapping to the vocabulary, or the last Linear when it maps out of the model's input
+   width: a classifier) -> head; ``nn.MultiheadAttention`` -> qkv / attn_out with its own heads; norm
+   modules (LayerNorm, RMSNorm, BatchNorm, GroupNorm, any class whose name ends in ``Norm``) -> norm;
+   convolutions (3-D+ weights) -> ``conv``. Then the *names* refine this for known architectures
+   (``classify(name, shape)``, a pure function), and where names recognise a tensor, they win::
 
        embedding  token / position / type embeddings (rows are tokens), T5 relative_attention_bias
        head       output heads: lm_head, classifier, score, qa_outputs, BERT cls.*, top-level output
@@ -13,10 +19,14 @@ hidden matrices to a stateless update and everything else to AdamW. That is one 
        qkv        fused projections: GPT-2 c_attn, qkv_proj, Wqkv, W_pack, in_proj_weight, query_key_value
        attn_out   attention output: o_proj, out_proj, c_proj under attn, BERT attention.output.dense
        mlp        feed-forward: gate/up/down_proj, fc1/fc2, c_fc, wi/wo, BERT intermediate/output.dense
+       hidden     any other hidden matrix (an nn.Linear / Conv1D only its type identifies); rule sets
+                  without a rule for it treat it as ``mlp``
+       conv       a convolution's weight (3-D and more); treated as ``mlp`` by rule sets without a rule
        norm       1-D norm scales (q_norm/k_norm too); their biases are ``bias``
        bias       every 1-D ``*.bias`` / ``in_proj_bias``
        adapter    LoRA/DoRA tensors (lora_A, lora_B, lora_magnitude_vector): never heads
-       other      anything unrecognised: a safe default, and one warning lists all such names
+       other      anything unrecognised: a safe default, and one warning shows all such tensors in a
+                  table (with the rule each got and how to say what it is: ``overrides``)
 
    Naming schemes covered: LLaMA/Mistral/Qwen2/Qwen3/Gemma, GPT-2 (and nanoGPT), BERT/RoBERTa, OPT,
    T5, GPT-NeoX/Falcon, the original LLaMA/torchtitan names (wq, w1, tok_embeddings, output), and PEFT
@@ -53,6 +63,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import textwrap
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -63,20 +74,38 @@ from torch import Tensor
 
 __all__ = [
     "ROLES",
+    "HIDDEN_ROLES",
     "ROLES_ONLY",
+    "ROLE_FALLBACK",
     "AttentionShape",
+    "ModuleFacts",
     "BlockFacts",
     "ParamInfo",
     "ParamPlan",
     "PlanRow",
     "RuleSet",
     "classify",
+    "module_facts",
     "named_tensors",
     "param_infos",
 ]
 
-ROLES = ("embedding", "head", "query", "key", "value", "qkv", "attn_out", "mlp", "norm", "bias", "adapter",
-         "other")
+ROLES = ("embedding", "head", "query", "key", "value", "qkv", "attn_out", "mlp", "hidden", "conv", "norm", "bias",
+         "adapter", "other")
+ROLE_FALLBACK = {"hidden": "mlp", "conv": "mlp"}
+"""A role a rule set has no rule for is looked up as this one (then the rule set's default)."""
+HIDDEN_ROLES = frozenset({"query", "key", "value", "qkv", "attn_out", "mlp", "hidden", "conv"})
+"""Roles of hidden weights (attention, feed-forward, other hidden matrices, convolutions)."""
+ROLE_HELP = {
+    "embedding": "token/position embeddings (rows are tokens)",
+    "head": "output layer (logits, classifier)",
+    "query": "attention query projection", "key": "attention key projection",
+    "value": "attention value projection", "qkv": "fused q, k, v projection",
+    "attn_out": "attention output projection", "mlp": "feed-forward matrix",
+    "hidden": "other hidden matrix (an nn.Linear)", "conv": "convolution weight",
+    "norm": "norm scale (1-D)", "bias": "bias (1-D)", "adapter": "LoRA/DoRA tensor",
+    "other": "unrecognised",
+}
 
 # --------------------------------------------------------------------------------------------------
 # attention geometry
@@ -297,7 +326,12 @@ class RuleSet:
     extra_rules: tuple[str, ...] = ()
 
     def rule_for(self, role: str) -> str:
-        return self.rules.get(role, self.default)
+        """The rule of ``role``; a role without a rule here is looked up as its :data:`ROLE_FALLBACK`
+        (``hidden``, ``conv`` -> ``mlp``), then the default."""
+        if role in self.rules:
+            return self.rules[role]
+        fallback = ROLE_FALLBACK.get(role)
+        return self.rules.get(fallback, self.default) if fallback else self.default
 
     @property
     def known_rules(self) -> set[str]:
@@ -315,6 +349,8 @@ class PlanRow:
     out_dim: int
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = "auto"  # "auto" or "override"
+    basis: str = ""  # what decided the role: "name", a module type ("Linear", "Linear: last, 64 -> 10"), ...
+    module: str = ""  # the owning module's class name, when a module was given
 
     @property
     def numel(self) -> int:
@@ -336,6 +372,186 @@ def _module_types(model: torch.nn.Module) -> dict[str, str]:
         for pname, _ in module.named_parameters(recurse=False):
             types[f"{mname}.{pname}" if mname else pname] = type(module).__name__
     return types
+
+
+# --------------------------------------------------------------------------------------------------
+# roles from module types (a module was given)
+
+_NORM_TYPE = re.compile(r"norm(\d*d)?$", re.IGNORECASE)  # LayerNorm, RMSNorm, BatchNorm2d, GroupNorm, T5LayerNorm
+_HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "nhead")
+_KV_HEADS_ATTRS = ("num_kv_heads", "num_key_value_heads", "n_kv_heads")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
+_MHA_ROLES = {"in_proj_weight": "qkv", "q_proj_weight": "query", "k_proj_weight": "key", "v_proj_weight": "value",
+              "in_proj_bias": "bias", "bias_k": "bias", "bias_v": "bias"}
+_ATTENTION_ROLES = frozenset({"query", "key", "value", "qkv", "attn_out"})
+
+
+@dataclass(frozen=True)
+class ModuleFacts:
+    """What a tensor's module says about it: the module's class, the role its type gives (None: the type
+    says nothing), how that was decided (for the plan table) and attention geometry the module carries
+    (``nn.MultiheadAttention``, or an attention module with a ``num_heads``-like attribute)."""
+
+    module: str
+    role: str | None
+    why: str
+    attention: AttentionShape | None = None
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's (in, out) Conv1D
+
+
+def _linear_dims(module: torch.nn.Module) -> tuple[int, int]:
+    """(in, out) features of an nn.Linear or a GPT-2 Conv1D (weight (in, out))."""
+    w = module.weight
+    return (int(w.shape[0]), int(w.shape[1])) if type(module).__name__ == "Conv1D" else (int(w.shape[1]),
+                                                                                         int(w.shape[0]))
+
+
+def _is_norm_module(module: torch.nn.Module) -> bool:
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase,
+             getattr(torch.nn, "RMSNorm", torch.nn.LayerNorm))
+    return isinstance(module, norms) or _NORM_TYPE.search(type(module).__name__) is not None
+
+
+def _input_width(module: torch.nn.Module) -> int | None:
+    """The width of what the first parameterised module reads (tokens: the embedding's width)."""
+    if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+        return module.embedding_dim
+    if _is_linear(module):
+        return _linear_dims(module)[0]
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return module.in_channels
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return module.embed_dim
+    weight = getattr(module, "weight", None)
+    if _is_norm_module(module) and isinstance(weight, Tensor) and weight.ndim >= 1:
+        return int(weight.shape[-1])
+    return None
+
+
+def _int_attr(module: torch.nn.Module, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return None
+
+
+def _module_attention(module: torch.nn.Module) -> AttentionShape | None:
+    """Heads the module itself says it has: nn.MultiheadAttention's, or ``num_heads``-like attributes."""
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return AttentionShape(module.num_heads, module.num_heads, module.head_dim, module.embed_dim)
+    heads = _int_attr(module, _HEADS_ATTRS)
+    if heads is None:
+        return None
+    kv = _int_attr(module, _KV_HEADS_ATTRS) or heads
+    if heads % kv:
+        return None
+    return AttentionShape(heads, kv, _int_attr(module, _HEAD_DIM_ATTRS), None)
+
+
+def module_facts(model: torch.nn.Module) -> dict[str, ModuleFacts]:
+    """What module types and shapes say about each trainable tensor of ``model`` (names not consulted).
+
+    * ``nn.Embedding``/``EmbeddingBag`` weight: ``embedding``;
+    * ``nn.Linear`` / GPT-2 ``Conv1D`` weight: ``hidden`` (a hidden matrix), except the output layer:
+      a Linear whose weight is an embedding's (tied), or the *last* Linear (registration order) when it
+      maps to the vocabulary (an embedding's ``num_embeddings``) or out of the model's input width (the
+      width the first layer of a known type reads: a classifier; a last Linear back to that width is a
+      block's hidden layer): ``head``;
+    * ``nn.MultiheadAttention``: ``in_proj_weight`` qkv (q/k/v_proj_weight when separate), ``out_proj``
+      attn_out, its biases bias; its heads come with it;
+    * norm modules (LayerNorm, RMSNorm, BatchNorm*, GroupNorm, InstanceNorm, any class ending in
+      ``Norm``): weight ``norm``, bias ``bias``;
+    * convolutions (``nn.ConvNd``, ``ConvTransposeNd``): weight ``conv``;
+    * any 1-D ``bias``: ``bias``. Anything else: no role from its type (the name may still give one).
+    """
+    named = [(mname, m) for mname, m in model.named_modules()]
+    by_name = dict(named)
+    embeddings = [m for _, m in named if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+    embedding_weights = {id(m.weight) for m in embeddings}
+    vocab = {m.num_embeddings for m in embeddings}
+    # the width the model reads: that of the first layer (registration order) whose type tells it
+    width = next((w for w in (_input_width(m) for _, m in named if any(True for _ in m.parameters(recurse=False)))
+                  if w is not None), None)
+
+    def parent(mname: str) -> torch.nn.Module | None:
+        return by_name.get(mname.rsplit(".", 1)[0] if "." in mname else "") if mname else None
+
+    linears = [(mname, m) for mname, m in named if _is_linear(m) and isinstance(getattr(m, "weight", None), Tensor)
+               and not isinstance(parent(mname), torch.nn.MultiheadAttention)]
+    last_linear = linears[-1][0] if linears else None
+
+    def attention_near(mname: str) -> AttentionShape | None:
+        parts = mname.split(".") if mname else []
+        for depth in range(len(parts), -1, -1):  # the module itself, then its ancestors
+            found = _module_attention(by_name.get(".".join(parts[:depth]), torch.nn.Module()))
+            if found is not None:
+                return found
+        return None
+
+    facts: dict[str, ModuleFacts] = {}
+    seen: set[int] = set()
+    for mname, module in named:
+        kind = type(module).__name__
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied: the first name only, as named_parameters()
+                continue
+            seen.add(id(p))
+            name = f"{mname}.{pname}" if mname else pname
+            role, why = None, kind
+            if isinstance(module, torch.nn.MultiheadAttention):
+                role = _MHA_ROLES.get(pname)
+            elif (pname == "bias" or pname.startswith("bias_")) and p.ndim == 1:  # also RNNs' bias_ih_l0
+                role = "bias"
+            elif isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and pname == "weight":
+                role = "embedding"
+            elif _is_norm_module(module) and p.ndim == 1:
+                role = "norm"
+            elif _is_linear(module) and pname == "weight":
+                fan_in, fan_out = _linear_dims(module)
+                if isinstance(parent(mname), torch.nn.MultiheadAttention):
+                    role, why = "attn_out", f"{kind} in MultiheadAttention"
+                elif id(p) in embedding_weights:
+                    role, why = "head", f"{kind} tied to an embedding"
+                elif mname == last_linear and fan_out in vocab:
+                    role, why = "head", f"last {kind}, {fan_in}->{fan_out} = vocab"
+                elif mname == last_linear and width is not None and fan_out != width:
+                    role, why = "head", f"last {kind}, {fan_in}->{fan_out} != input {width}"
+                else:
+                    role = "hidden"
+            elif isinstance(module, torch.nn.modules.conv._ConvNd) and pname == "weight":
+                role = "conv"
+            attention = attention_near(mname) if p.ndim >= 2 else None
+            facts[name] = ModuleFacts(kind, role, why, attention)
+    return facts
+
+
+def _combine(name_role: str, facts: ModuleFacts | None) -> tuple[str, str]:
+    """(role, basis): names win where they recognise the tensor, module types decide the rest; an
+    embedding module stays an embedding whatever its name suggests."""
+    if facts is None or facts.role is None:
+        return name_role, ("name" if name_role != "other" else "")
+    if name_role in ("other", facts.role):
+        return facts.role, facts.why
+    if facts.role == "embedding" and name_role in HIDDEN_ROLES:
+        return "embedding", facts.why
+    return name_role, "name"
+
+
+def _with_module_geometry(attention: AttentionShape, own: AttentionShape | None) -> AttentionShape:
+    """The plan's geometry (config, keywords) with what it leaves unknown filled from the module's."""
+    if own is None or attention.known:
+        return attention
+    heads = attention.num_heads or own.num_heads
+    kv = attention.num_kv_heads if attention.num_heads else own.num_kv_heads
+    hd = attention.head_dim or own.head_dim
+    hidden = attention.hidden_size or own.hidden_size
+    if hd is None and heads and hidden and hidden % heads == 0:
+        hd = hidden // heads
+    return AttentionShape(heads, kv or heads, hd, hidden)
 
 
 _NEEDS_NAMES = "a plan needs named tensors: a module, (name, tensor) pairs or groups with param_names"
@@ -410,10 +626,13 @@ def _qkv_layout(name: str, config: Any) -> str:
 
 
 def _classified(pairs: list[tuple[str, Tensor]], config: Any, module_types: Mapping[str, str],
-                attention: AttentionShape, overrides: Mapping[str, str], used: set[str]
-                ) -> Iterator[tuple[ParamInfo, str | None, str]]:
-    """``(info, rule from an override or None, "auto" | "override")`` per tensor; tied weights once (the
-    first name wins, as ``named_parameters``). Adds the override keys that matched to ``used``."""
+                attention: AttentionShape, overrides: Mapping[str, str], used: set[str],
+                facts: Mapping[str, ModuleFacts] | None = None
+                ) -> Iterator[tuple[ParamInfo, str | None, str, str]]:
+    """``(info, rule from an override or None, "auto" | "override", basis)`` per tensor; tied weights once
+    (the first name wins, as ``named_parameters``). Adds the override keys that matched to ``used``.
+    ``facts``: what module types say (:func:`module_facts`), when a module was given."""
+    facts = facts or {}
     gpt2 = _gpt2_family(pairs, config)
     seen: set[int] = set()
     for name, p in pairs:
@@ -421,21 +640,23 @@ def _classified(pairs: list[tuple[str, Tensor]], config: Any, module_types: Mapp
             continue
         seen.add(id(p))
         shape = tuple(int(s) for s in p.shape)  # global shape, also for a DTensor
-        role = classify(name, shape, config)
+        own = facts.get(name)
+        role, basis = _combine(classify(name, shape, config), own)
         rule = None
         kind = "auto"
         for key, value in overrides.items():
             if key == name or fnmatch.fnmatchcase(name, key):
                 used.add(key)
-                kind = "override"
+                kind = basis = "override"
                 if value in ROLES:
                     role = value
                 else:
                     rule = value
         transposed = _is_conv1d_layout(name, shape, module_types.get(name), gpt2)
-        info = ParamInfo(name=name, shape=shape, role=role, out_dim=1 if transposed else 0, attention=attention,
+        geometry = _with_module_geometry(attention, own.attention if own else None)
+        info = ParamInfo(name=name, shape=shape, role=role, out_dim=1 if transposed else 0, attention=geometry,
                          qkv_layout=_qkv_layout(name, config) if role == "qkv" else None)
-        yield info, rule, kind
+        yield info, rule, kind, basis
 
 
 def param_infos(source: Any, *, config: Any = None, num_heads: int | None = None, num_kv_heads: int | None = None,
@@ -443,14 +664,16 @@ def param_infos(source: Any, *, config: Any = None, num_heads: int | None = None
     """The shape facts of every tensor of ``source`` (a module, named pairs or named groups), no rule set
     applied: what the analytic memory formulas read. Meta tensors work (nothing is allocated)."""
     module_types: dict[str, str] = {}
+    facts: dict[str, ModuleFacts] = {}
     if isinstance(source, torch.nn.Module):
         if config is None:
             config = getattr(source, "config", None)
         module_types = _module_types(source)
+        facts = module_facts(source)
     pairs, _ = named_tensors(source)
     attention = AttentionShape.from_config(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                            head_dim=head_dim, hidden_size=hidden_size)
-    return [info for info, _, _ in _classified(pairs, config, module_types, attention, {}, set())]
+    return [info for info, *_ in _classified(pairs, config, module_types, attention, {}, set(), facts)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,6 +692,7 @@ class ParamPlan:
         self._pairs = pairs
         self._groups = groups
         self._by_name = {r.name: r for r in rows}
+        self.notes: dict[str, str] = {}  # name -> why the tensor needs a look (not recognised, a fallback)
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -481,13 +705,16 @@ class ParamPlan:
         ``config`` defaults to ``source.config`` for a module; keyword geometry wins over it.
         ``overrides`` maps a parameter name or an ``fnmatch`` pattern to a role (from :data:`ROLES`) or to
         a rule of ``rule_set``; an override that matches nothing raises ``ValueError`` (typos must not
-        pass silently). Unrecognised tensors and rule fallbacks are reported in one warning each.
+        pass silently). Unrecognised tensors and rule fallbacks are reported together, in one warning
+        holding a table (:meth:`report`; also kept in ``plan.notes``).
         """
         module_types: dict[str, str] = {}
+        facts: dict[str, ModuleFacts] = {}
         if isinstance(source, torch.nn.Module):
             if config is None:
                 config = getattr(source, "config", None)
             module_types = _module_types(source)
+            facts = module_facts(source)
         pairs, groups = named_tensors(source)
         attention = AttentionShape.from_config(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                                head_dim=head_dim, hidden_size=hidden_size)
@@ -498,33 +725,32 @@ class ParamPlan:
                                  f"of {rule_set.name!r} ({', '.join(sorted(rule_set.known_rules))})")
         used: set[str] = set()
         rows: list[PlanRow] = []
-        unknown: list[str] = []
-        notes: list[str] = []
-        for info, rule, kind in _classified(pairs, config, module_types, attention, overrides, used):
+        notes: dict[str, str] = {}
+        for info, rule, kind, basis in _classified(pairs, config, module_types, attention, overrides, used, facts):
             if info.role == "other" and kind == "auto":
-                unknown.append(info.name)
+                own = facts.get(info.name)
+                notes[info.name] = (f"not recognised ({own.module if own else 'no module type'}, name "
+                                    "unknown): role 'other'")
             rule = rule or rule_set.rule_for(info.role)
             try:
-                facts = rule_set.layout(info, rule)
+                layout = rule_set.layout(info, rule)
             except ValueError as err:
                 raise ValueError(f"parameter {info.name!r} (shape {info.shape}, role {info.role!r}, rule "
                                  f"{rule!r}): {err}") from err
-            if facts.note:
-                notes.append(f"{info.name}: {facts.note}")
-            rows.append(PlanRow(info.name, info.shape, info.role, facts.rule or rule, facts.n_blocks,
-                                facts.block_size, info.out_dim, dict(facts.extra), kind))
+            if layout.note:
+                notes[info.name] = f"{notes[info.name]}; {layout.note}" if info.name in notes else layout.note
+            module = facts[info.name].module if info.name in facts else ""
+            rows.append(PlanRow(info.name, info.shape, info.role, layout.rule or rule, layout.n_blocks,
+                                layout.block_size, info.out_dim, dict(layout.extra), kind, basis, module))
         unused = set(overrides) - used
         if unused:
             raise ValueError(f"overrides match no parameter: {', '.join(sorted(unused))}")
-        if warn and unknown:
-            warnings.warn(
-                f"slimopt plan ({rule_set.name}): {len(unknown)} tensor(s) not recognised, given role "
-                f"'other' (rule {rule_set.rule_for('other')!r}): {', '.join(unknown)}. "
-                "Pass overrides={name: role} to say what they are.", stacklevel=2)
+        plan = cls(rows, rule_set, attention, pairs, groups)
+        plan.notes = notes
         if warn and notes:
-            warnings.warn(f"slimopt plan ({rule_set.name}): {len(notes)} fallback(s): {'; '.join(notes)}",
-                          stacklevel=2)
-        return cls(rows, rule_set, attention, pairs, groups)
+            warnings.warn(plan.report(), stacklevel=2)
+        return plan
+
 
     # -- queries ------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> PlanRow:
@@ -543,29 +769,60 @@ class ParamPlan:
         return {r.name: r.rule for r in self.rows}
 
     # -- output ---------------------------------------------------------------------------------------
-    def table(self) -> str:
-        """One line per parameter (name, shape, role, rule, blocks, block size, facts), then a total."""
-        header = ("parameter", "shape", "role", "rule", "blocks", "block size", "facts")
+    def table(self, groups: list[dict[str, Any]] | None = None) -> str:
+        """One line per parameter (name, shape, role, what decided it, rule, blocks, block size, facts), then
+        a total. ``groups``: an optimizer's ``param_groups`` (with ``param_names``); adds the lr and weight
+        decay each tensor gets (none for roles in a group's ``no_decay_roles``)."""
+        by_name: dict[str, tuple[str, str]] = {}
+        for g in groups or []:
+            roles = g.get("param_roles") or [None] * len(g.get("param_names", []))
+            for name, role in zip(g.get("param_names", []), roles):
+                wd = 0.0 if role in g.get("no_decay_roles", ()) else g.get("weight_decay")
+                by_name[name] = (_number(g.get("lr")), _number(wd))
+        header = ["parameter", "shape", "role", "from", "rule", "blocks", "block size"]
+        if groups is not None:
+            header += ["lr", "wd"]
+        header.append("facts")
         lines = [header]
         for r in self.rows:
             facts = [f"out_dim={r.out_dim}"] if r.out_dim else []
             facts += [f"{k}={v}" for k, v in r.extra.items() if k != "segments"]
             if "segments" in r.extra:
                 facts.append(f"segments={len(r.extra['segments'])}")
-            if r.source != "auto":
-                facts.append(r.source)
-            lines.append((r.name, "x".join(map(str, r.shape)) or "()", r.role, r.rule, str(r.n_blocks),
-                          str(r.block_size), " ".join(facts)))
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        out = []
-        for i, line in enumerate(lines):
-            out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
-            if i == 0:
-                out.append("  ".join("-" * w for w in widths))
+            if r.name in self.notes:
+                facts.append("(see below)")
+            line = [r.name, _shape_text(r.shape), r.role, r.basis or "-", r.rule, str(r.n_blocks), str(r.block_size)]
+            if groups is not None:
+                line += list(by_name.get(r.name, ("-", "-")))
+            lines.append([*line, " ".join(facts)])
+        out = _format_rows(lines)
         blocks = sum(r.n_blocks for r in self.rows)
         numel = sum(_numel(r.shape) for r in self.rows)
-        out.append(f"{len(self.rows)} tensors, {numel} elements, {blocks} blocks ({self.rule_set.name})")
+        per_rule: dict[str, int] = {}
+        for r in self.rows:
+            per_rule[r.rule] = per_rule.get(r.rule, 0) + r.numel
+        out.append(f"{len(self.rows)} tensors, {numel} elements, {blocks} blocks ({self.rule_set.name}); elements "
+                   "by rule: " + ", ".join(f"{rule} {n}" for rule, n in per_rule.items()))
+        if self.notes:
+            out.append(self.report())
         return "\n".join(out)
+
+    def report(self) -> str:
+        """The tensors that need a look (not recognised, or a rule that fell back), as one table with what
+        each got and how to say what it is; empty when there are none."""
+        if not self.notes:
+            return ""
+        unknown = sum(1 for r in self.rows if r.name in self.notes and r.role == "other")
+        lines = [["parameter", "shape", "module", "role", "rule", "why"]]
+        for r in self.rows:
+            if r.name in self.notes:
+                lines.append([r.name, _shape_text(r.shape), r.module or "-", r.role, r.rule, self.notes[r.name]])
+        head = (f"slimopt plan ({self.rule_set.name}): {len(lines) - 1} tensor(s) to look at ({unknown} not "
+                f"recognised, {len(lines) - 1 - unknown} fallback(s)); what each got:")
+        tail = textwrap.fill("Say what a tensor is with overrides={'name or fnmatch pattern': role or rule}; roles: "
+                             + ", ".join(ROLES) + f"; rules of {self.rule_set.name}: "
+                             + ", ".join(sorted(self.rule_set.known_rules)) + " (docs/plans.md).", width=100)
+        return "\n".join([head, *("  " + line for line in _format_rows(lines)), tail])
 
     def __str__(self) -> str:
         return self.table()
@@ -606,6 +863,29 @@ class ParamPlan:
             lists["param_rules"].append(row.rule)
             lists["param_layouts"].append(row.layout_dict())
         return lists
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "()"
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, Tensor):
+        value = value.item()
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _format_rows(lines: list[list[str]]) -> list[str]:
+    """Left-aligned columns, a rule under the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:
