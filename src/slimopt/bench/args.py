@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["UsageError", "check_choices", "check_device", "check_int", "check_number", "check_out",
-           "check_threads", "guarded", "parse_list"]
+           "check_optimizers", "check_threads", "guarded", "parse_list"]
 
 
 class UsageError(ValueError):
@@ -84,6 +84,18 @@ def check_choices(flag: str, text: str, known: Iterable[str], what: str = "name"
     if unknown:
         raise UsageError(flag, text, f"unknown {what}{'s' if len(unknown) > 1 else ''} "
                                      f"{', '.join(unknown)}; choose from {', '.join(known)}")
+    return items
+
+
+def check_optimizers(flag: str, text: str) -> list[str]:
+    """The comma-separated optimizer names of ``text``: harness names, or variants ``NAME@key=value;...``."""
+    from .baselines import is_known, known_names
+
+    items = parse_list(flag, text)
+    unknown = [item for item in items if not is_known(item)]
+    if unknown:
+        raise UsageError(flag, text, f"unknown optimizer{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                                     f"choose from {', '.join(known_names())} (NAME@key=value passes options)")
     return items
 
 

@@ -26,8 +26,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .args import UsageError, check_choices, check_device, check_int, check_number, check_out, check_threads, guarded
-from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
+from .args import (
+    UsageError,
+    check_device,
+    check_int,
+    check_number,
+    check_optimizers,
+    check_out,
+    check_threads,
+    guarded,
+)
+from .baselines import OptimizerUnavailable, default_lr, make_optimizer
 from .plots import memory_bars
 from .report import (
     console_table,
@@ -174,7 +183,7 @@ MAX_POSITIONS = 512  # MiniLM-L6's position embeddings
 
 def validate(args: argparse.Namespace) -> None:
     """Every argument, before the data or the model is loaded; a bad one raises :class:`UsageError`."""
-    check_choices("--optimizers", args.optimizers, known_names(), "optimizer")
+    check_optimizers("--optimizers", args.optimizers)
     check_number("--lr", args.lr, what="the peak learning rate")
     check_number("--epochs", args.epochs)
     check_int("--batch-size", args.batch_size)

@@ -34,6 +34,7 @@ from .args import (
     check_device,
     check_int,
     check_number,
+    check_optimizers,
     check_out,
     check_threads,
     guarded,
@@ -464,7 +465,7 @@ def validate(args: argparse.Namespace) -> None:
                 raise UsageError("--merge", args.merge, f"{folder} has no results.json")
         return
     if args.optimizers is not None:
-        check_choices("--optimizers", args.optimizers, known_names(), "optimizer")
+        check_optimizers("--optimizers", args.optimizers)
     if args.corpus is not None:
         from .fetch import TEXT_CORPORA
 

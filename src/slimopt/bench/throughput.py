@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .args import check_choices, check_device, check_int, check_out, check_threads, guarded
-from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
+from .args import check_choices, check_device, check_int, check_optimizers, check_out, check_threads, guarded
+from .baselines import OptimizerUnavailable, default_lr, make_optimizer
 from .model import PRESETS, build_model, count_parameters
 from .report import (
     markdown_table,
@@ -225,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def validate(args: argparse.Namespace) -> None:
     """Every argument, before a model is built; a bad one raises ``UsageError``."""
     if args.optimizers is not None:
-        check_choices("--optimizers", args.optimizers, known_names(), "optimizer")
+        check_optimizers("--optimizers", args.optimizers)
     check_choices("--preset", args.preset, PRESETS, "preset")
     check_int("--rounds", args.rounds)
     check_int("--steps", args.steps)
