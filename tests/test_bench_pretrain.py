@@ -289,3 +289,23 @@ def test_plots_label_plainly_and_keep_small_state_visible(tmp_path):
     assert "12.5" in [t.get_text() for t in state_ax.texts] and "n/a" in [t.get_text() for t in peak_ax.texts]
     for fig in figures:
         plt.close(fig)
+
+
+def test_two_lr_optimizers_get_their_second_lr_swept(tmp_path):
+    """SinkGD, SWAN and adamw-split tune adamw_lr (embeddings, head, 1-D tensors) after their main lr, so
+    every method gets as many tuned lrs as it has; the runs say which adamw_lr they used."""
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(_synthetic_text(3000))
+    assert main(_tiny_args(text_file, tmp_path / "r", "--optimizers", "adamw,adamw-split,sinkgd", "--sweep",
+                           "--sweep-factors", "0.5,2")) == 0
+    result = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert set(result["sweeps"]) == {"adamw", "adamw-split", "adamw-split adamw_lr", "sinkgd", "sinkgd adamw_lr"}
+    names = {r["optimizer"] for r in result["runs"]}
+    assert "adamw" in names
+    for name in ("adamw-split", "sinkgd"):
+        (run_name,) = [n for n in names if n.startswith(name + "@adamw_lr=")]
+        trials = result["sweeps"][f"{name} adamw_lr"]
+        best = min(trials, key=lambda t: t["final_val_loss"])
+        assert float(run_name.split("=")[1]) == pytest.approx(best["lr"], rel=1e-3)
+    split_center = default_lr("sinkgd")  # adamw-split's second lr starts from the hybrids' default
+    assert {round(t["lr"] / split_center, 6) for t in result["sweeps"]["adamw-split adamw_lr"][:2]} == {0.5, 2.0}

@@ -39,7 +39,7 @@ from .args import (
     check_threads,
     guarded,
 )
-from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer
+from .baselines import OptimizerUnavailable, default_lr, known_names, make_optimizer, parse_name
 from .data import TOKENIZERS, load_text, make_token_data
 from .model import PRESETS, build_model
 from .plots import loss_curves, memory_bars
@@ -51,6 +51,13 @@ __all__ = ["add_arguments", "merge_results", "run", "summarize", "validate", "wr
 QUICK_OPTIMIZERS = ["adamw", "microadam", "adammini", "sinkgd", "swan"]
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 SWEEP_EXTENSIONS = 2  # extra lrs tried beyond the edge of the grid when the best lies there
+# optimizers with a second lr (adamw_lr: embeddings, head, 1-D tensors), swept after the first with --sweep
+TWO_LRS = ("sinkgd", "swan", "adamw-split")
+
+
+def with_second_lr(name: str, adamw_lr: float) -> str:
+    """``sinkgd`` -> ``sinkgd@adamw_lr=0.005``: the run's name says its second lr."""
+    return f"{name}{',' if '@' in name else '@'}adamw_lr={adamw_lr:.4g}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,11 +200,24 @@ def _one_run(name: str, lr: float, seed: int, data, config: TrainConfig, preset:
     return result
 
 
+def second_lr_default(name: str, lr: float) -> float:
+    """The default ``adamw_lr`` of an optimizer with two lrs: the hybrids give their AdamW part their own lr;
+    adamw-split gives it what the hybrids give it by default."""
+    base, _ = parse_name(name)
+    return default_lr("sinkgd") if base == "adamw-split" else lr
+
+
 def _sweep(name: str, data, config: TrainConfig, preset: str, device: torch.device, weight_decay: float,
-           progress: _Progress, factors: tuple[float, ...] = SWEEP_FACTORS) -> tuple[float, list[dict[str, Any]], bool]:
+           progress: _Progress, factors: tuple[float, ...] = SWEEP_FACTORS, *, fixed_lr: float | None = None
+           ) -> tuple[float, list[dict[str, Any]], bool]:
     """Short runs (a quarter of the steps, seed 0) at ``factors`` x the default lr; the best lr wins. If
     the best is the smallest or largest lr tried, the grid grows by a factor of 2 that way (at most
-    SWEEP_EXTENSIONS times), so that the chosen lr is not just the edge of a badly placed grid."""
+    SWEEP_EXTENSIONS times), so that the chosen lr is not just the edge of a badly placed grid.
+
+    With ``fixed_lr`` the second lr is swept instead (``adamw_lr``: embeddings, head and 1-D tensors of
+    SinkGD, SWAN and adamw-split, :data:`TWO_LRS`) around its default, the main lr fixed at ``fixed_lr``:
+    every method gets as many tuned lrs as it has."""
+    center = default_lr(name) if fixed_lr is None else second_lr_default(name, fixed_lr)
     short_steps = min(config.steps, max(20, config.steps // 4))
     short = TrainConfig(**{**config.__dict__, "steps": short_steps, "eval_every": short_steps})
     trials: list[dict[str, Any]] = []
@@ -206,9 +226,13 @@ def _sweep(name: str, data, config: TrainConfig, preset: str, device: torch.devi
         return math.inf if trial["final_val_loss"] is None else trial["final_val_loss"]
 
     def try_factor(factor: float) -> bool:
-        lr = default_lr(name) * factor
-        result = _one_run(name, lr, 0, data, short, preset, device, weight_decay, progress,
-                          f"sweep {name} lr {lr:.3g}")
+        lr = center * factor
+        if fixed_lr is None:
+            result = _one_run(name, lr, 0, data, short, preset, device, weight_decay, progress,
+                              f"sweep {name} lr {lr:.3g}")
+        else:
+            result = _one_run(with_second_lr(name, lr), fixed_lr, 0, data, short, preset, device, weight_decay,
+                              progress, f"sweep {name} adamw_lr {lr:.3g}")
         loss = result.final_val_loss if not result.diverged and result.final_val_loss is not None else math.inf
         trials.append({"lr": lr, "factor": factor, "final_val_loss": loss if math.isfinite(loss) else None,
                        "diverged": result.diverged, "steps": result.steps_done})
@@ -552,17 +576,25 @@ def _run(args: argparse.Namespace) -> int:
     with _Progress(args.no_progress) as progress:
         short_steps = min(config.steps, max(20, config.steps // 4))  # as _sweep
         planned = len(seeds) * steps + (len(sweep_factors) * short_steps if args.sweep else 0)
-        progress.expect(planned * len(names))
+        second = len(sweep_factors) * short_steps if args.sweep and args.lr is None else 0
+        progress.expect(planned * len(names) + second * sum(parse_name(n)[0] in TWO_LRS for n in names))
         for name in names:
             try:
                 lr = args.lr or default_lr(name)
+                run_name = name
                 if args.sweep and args.lr is None:
                     lr, sweeps[name], interrupted = _sweep(name, data, config, preset, device,
                                                            args.weight_decay, progress, sweep_factors)
                     progress.log(f"{name}: sweep picked lr {lr:.3g}")
+                    if parse_name(name)[0] in TWO_LRS and not interrupted:
+                        second, sweeps[f"{name} adamw_lr"], interrupted = _sweep(
+                            name, data, config, preset, device, args.weight_decay, progress, sweep_factors,
+                            fixed_lr=lr)
+                        run_name = with_second_lr(name, second)
+                        progress.log(f"{name}: sweep picked adamw_lr {second:.3g}")
                 for seed in seeds if not interrupted else []:
-                    result = _one_run(name, lr, seed, data, config, preset, device, args.weight_decay, progress,
-                                      f"{name} (lr {lr:.3g}, seed {seed})")
+                    result = _one_run(run_name, lr, seed, data, config, preset, device, args.weight_decay, progress,
+                                      f"{run_name} (lr {lr:.3g}, seed {seed})")
                     runs.append(result.to_dict())
                     if result.interrupted:
                         interrupted = True
