@@ -11,6 +11,12 @@ written (t < m) with weight 0. With Adam's bias corrections this is
 
 which is exactly bias-corrected Adam when every coordinate is in every row and m >= t, and otherwise
 an EMA truncated to the window. The update is zero wherever no row holds a coordinate.
+
+Past t = m the window holds only 1 - beta**m of an EMA's weight, but the paper's corrections (1 - beta)/(1 -
+beta**t) treat it as the whole history: for a coordinate selected at every step with the same gradient the
+step grows from 1x (t <= m) to (1 - beta1**m) / sqrt(1 - beta2**m), 6.5x at m = 10 and betas (0.9, 0.999).
+``bias_correction="window"`` divides by the weight the window holds instead, (1 - beta)/(1 - beta**min(t, m)):
+the same for t <= m, and a step that does not grow with t (beyond the paper; an option).
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from torch import Tensor
 
 TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32
 
-__all__ = ["adam_update_from_window", "apply_window_update_", "bias_corrections", "dense_update_", "row_weights",
-           "window_weights"]
+__all__ = ["BIAS_CORRECTIONS", "adam_update_from_window", "apply_window_update_", "bias_corrections",
+           "dense_update_", "row_weights", "window_weights"]
 
 
 def row_weights(step: int, m: int, beta: float) -> list[float]:
@@ -30,13 +36,21 @@ def row_weights(step: int, m: int, beta: float) -> list[float]:
     return [beta ** ((newest - r) % m) if r < step else 0.0 for r in range(m)]
 
 
-def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
-    """(1 - beta1) / (1 - beta1**t) and (1 - beta2) / (1 - beta2**t)."""
-    return (1 - beta1) / (1 - beta1**step), (1 - beta2) / (1 - beta2**step)
+BIAS_CORRECTIONS = ("paper", "window")
+
+
+def bias_corrections(step: int, beta1: float, beta2: float, mode: str = "paper", m: int | None = None
+                     ) -> tuple[float, float]:
+    """(1 - beta1) / (1 - beta1**t) and (1 - beta2) / (1 - beta2**t); with ``mode="window"`` t is capped at
+    the window's ``m`` rows (the weight the window itself holds)."""
+    if mode not in BIAS_CORRECTIONS:
+        raise ValueError(f"Invalid bias_correction: {mode!r} (must be one of {', '.join(BIAS_CORRECTIONS)})")
+    t = step if mode == "paper" else min(step, m)
+    return (1 - beta1) / (1 - beta1**t), (1 - beta2) / (1 - beta2**t)
 
 
 def adam_update_from_window(positions: Tensor, values: Tensor, n: int, step: int, betas: tuple[float, float],
-                            eps: float) -> Tensor:
+                            eps: float, bias_correction: str = "paper") -> Tensor:
     """Dense fp32 Adam direction u (length ``n``) from the window.
 
     ``positions``: int64 (m, k) positions in 0..n-1; ``values``: (m, k) window values. Duplicate
@@ -52,14 +66,14 @@ def adam_update_from_window(positions: Tensor, values: Tensor, n: int, step: int
     flat = positions.reshape(-1)
     first.index_add_(0, flat, (v * w1[:, None]).view(-1))
     second.index_add_(0, flat, (v * v * w2[:, None]).view(-1))
-    c1, c2 = bias_corrections(step, beta1, beta2)
+    c1, c2 = bias_corrections(step, beta1, beta2, mode=bias_correction, m=m)
     return first.mul_(c1).div_(second.mul_(c2).sqrt_().add_(eps))
 
 
-def window_weights(step: int, m: int, betas: tuple[float, float], device: torch.device | str = "cpu"
-                   ) -> tuple[Tensor, Tensor]:
+def window_weights(step: int, m: int, betas: tuple[float, float], device: torch.device | str = "cpu",
+                   bias_correction: str = "paper") -> tuple[Tensor, Tensor]:
     """fp32 per-row weights with Adam's bias corrections folded in: c1 * beta1**age and c2 * beta2**age."""
-    c1, c2 = bias_corrections(step, *betas)
+    c1, c2 = bias_corrections(step, *betas, mode=bias_correction, m=m)
     w1 = torch.tensor(row_weights(step, m, betas[0]), dtype=torch.float32, device=device).mul_(c1)
     w2 = torch.tensor(row_weights(step, m, betas[1]), dtype=torch.float32, device=device).mul_(c2)
     return w1, w2

@@ -48,7 +48,7 @@ from ..core.base import (
     check_range,
 )
 from ..core.distributed import local, padded_local, shard_state
-from ..ops.microadam_window import apply_window_update_, window_weights
+from ..ops.microadam_window import BIAS_CORRECTIONS, apply_window_update_, window_weights
 from ..ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit, quantize_scratch_size
 from ..ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast, k_for
 from ..plans.param_plan import ParamInfo
@@ -94,18 +94,21 @@ class MicroAdam(SlimOptimizer):
         quant_block_size: bucket size of the 4-bit error-feedback quantiser.
         topk_block_size: Top-K block size (<= 32768 so indices fit int16).
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        bias_correction: ``"paper"`` (Algorithm 1: (1 - beta) / (1 - beta**t)) or ``"window"``: divide by the
+            weight the m-row window holds, (1 - beta) / (1 - beta**min(t, m)), so a coordinate's step does not
+            grow with t (see ``ops.microadam_window``; beyond the paper; torch path only for now).
         nonfinite: ``"raise"`` or ``"skip"`` a tensor whose gradient has NaN/inf (see SlimOptimizer).
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, m: int = 10, k_init: float = 0.01,
                  quant_block_size: int = 64, *, topk_block_size: int = 4096, backend: str = "auto",
-                 nonfinite: str = "raise") -> None:
+                 bias_correction: str = "paper", nonfinite: str = "raise") -> None:
         # backend is a group setting, not an attribute, so that it survives pickling and deepcopy
         # (torch's Optimizer.__getstate__ keeps only defaults, state and param groups)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m, k_init=k_init,
                         quant_block_size=quant_block_size, topk_block_size=topk_block_size, backend=backend,
-                        nonfinite=nonfinite)
+                        bias_correction=bias_correction, nonfinite=nonfinite)
         self._validate(defaults)
         super().__init__(params, defaults)
 
@@ -117,6 +120,7 @@ class MicroAdam(SlimOptimizer):
     def _validate(h: dict[str, Any]) -> None:
         check_lr(h["lr"])
         check_choice("backend", h.get("backend", "auto"), ("auto", "torch", "triton"))
+        check_choice("bias_correction", h.get("bias_correction", "paper"), BIAS_CORRECTIONS)
         check_betas(h["betas"])
         check_nonnegative("eps", h["eps"])
         check_nonnegative("weight_decay", h["weight_decay"])
@@ -174,6 +178,10 @@ class MicroAdam(SlimOptimizer):
                     continue
                 job = _Job(p, grad, {key: local(value) for key, value in state.items()}, step)
                 if self._use_triton(p, group):
+                    if group.get("bias_correction", "paper") != "paper":
+                        raise NotImplementedError(
+                            f"MicroAdam: bias_correction={group['bias_correction']!r} is implemented on the torch "
+                            "path only; pass backend='torch' for CUDA tensors")
                     from ..ops.microadam_triton import microadam_step_triton
 
                     s = job.state
@@ -261,10 +269,11 @@ class Workspace:
             self.constants[key] = block_starts(block_layout(n, block_size, k_init), self.device)
         return self.constants[key]
 
-    def window_weights(self, step: int, m: int, betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
-        key = ("window_weights", step, m, betas)
+    def window_weights(self, step: int, m: int, betas: tuple[float, float], bias_correction: str = "paper"
+                       ) -> tuple[Tensor, Tensor]:
+        key = ("window_weights", step, m, betas, bias_correction)
         if key not in self.constants:
-            self.constants[key] = window_weights(step, m, betas, self.device)
+            self.constants[key] = window_weights(step, m, betas, self.device, bias_correction)
         return self.constants[key]
 
 
@@ -349,7 +358,8 @@ def _microadam_step_torch(jobs: list[_Job], group: dict[str, Any], workspace: Wo
         p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
         tensors.append(_TensorStep(p, p_flat, job.grad.reshape(-1), job.state,
                                    block_layout(p.numel(), block_size, k_init), (job.step - 1) % m,
-                                   workspace.window_weights(job.step, m, betas)))
+                                   workspace.window_weights(job.step, m, betas,
+                                                            group.get("bias_correction", "paper"))))
     for chunk_block, segments in _pack_chunks(tensors, block_size, bucket_size):
         _compress_chunk(segments, chunk_block, bucket_size, k_init, workspace)
         # each tensor's update right after its window is complete, while its state is still in cache
