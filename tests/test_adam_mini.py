@@ -3,6 +3,9 @@
 * Blocks of one element are exactly AdamW: torch.optim.AdamW (for-loop) is the reference.
 * The fast kernels against the obvious float64/scatter reference, and that reference against a
   hand-written per-block loop.
+* The multi-tensor path (``foreach=True``, the default) against the per-tensor path (``foreach=False``):
+  every rule, odd and empty shapes, fp32 and bf16, tensor lr, weight decay, per-tensor step counts, the
+  non-finite policies; ``m``, ``v`` and the step counters bit for bit, ``p`` to a rounding tolerance.
 * The official package (adam-mini 1.1.1) on a LLaMA-named model, where the partitions coincide.
 * Memory: state bytes by formula, and the per-parameter bound on a LLaMA-shaped model.
 """
@@ -18,7 +21,9 @@ import torch
 
 import slimopt
 from slimopt import AdamMini
+from slimopt.ops import blockstats
 from slimopt.ops.blockstats import (
+    adam_mini_foreach,
     adam_mini_step,
     adam_mini_step_reference,
     block_mean_sq,
@@ -58,12 +63,30 @@ def random_grads(params, gen, scale=1.0):
 # blocks of size one == AdamW
 
 
-def test_elementwise_blocks_equal_torch_adamw_bit_for_bit():
+def assert_close_to_reference(p, ref, *, steps, lr, msg=""):
+    """The multi-tensor path's parameters against the per-tensor path's after ``steps`` steps.
+
+    Both compute the same update; the multi-tensor path forms it as ``m * (lr / bc1 / d)`` (one rounding of
+    the per-block factor) where the per-tensor path computes ``(-lr / bc1 * m) / d``, so an update differs
+    by a few ulps of the update, and adding it to ``p`` may round ``p`` to the neighbouring value: at most
+    one ulp of ``p`` per step (m and v, checked bit for bit elsewhere, do not depend on p; weight decay
+    carries an earlier difference forward, scaled by 1 - lr wd). Hence ``rtol`` = steps ulps (2^-23 in fp32,
+    2^-8 in bf16) and ``atol`` = steps x lr x 2^-18 (a few float32 ulps of an update up to ~16 lr, for
+    elements whose value is near zero). On a GPU, which contracts ``p - m * r`` into one FMA, the same
+    bound holds.
+    """
+    ulp = 2.0**-8 if p.dtype == torch.bfloat16 else 2.0**-23
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=steps * ulp, atol=steps * lr * 2.0**-18, msg=msg)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+def test_elementwise_blocks_equal_torch_adamw_bit_for_bit(foreach):
     pairs = llama_pairs(bias=True)
     mine = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in pairs]
     ref = [torch.nn.Parameter(p.detach().clone()) for _, p in pairs]
     kw = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
-    opt = AdamMini(mine, overrides={"*": "elementwise"}, no_decay_roles=(), num_heads=4, num_kv_heads=2, **kw)
+    opt = AdamMini(mine, overrides={"*": "elementwise"}, no_decay_roles=(), num_heads=4, num_kv_heads=2,
+                   foreach=foreach, **kw)
     torch_opt = torch.optim.AdamW(ref, foreach=False, **kw)
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
@@ -72,9 +95,13 @@ def test_elementwise_blocks_equal_torch_adamw_bit_for_bit():
             p.grad = r.grad.clone()
         opt.step()
         torch_opt.step()
-    # Same ops in the same order as torch's for-loop AdamW: identical bits.
     for (name, p), r in zip(mine, ref):
-        assert torch.equal(p, r), name
+        assert torch.equal(opt.state[p]["exp_avg"], torch_opt.state[r]["exp_avg"]), name
+        assert torch.equal(opt.state[p]["exp_avg_sq"], torch_opt.state[r]["exp_avg_sq"]), name
+        if foreach:  # the update formed as m * (lr / bc1 / d): rounding only
+            assert_close_to_reference(p, r, steps=5, lr=kw["lr"], msg=name)
+        else:  # same ops in the same order as torch's for-loop AdamW: identical bits
+            assert torch.equal(p, r), name
 
 
 def test_single_element_rows_through_the_block_path_equal_adamw():
@@ -169,6 +196,203 @@ def test_fast_step_matches_reference_step(case, dtype):
     torch.testing.assert_close(v_fast, v_ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(m_fast, m_ref, rtol=0, atol=0)  # m is the same lerp
     torch.testing.assert_close(p_fast, p_ref, **tol)
+
+
+# --------------------------------------------------------------------------------------------------
+# the multi-tensor path against the per-tensor path
+
+# Every rule and layout, odd and empty shapes: name -> (shape, an override rule or None for the plan's own).
+MIXED = {
+    "model.embed_tokens.weight": ((64, 32), None),  # rows (tokens)
+    "model.layers.0.self_attn.q_proj.weight": ((32, 32), None),  # heads: 4 of head_dim 8
+    "model.layers.0.self_attn.q_proj.bias": ((32,), None),  # elementwise: a bias
+    "model.layers.0.self_attn.k_proj.weight": ((16, 32), None),  # heads: 2 kv heads
+    "model.layers.0.self_attn.v_proj.weight": ((16, 32), None),
+    "model.layers.0.self_attn.o_proj.weight": ((32, 32), None),
+    "model.layers.0.mlp.up_proj.weight": ((48, 32), None),
+    "model.layers.0.mlp.down_proj.weight": ((32, 48), None),
+    "model.layers.0.input_layernorm.weight": ((32,), None),  # whole
+    "model.layers.1.attention.query_key_value.weight": ((64, 32), None),  # fused qkv, per kv group (NeoX)
+    "model.layers.2.self_attn.qkv_proj.weight": ((64, 32), None),  # fused qkv, [q | k | v]
+    "h.0.attn.c_attn.weight": ((32, 64), None),  # GPT-2 Conv1D (in, out): fused qkv along dim 1
+    "h.0.mlp.c_fc.weight": ((32, 128), None),  # rows along dim 1
+    "odd.rows.weight": ((7, 3), "rows"),
+    "odd.one.weight": ((1, 1), "rows"),
+    "odd.no_columns.weight": ((5, 0), "rows"),  # blocks of no elements
+    "odd.no_rows.weight": ((0, 4), "rows"),  # no blocks at all
+    "odd.empty.weight": ((0,), "whole"),
+    "odd.scalar.weight": ((), "whole"),  # a 0-d parameter
+    "odd.conv.weight": ((6, 2, 3, 3), "rows"),
+    "odd.matrix.weight": ((3, 5), "elementwise"),
+    "odd.cube.weight": ((3, 5, 2), "whole"),
+    "odd.large.weight": ((300, 256), "rows"),  # more than CAT_MAX_NUMEL elements: a reduction of its own
+    "model.norm.weight": ((32,), None),
+    "lm_head.weight": ((64, 32), None),
+}
+MIXED_KW = {"betas": (0.9, 0.95), "eps": 1e-8, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
+
+
+def mixed_overrides(without=()):
+    return {name: rule for name, (_, rule) in MIXED.items() if rule and name not in without}
+
+
+def mixed_pairs(dtype=torch.float32, without=()):
+    gen = torch.Generator().manual_seed(0)
+    return [(n, torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype))) for n, (shape, _) in MIXED.items()
+            if n not in without]
+
+
+def train_mixed(foreach, dtype=torch.float32, lr=3e-3, weight_decay=0.1, steps=5, poison=None, without=(),
+                **kwargs):
+    """``steps`` steps on MIXED (less ``without``); every third tensor has no gradient in step 2 (its
+    counter lags), and ``poison=(step, name, value)`` writes a value into one gradient."""
+    pairs = mixed_pairs(dtype, without)
+    opt = AdamMini(pairs, lr=lr, weight_decay=weight_decay, foreach=foreach, overrides=mixed_overrides(without),
+                   **MIXED_KW, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for i, (name, p) in enumerate(pairs):
+            p.grad = None if step == 1 and i % 3 == 0 else torch.randn(p.shape, generator=gen).to(dtype)
+            if poison and poison[0] == step and poison[1] == name:
+                p.grad.view(-1)[0] = poison[2]
+        opt.step()
+    return pairs, opt
+
+
+def assert_paths_agree(fast, ref, *, steps, lr):
+    (fast_pairs, fast_opt), (ref_pairs, ref_opt) = fast, ref
+    for (name, p), (_, q) in zip(fast_pairs, ref_pairs):
+        a, b = fast_opt.state[p], ref_opt.state[q]
+        assert a.keys() == b.keys(), name
+        assert torch.equal(a["exp_avg"], b["exp_avg"]), name  # the same lerp
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]), name  # the same sums of squares, in the same order
+        assert a["step"].dtype == b["step"].dtype == torch.float32 and a["step"].shape == () and \
+            int(a["step"]) == int(b["step"]), name
+        assert_close_to_reference(p, q, steps=steps, lr=lr, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["default", "chunked", "uncat", "no_0d"])
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_foreach_path_matches_per_tensor_path(dtype, lr_kind, variant, monkeypatch):
+    if variant in ("chunked", "uncat"):  # several concatenations per shape, or every gradient reduced alone
+        monkeypatch.setattr(blockstats, "_PLANS", {})
+        monkeypatch.setattr(blockstats, "CAT_CHUNK_NUMEL", 3000)
+        monkeypatch.setattr(blockstats, "CAT_MAX_NUMEL", 2048 if variant == "chunked" else -1)
+    # without a 0-d parameter, whole tensors' values are (1,)-shaped pieces of one split (else 0-d ones)
+    without = ("odd.scalar.weight",) if variant == "no_0d" else ()
+    lr = torch.tensor(3e-3) if lr_kind == "tensor" else 3e-3
+    fast, ref = train_mixed(True, dtype, lr=lr, without=without), train_mixed(False, dtype, lr=lr, without=without)
+    assert {row.rule for row in fast[1].plan} == {"rows", "heads", "qkv", "whole", "elementwise"}
+    assert_paths_agree(fast, ref, steps=5, lr=3e-3)
+    if lr_kind == "tensor":
+        assert isinstance(fast[1].param_groups[0]["lr"], torch.Tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_foreach_kernel_matches_per_tensor_kernel(dtype):
+    # the kernels alone, on every layout of LAYOUTS at once, step counters as tensors
+    cases = sorted(LAYOUTS)
+    gen = torch.Generator().manual_seed(8)
+    shapes, layouts = [LAYOUTS[c][0] for c in cases], [LAYOUTS[c][1] for c in cases]
+    p_fast = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    p_ref = [p.clone() for p in p_fast]
+    m_fast, m_ref = [torch.zeros_like(p) for p in p_fast], [torch.zeros_like(p) for p in p_ref]
+    v_fast = [torch.zeros(block_state_shape(lay, s), dtype=torch.float32) for lay, s in zip(layouts, shapes)]
+    v_ref = [v.clone() for v in v_fast]
+    steps = [torch.zeros((), dtype=torch.float32) for _ in cases]
+    kw = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+    decays = [0.1 if i % 2 else 0.0 for i in range(len(cases))]
+    for step in range(1, 5):
+        grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        adam_mini_foreach(p_fast, grads, m_fast, v_fast, steps, layouts, weight_decays=decays, **kw)
+        for i in range(len(cases)):
+            adam_mini_step(p_ref[i], grads[i], m_ref[i], v_ref[i], float(step), layouts[i], weight_decay=decays[i],
+                           **kw)
+    for i, case in enumerate(cases):
+        assert int(steps[i]) == 4, case
+        assert torch.equal(m_fast[i], m_ref[i]), case
+        assert torch.equal(v_fast[i], v_ref[i]), case
+        assert_close_to_reference(p_fast[i], p_ref[i], steps=4, lr=kw["lr"], msg=case)
+
+
+@pytest.mark.parametrize("target", ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.bias",
+                                    "model.norm.weight", "odd.scalar.weight", "h.0.attn.c_attn.weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_foreach_nonfinite_raise_names_the_tensor_and_changes_nothing(target, value):
+    pairs, opt = train_mixed(True, steps=2)
+    before = [p.detach().clone() for _, p in pairs]
+    state = copy.deepcopy(opt.state_dict())
+    for _, p in pairs:
+        p.grad = torch.randn(p.shape)
+    dict(pairs)[target].grad.view(-1)[0] = value
+    with pytest.raises(FloatingPointError, match=target.replace(".", r"\.")):
+        opt.step()
+    assert all(torch.equal(a, p) for a, (_, p) in zip(before, pairs))
+    after = opt.state_dict()
+    for pid, entry in state["state"].items():
+        for key, tensor in entry.items():
+            assert torch.equal(after["state"][pid][key], tensor), (pid, key)
+
+
+@pytest.mark.parametrize("target", ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.bias",
+                                    "odd.scalar.weight", "model.layers.1.attention.query_key_value.weight"])
+def test_foreach_nonfinite_skip_matches_per_tensor_path(target):
+    # an inf in step 3: that tensor and its state stay as they were, everything else steps (as the
+    # per-tensor path does)
+    runs = {}
+    for foreach in (True, False):
+        pairs, opt = train_mixed(foreach, steps=2, nonfinite="skip")
+        before = copy.deepcopy(opt.state[dict(pairs)[target]])
+        kept = dict(pairs)[target].detach().clone()
+        others = [p.detach().clone() for name, p in pairs if name != target]
+        gen = torch.Generator().manual_seed(2)
+        for _, p in pairs:
+            p.grad = torch.randn(p.shape, generator=gen)
+        dict(pairs)[target].grad.view(-1)[-1] = float("inf")
+        opt.step()
+        assert torch.equal(dict(pairs)[target], kept)
+        assert all(torch.equal(v, before[k]) for k, v in opt.state[dict(pairs)[target]].items())
+        moved = [not torch.equal(a, p) for a, (name, p) in zip(others, [x for x in pairs if x[0] != target])]
+        assert sum(moved) >= len(others) - 3  # every tensor with elements moved
+        runs[foreach] = (pairs, opt)
+    assert_paths_agree(runs[True], runs[False], steps=3, lr=3e-3)
+
+
+def test_a_huge_finite_gradient_is_not_non_finite():
+    # 1e20 is finite, its square is not (in float32): the block sums overflow, the check falls back to an
+    # exact per-tensor test and lets the step run, which then does what the per-tensor path does (that
+    # block's v becomes inf, its update 0)
+    runs = {}
+    for foreach in (True, False):
+        runs[foreach] = train_mixed(foreach, steps=3, poison=(2, "model.layers.0.mlp.up_proj.weight", 1e20))
+    v = runs[True][1].state[dict(runs[True][0])["model.layers.0.mlp.up_proj.weight"]]["exp_avg_sq"]
+    assert torch.isinf(v[0]) and torch.isfinite(v[1:]).all()
+    assert_paths_agree(runs[True], runs[False], steps=3, lr=3e-3)
+
+
+def test_the_paths_share_their_state():
+    # 2 steps multi-tensor, a state dict round trip into a per-tensor optimizer, 2 steps there, back to
+    # the multi-tensor path for 1: the same as 5 per-tensor steps (counters move between CPU and device)
+    pairs, opt = train_mixed(True, steps=2)
+    gen = torch.Generator().manual_seed(3)
+    ref_pairs, ref_opt = train_mixed(False, steps=2)
+    other = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in pairs]
+    opt2 = AdamMini(other, lr=3e-3, weight_decay=0.1, foreach=False, overrides=mixed_overrides(), **MIXED_KW)
+    opt2.load_state_dict(opt.state_dict())
+    for step in range(3):
+        opt2.foreach = step == 2
+        for (_, p), (_, q) in zip(other, ref_pairs):
+            q.grad = torch.randn(q.shape, generator=gen)
+            p.grad = q.grad.clone()
+        opt2.step()
+        ref_opt.step()
+    assert_paths_agree((other, opt2), (ref_pairs, ref_opt), steps=5, lr=3e-3)
+
+
+def test_invalid_foreach_raises():
+    with pytest.raises(ValueError, match="foreach"):
+        AdamMini(llama_pairs(), num_heads=4, num_kv_heads=2, foreach="yes")
 
 
 # --------------------------------------------------------------------------------------------------

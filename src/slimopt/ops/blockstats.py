@@ -5,13 +5,18 @@ A *layout* is the dict a parameter plan stores for each tensor (``slimopt.plans.
 ``unit`` consecutive output neurons, along ``out_dim``) or ``qkv`` (output neurons cut into ``segments``
 ``[start, length, unit]``). Every block keeps one second-moment value ``v_b``.
 
-``block_mean_sq_reference`` and ``adam_mini_step_reference`` are the obvious versions: an explicit
-element-to-block index and ``scatter_add``; they are what the tests hold the fast path to.
+Three versions of the same step, each held to the one before it by the tests:
 
-The fast path never materialises ``g²``: per-output-neuron sums of squares come from
-``torch.linalg.vector_norm`` (a reduction, no temporary), grouped into blocks on vectors that are as small
-as the output dimension. The update is then three in-place ops per tensor (decay, ``m``, ``p``), the
-block denominators broadcast, never expanded to the tensor's size.
+* ``block_mean_sq_reference`` / ``adam_mini_step_reference``: the obvious version, an explicit
+  element-to-block index, ``scatter_add`` in float64.
+* ``block_mean_sq`` / ``adam_mini_step``: one tensor at a time (the optimizer's reference path, and its
+  path for FSDP2 shards). It never materialises ``g²``: per-output-neuron sums of squares come from
+  ``torch.linalg.vector_norm`` (a reduction, no temporary), grouped into blocks on vectors as small as the
+  output dimension; the block denominators broadcast, never expanded to the tensor's size.
+* ``block_sq_sums`` / ``adam_mini_foreach``: all tensors of a param group at once, a fixed number of
+  launches per step whatever the number of tensors: ``torch._foreach_*`` ops over the tensors, and the
+  blocks of all tensors as one flat vector (bias corrections from the step counters as device tensors,
+  no host sync, no branch on a device value).
 """
 
 from __future__ import annotations
@@ -23,17 +28,19 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "adam_mini_multi",
+    "adam_mini_foreach",
     "adam_mini_step",
     "adam_mini_step_reference",
     "block_index",
     "block_mean_sq",
     "block_mean_sq_reference",
+    "block_sq_sums",
     "block_state_shape",
     "neuron_repeats",
 ]
 
 LayoutDict = dict[str, Any]
+
 
 def block_state_shape(layout: LayoutDict, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the second-moment state: the tensor's shape (elementwise), ``()`` (whole), or ``(n_blocks,)``."""
@@ -91,7 +98,7 @@ def block_mean_sq_reference(grad: Tensor, layout: LayoutDict) -> Tensor:
     g2 = grad.double().reshape(-1) ** 2
     sums = torch.zeros(n_blocks, dtype=torch.float64).scatter_add_(0, index, g2)
     counts = torch.zeros(n_blocks, dtype=torch.float64).scatter_add_(0, index, torch.ones_like(g2))
-    return (sums / counts).reshape(state_shape)
+    return (sums / counts.clamp_min_(1)).reshape(state_shape)  # a block of no elements: mean 0
 
 
 def adam_mini_step_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
@@ -117,7 +124,7 @@ def adam_mini_step_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_a
 
 
 # --------------------------------------------------------------------------------------------------
-# fast path
+# one tensor at a time
 
 
 def block_mean_sq(grad: Tensor, layout: LayoutDict, *, sums: Tensor | None = None,
@@ -127,6 +134,7 @@ def block_mean_sq(grad: Tensor, layout: LayoutDict, *, sums: Tensor | None = Non
     Not for ``elementwise`` layouts (that is plain Adam's ``g²``). When ``grad`` is one device's part of
     a sharded tensor, pass the tensor's global ``shape`` and ``sums``: Σ g² over the whole tensor (``whole``)
     or per output neuron along ``out_dim`` (``slimopt.core.distributed.sq_sum`` / ``sq_sums_along``).
+    A block of no elements has mean 0.
     """
     rule = layout["rule"]
     shape = tuple(grad.shape) if shape is None else tuple(shape)
@@ -146,12 +154,12 @@ def block_mean_sq(grad: Tensor, layout: LayoutDict, *, sums: Tensor | None = Non
     if len(segments) == 1:  # rows (unit 1) or heads (unit head_dim): blocks of equal size
         unit = segments[0][2]
         blocks = sums if unit == 1 else sums.view(-1, unit).sum(1)
-        return blocks.div_(unit * per_neuron)
+        return blocks.div_(max(unit * per_neuron, 1))
     parts, sizes = [], []
     for start, length, unit in segments:
         part = sums[start:start + length]
         parts.append(part if unit == 1 else part.view(-1, unit).sum(1))
-        sizes.append(torch.full((length // unit,), float(unit * per_neuron), device=grad.device))
+        sizes.append(torch.full((length // unit,), float(max(unit * per_neuron, 1)), device=grad.device))
     return torch.cat(parts).div_(torch.cat(sizes))
 
 
@@ -175,67 +183,302 @@ def adam_mini_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
                    layout: LayoutDict, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    mean_sq: Tensor | None = None,
                    offset: tuple[int, ...] | None = None, full_shape: tuple[int, ...] | None = None) -> None:
-    """``adam_mini_step_reference`` without temporaries of the tensor's size.
+    """``adam_mini_step_reference`` without temporaries of the tensor's size, one tensor (``step`` = t >= 1).
 
     Same algorithm; the block means are computed as squared norms (a reduction, no ``g²`` tensor) and the
     per-block denominators broadcast along the output dimension, so each of ``p``, ``m``, ``g`` is read
     about twice per step (AdamW: about five times). Agrees with the reference to float32 rounding, not
-    bit for bit. (Chunking the three in-place ops to keep rows in cache was measured slower on CPU:
-    these ops are not memory-bound at one or two threads, and the splits cost Python time.)
+    bit for bit. Elementwise layouts are torch's for-loop AdamW op for op (bit for bit).
 
     For one device's part of a sharded tensor (``param``, ``grad``, ``exp_avg`` local; ``exp_avg_sq``
     holding every block): ``mean_sq`` the blocks' means over the whole tensor, ``full_shape`` its global
     shape and ``offset`` where the local part starts in it.
     """
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
     if layout["rule"] == "elementwise":  # plain AdamW, op for op as torch's for-loop AdamW
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype), 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # float32 v, also for bf16 grads
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         return
-    adam_mini_multi([param], [grad], [exp_avg], [exp_avg_sq], [layout], [step], lr=lr, beta1=beta1, beta2=beta2,
-                    eps=eps, weight_decays=[weight_decay], mean_sqs=None if mean_sq is None else [mean_sq],
-                    offsets=None if offset is None else [offset],
-                    full_shapes=None if full_shape is None else [full_shape])
-
-
-def adam_mini_multi(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                    layouts: list[LayoutDict], steps: list[float], *, lr: float, beta1: float, beta2: float,
-                    eps: float, weight_decays: list[float], mean_sqs: list[Tensor | None] | None = None,
-                    offsets: list[tuple[int, ...] | None] | None = None,
-                    full_shapes: list[tuple[int, ...] | None] | None = None) -> None:
-    """:func:`adam_mini_step` on many tensors with block layouts (not ``elementwise``) at once.
-
-    Per tensor only the block means (a reduction) and the broadcast view of the denominators; everything
-    else is one multi-tensor (``torch._foreach_*``) op per line of the algorithm, so a step over a
-    model's hundred tensors costs a few dozen small kernel launches instead of a thousand.
-    """
-    n = len(params)
-    mean_sqs = mean_sqs or [None] * n
-    offsets = offsets or [None] * n
-    full_shapes = full_shapes or [None] * n
-    means = [block_mean_sq(g, layout) if ms is None else ms for g, layout, ms in zip(grads, layouts, mean_sqs)]
-    torch._foreach_mul_(exp_avg_sqs, beta2)  # v_b <- beta2 v_b + (1 - beta2) mean_b(g²)
-    torch._foreach_add_(exp_avg_sqs, means, alpha=1 - beta2)
-    denoms = torch._foreach_sqrt(exp_avg_sqs)  # sqrt(v_hat_b) + eps
-    torch._foreach_div_(denoms, [math.sqrt(1 - beta2**t) for t in steps])
-    torch._foreach_add_(denoms, eps)
-    views = []
-    for p, d, layout, offset, full_shape in zip(params, denoms, layouts, offsets, full_shapes):
-        shape = tuple(p.shape)
-        d = _denominator_view(d, layout, shape if full_shape is None else tuple(full_shape))
-        out_dim = layout.get("out_dim", 0)
-        if full_shape is not None and d.dim() and d.shape[out_dim] != shape[out_dim]:
-            d = d.narrow(out_dim, offset[out_dim], shape[out_dim])  # a shard's own neurons
-        views.append(d)
-    for wd in sorted(set(weight_decays) - {0.0}):  # decoupled weight decay
-        torch._foreach_mul_([p for p, w in zip(params, weight_decays) if w == wd], 1 - lr * wd)
-    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m <- beta1 m + (1 - beta1) g
+    if mean_sq is None:
+        mean_sq = block_mean_sq(grad, layout)
+    exp_avg_sq.mul_(beta2).add_(mean_sq, alpha=1 - beta2)  # v_b <- beta2 v_b + (1 - beta2) mean_b(g²)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat_b) + eps
+    shape = tuple(param.shape)
+    denom = _denominator_view(denom, layout, shape if full_shape is None else tuple(full_shape))
+    out_dim = layout.get("out_dim", 0)
+    if full_shape is not None and denom.dim() and denom.shape[out_dim] != shape[out_dim]:
+        denom = denom.narrow(out_dim, offset[out_dim], shape[out_dim])  # a shard's own neurons
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)  # decoupled weight decay
+    exp_avg.lerp_(grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype), 1 - beta1)
     # p <- p - lr m_hat / (sqrt(v_hat_b) + eps), the block's denominator broadcast over the block
-    torch._foreach_addcdiv_(params, exp_avgs, views, [-lr / (1 - beta1**t) for t in steps])
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+# --------------------------------------------------------------------------------------------------
+# all tensors of a group at once
+
+# Gradients of up to this many elements share one reduction: they are concatenated along their output
+# dimension (same other dims) first. For such tensors a launch costs more than the copy (on a GPU a
+# launch is ~5 us, the copy of 64k floats ~0.2 us); larger tensors get a reduction of their own, which
+# reads g once and allocates nothing (on CPU a fresh multi-MB temporary per step costs page faults).
+CAT_MAX_NUMEL = 1 << 16
+CAT_CHUNK_NUMEL = 1 << 22  # at most this many elements per concatenation (bounds the temporary)
+
+
+class _GroupPlan:
+    """How the tensors of a group are laid out for the multi-tensor step (derived from shapes and layouts).
+
+    ``order`` permutes the tensors: block tensors (rows, heads, qkv) first, sorted so that those whose
+    gradients are concatenated are neighbours; then ``whole`` tensors; then ``elementwise`` ones. In that
+    order, the *neurons* (output neurons of block tensors, then one per whole tensor) and the *blocks*
+    (``K`` of them) of all tensors are two flat vectors; every tensor's neurons and blocks are contiguous.
+    """
+
+    def __init__(self, sig: tuple[tuple[tuple[int, ...], tuple[Any, ...]], ...], device: torch.device) -> None:
+        kinds = {"elementwise": [], "whole": [], "blocks": []}
+        for i, (_, key) in enumerate(sig):
+            kinds[key[0] if key[0] in ("elementwise", "whole") else "blocks"].append(i)
+
+        def sort_key(i: int) -> tuple[Any, ...]:
+            shape, (_, out_dim, segments) = sig[i]
+            units = {u for _, _, u in segments}
+            unit = -next(iter(units)) if len(units) == 1 else 0  # runs of equal block sizes; mixed (qkv) last
+            return (len(shape), out_dim, _other(shape, out_dim), math.prod(shape) > CAT_MAX_NUMEL, unit, i)
+
+        blocks = sorted(kinds["blocks"], key=sort_key)
+        self.order = blocks + kinds["whole"] + kinds["elementwise"]
+        self.n_block, self.n_whole, self.n_elem = len(blocks), len(kinds["whole"]), len(kinds["elementwise"])
+        # one norm per part: (positions in `order`, output dim, dims reduced over)
+        self.parts: list[tuple[list[int], int, tuple[int, ...]]] = []
+        runs: list[list[int]] = []  # [neurons, unit] along the neuron vector
+        self.blocks_per_tensor: list[int] = []
+        counts: list[int] = []  # elements per block
+        tensor_of_block: list[int] = []
+        neuron_block: list[int] = []
+        self.kinds: list[tuple[list[int], list[int], int]] = []  # (rows per tensor, view shape, dim) per kind
+        joinable, filled = None, 0
+        for pos, i in enumerate(blocks):
+            shape, (_, out_dim, segments) = sig[i]
+            numel, rows = math.prod(shape), shape[out_dim]
+            reduce = tuple(d for d in range(len(shape)) if d != out_dim)
+            key = (len(shape), out_dim, _other(shape, out_dim))
+            if numel <= CAT_MAX_NUMEL and key == joinable and filled + numel <= CAT_CHUNK_NUMEL:
+                self.parts[-1][0].append(pos)
+                filled += numel
+            else:
+                self.parts.append(([pos], out_dim, reduce))
+                joinable, filled = (key if numel <= CAT_MAX_NUMEL else None), numel
+            kind_shape = [1] * len(shape)
+            kind_shape[out_dim] = -1
+            if not self.kinds or self.kinds[-1][1:] != (kind_shape, out_dim):
+                self.kinds.append(([], kind_shape, out_dim))
+            self.kinds[-1][0].append(rows)
+            per_neuron = numel // rows if rows else 0
+            start_check, n_blocks = 0, 0
+            for start, length, unit in segments:
+                if start != start_check or length % unit:
+                    raise ValueError(f"segments {segments} do not cut {rows} output neurons into whole blocks")
+                start_check += length
+                runs.append([length, unit])
+                for b in range(length // unit):
+                    neuron_block += [len(counts) + b] * unit
+                counts += [max(unit * per_neuron, 1)] * (length // unit)
+                n_blocks += length // unit
+            if start_check != rows:
+                raise ValueError(f"segments {segments} do not cover {rows} output neurons")
+            self.blocks_per_tensor.append(n_blocks)
+            tensor_of_block += [pos] * n_blocks
+        for pos, i in enumerate(kinds["whole"], start=len(blocks)):
+            neuron_block.append(len(counts))
+            counts.append(max(math.prod(sig[i][0]), 1))
+            tensor_of_block.append(pos)
+        runs += [[self.n_whole + self.n_elem, 1]]  # whole tensors' sums, then elementwise tensors' (for the check)
+        merged: list[list[int]] = []
+        for length, unit in runs:
+            if merged and merged[-1][1] == unit:
+                merged[-1][0] += length
+            elif length:
+                merged.append([length, unit])
+        self.runs = None if all(u == 1 for _, u in merged) else [tuple(r) for r in merged]
+        self.n_blocks = len(counts)  # K
+        self.counts = torch.tensor(counts, dtype=torch.float32).to(device)
+        self.tensor_of_block = torch.tensor(tensor_of_block, dtype=torch.long).to(device)
+        identity = neuron_block == list(range(len(neuron_block)))
+        self.neuron_block = None if identity else torch.tensor(neuron_block, dtype=torch.long).to(device)
+        self.neurons_per_kind = [sum(rows) for rows, _, _ in self.kinds]
+        # a (1,)-shaped value broadcasts against any tensor of >= 1 dimension: whole tensors' values can then
+        # come out of the same split as the kinds' chunks (0-d parameters need 0-d values: one unbind more)
+        self.whole_split = [1] * self.n_whole if all(sig[i][0] for i in kinds["whole"]) else None
+
+
+def _other(shape: tuple[int, ...], out_dim: int) -> tuple[int, ...]:
+    return tuple(s for d, s in enumerate(shape) if d != out_dim)
+
+
+def _layout_key(layout: LayoutDict, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    rule = layout["rule"]
+    if rule in ("elementwise", "whole"):
+        return (rule,)
+    if len(shape) < 2:
+        raise ValueError(f"rule {rule!r} needs a matrix, got shape {shape}")
+    return (rule, layout["out_dim"] % len(shape), tuple(tuple(int(x) for x in s) for s in _segments(layout, shape)))
+
+
+_PLANS: dict[Any, _GroupPlan] = {}
+
+
+def _group_plan(tensors: list[Tensor], layouts: list[LayoutDict]) -> _GroupPlan:
+    """The cached plan of these tensors (built once per layout and device: its index tensors are copied to
+    the device then, never during later steps)."""
+    sig = tuple((tuple(t.shape), _layout_key(layout, tuple(t.shape))) for t, layout in zip(tensors, layouts))
+    key = (sig, tensors[0].device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 64:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = _GroupPlan(sig, tensors[0].device)
+    return plan
+
+
+def block_sq_sums(grads: list[Tensor], layouts: list[LayoutDict]) -> Tensor:
+    """Σ g² of every block of every tensor, as one float32 vector: the ``K`` blocks of the non-elementwise
+    tensors in :class:`_GroupPlan` order, then one total per elementwise tensor (for the non-finite check).
+
+    A fixed number of ops, whatever the number of tensors: one squared-norm reduction per run of small
+    gradients (concatenated) and per large gradient, one ``torch._foreach_norm`` over the whole and
+    elementwise tensors, and for blocks of several neurons (heads, qkv) one sum per run of equal block
+    sizes. Sums of g² are formed exactly as :func:`block_mean_sq` forms them. Every element of ``g`` is
+    read once (4 B per fp32 element; a small gradient is also copied once, +8 B).
+    """
+    plan = _group_plan(grads, layouts)
+    g = [grads[i] for i in plan.order]
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in g) else torch.float32
+    norms = []
+    for positions, dim, reduce in plan.parts:
+        x = g[positions[0]] if len(positions) == 1 else torch.cat([g[k] for k in positions], dim)
+        norms.append(torch.linalg.vector_norm(x, dim=reduce, dtype=acc))
+    if plan.n_whole + plan.n_elem:
+        norms.append(torch.stack(torch._foreach_norm(g[plan.n_block:], 2, dtype=acc)))
+    sums = (norms[0] if len(norms) == 1 else torch.cat(norms)).square_()
+    if sums.dtype != torch.float32:
+        sums = sums.float()
+    if plan.runs is None:  # every block is one neuron (rows) or one tensor (whole)
+        return sums
+    pieces = sums.split([n for n, _ in plan.runs])
+    return torch.cat([p if u == 1 else p.view(-1, u).sum(1) for p, (_, u) in zip(pieces, plan.runs)])
+
+
+def _float64(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def adam_mini_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                      steps: list[Tensor], layouts: list[LayoutDict], *, lr: float | Tensor, beta1: float,
+                      beta2: float, eps: float, weight_decays: list[float], sq_sums: Tensor | None = None) -> None:
+    """One Adam-mini step on many tensors of one device, in place: :func:`adam_mini_step` for each, in a
+    number of ops that does not grow with the number of tensors (46 per step for the 1b preset's 219
+    tensors, check included; ``tests/test_launches_adammini.py``). Exceptions: a gradient larger than
+    ``CAT_MAX_NUMEL`` adds its own reduction; ``m`` in another dtype than ``g`` adds a cast per tensor;
+    and on CUDA the last op, whose per-block factors are broadcasting views, runs torch's per-tensor
+    fallback (one kernel per tensor), as the broadcast views of the per-tensor path did.
+
+    ``steps`` are the tensors' own step counters (0-d float32 tensors on the tensors' device); they are
+    advanced here, and the bias corrections come from them as float64 device vectors, so no value goes to
+    the host and nothing branches on a device value. ``lr`` may be a tensor. ``sq_sums`` is
+    :func:`block_sq_sums` of ``grads`` when already computed (the optimizer's non-finite check does).
+
+    Algorithm (the elementwise layouts are plain AdamW with per-element v)::
+
+        t <- t + 1;  s = lr / (1 - beta1^t);  c = sqrt(1 - beta2^t)         per tensor, on the device
+        p <- p (1 - lr lambda)                                               _foreach_mul_
+        m <- beta1 m + (1 - beta1) g                                          _foreach_lerp_
+        v_b <- beta2 v_b + (1 - beta2) mean_b(g²)                             _foreach_mul_, _foreach_add_
+        r_b = s / (sqrt(v_b) / c + eps)                                       on the flat K-vector of blocks
+        p <- p - m r                                                          _foreach_addcmul_, r a broadcast view
+
+    Bytes per parameter (fp32 p, g, m; one pass is one read or write of 4 B per element): block sums read g
+    (4 B; a gradient small enough to be concatenated is also copied, +8 B), weight decay reads and writes p
+    (8 B, only for decayed tensors), the m update reads m, g and writes m (12 B), the p update reads p, m
+    and writes p (12 B): 28 B/param without weight decay, 36 B with it, against 28 B for fused AdamW (which
+    fuses the decay but also reads and writes a full v) and a floor of 20 B (p, g, m read; p, m written)
+    that only a fused kernel computing a block's sums and its update in one pass reaches. v, the bias
+    corrections and the block values are O(blocks), not O(params).
+
+    Differs from :func:`adam_mini_step` in rounding only: the update is p - m·(s/d) (one rounding of s/d per
+    block) where the per-tensor step computes p + (-s·m)/d; a GPU also contracts p - m·r into one FMA. v and
+    m are bit-identical on CPU.
+    """
+    if not params:
+        return
+    plan = _group_plan(grads, layouts)
+    if sq_sums is None:
+        sq_sums = block_sq_sums(grads, layouts)
+    order = plan.order
+    P, G, M, V, S = ([x[i] for i in order] for x in (params, grads, exp_avgs, exp_avg_sqs, steps))
+    W = [weight_decays[i] for i in order]
+    nb, nw, ne = plan.n_block, plan.n_whole, plan.n_elem
+    nbw = nb + nw
+    device = P[0].device
+    f64 = _float64(device)
+    if isinstance(lr, Tensor):  # stays a tensor: a CPU scalar, or moved once to the device, never read
+        lr = lr.to(device if lr.device.type != "cpu" else lr.device, f64).reshape(())
+    r_dtype = torch.float64 if P[0].dtype == torch.float64 else torch.float32  # opmath of p (bf16 -> fp32)
+
+    # t <- t + 1; the bias corrections from each tensor's own counter, as float64 device vectors
+    torch._foreach_add_(S, 1)
+    t = torch.stack(S).to(f64)
+    sqrt_bc2 = (1 - torch.pow(beta2, t)).sqrt_()  # sqrt(1 - beta2^t)
+    step_size = (1 - torch.pow(beta1, t)).reciprocal_().mul_(lr)  # lr / (1 - beta1^t)
+
+    # decoupled weight decay: p <- p (1 - lr lambda)
+    for wd in sorted(set(W) - {0.0}):
+        factor = 1 - lr * wd if not isinstance(lr, Tensor) else torch.rsub(lr, 1, alpha=wd)
+        if isinstance(factor, Tensor) and factor.device.type != "cpu" and P[0].dtype in (torch.float32, torch.float64):
+            factor = factor.to(P[0].dtype)  # torch's fused multi-tensor mul takes a device scalar of p's dtype
+        torch._foreach_mul_([p for p, w in zip(P, W) if w == wd], factor)
+
+    # m <- beta1 m + (1 - beta1) g
+    torch._foreach_lerp_(M, [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(G, M)], 1 - beta1)
+
+    updates: list[Tensor] = []  # r per tensor, broadcasting against p
+    if nbw:
+        # v_b <- beta2 v_b + (1 - beta2) mean_b(g²)
+        means = (sq_sums if ne == 0 else sq_sums[:plan.n_blocks]) / plan.counts
+        pieces = list(means.split(plan.blocks_per_tensor + ([nw] if nw else [])))
+        if nw:
+            pieces[-1:] = pieces[-1].unbind()
+        torch._foreach_mul_(V[:nbw], beta2)
+        torch._foreach_add_(V[:nbw], pieces, alpha=1 - beta2)
+        # r_b = lr / (1 - beta1^t) / (sqrt(v_b) / sqrt(1 - beta2^t) + eps), on all K blocks at once
+        v = torch.cat([*V[:nb], torch.stack(V[nb:nbw])] if nw else V[:nb]) if nb else torch.stack(V[nb:nbw])
+        coef = torch.stack([sqrt_bc2, step_size])
+        if r_dtype == v.dtype:
+            coef = coef.to(v.dtype)
+        corr, step_b = coef.index_select(1, plan.tensor_of_block).unbind()
+        denom = v.sqrt_().div_(corr if corr.dtype == v.dtype else corr.to(v.dtype)).add_(eps)
+        r = torch.div(step_b, denom)
+        # one value per output neuron (heads, qkv: the block's value repeated), split into broadcast views
+        if plan.neuron_block is not None:
+            r = r.index_select(0, plan.neuron_block)
+        tail = plan.whole_split or ([nw] if nw else [])
+        chunks = r.split(plan.neurons_per_kind + tail) if len(plan.kinds) + len(tail) > 1 else [r]
+        for chunk, (rows, view, dim) in zip(chunks, plan.kinds):
+            updates += chunk.view(view).split(rows, dim)
+        if nw:
+            updates += chunks[len(plan.kinds):] if plan.whole_split else chunks[-1].unbind()
+    if ne:  # plain AdamW: v per element
+        Ve, Ge = V[nbw:], G[nbw:]
+        torch._foreach_mul_(Ve, beta2)
+        torch._foreach_addcmul_(Ve, Ge, Ge, value=1 - beta2)
+        denom_e = torch._foreach_sqrt(Ve)
+        torch._foreach_div_(denom_e, sqrt_bc2[nbw:].to(Ve[0].dtype).unbind())
+        torch._foreach_add_(denom_e, eps)
+        updates += torch._foreach_div(step_size[nbw:].to(r_dtype).unbind(), denom_e)
+    # p <- p - m r  (= p - lr m_hat / (sqrt(v_hat_b) + eps), r broadcast over each block)
+    torch._foreach_addcmul_(P, M, updates, value=-1)

@@ -20,10 +20,18 @@ when FSDP2 or Accelerate swap the parameter objects. ``print(opt.partition_table
 
 State per tensor: ``exp_avg`` (m, full size, the parameter's dtype or ``exp_avg_dtype``), ``exp_avg_sq``
 (one float32 value per block; full size for elementwise blocks) and ``step``.
+
+Two paths compute the same step, as in ``torch.optim``: the multi-tensor path (``foreach=True``, the
+default) steps all tensors of a param group together in a fixed number of launches
+(``slimopt.ops.blockstats.adam_mini_foreach``), with the step counters on the tensors' device and no
+host sync in the update; the per-tensor path (``foreach=False``, ``_single_tensor_adam_mini``) is the
+reference the tests hold it to, and the path FSDP2 shards always take (their block sums need an
+all-reduce per tensor).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -41,8 +49,8 @@ from ..core.base import (
     check_positive,
     placeholder_names,
 )
-from ..core.distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
-from ..ops.blockstats import adam_mini_multi, adam_mini_step, block_mean_sq, block_state_shape
+from ..core.distributed import finite_flags, is_sharded, local, local_offset, sq_sum, sq_sums_along
+from ..ops.blockstats import adam_mini_foreach, adam_mini_step, block_mean_sq, block_sq_sums, block_state_shape
 from ..plans.param_plan import ROLES, BlockFacts, ParamInfo, ParamPlan, RuleSet
 
 __all__ = ["ADAM_MINI", "AdamMini", "adam_mini_layout", "comm_bytes", "state_bytes_formula"]
@@ -179,6 +187,12 @@ class AdamMini(SlimOptimizer):
         exp_avg_dtype: dtype of ``m``; ``None`` keeps the parameter's dtype, ``torch.bfloat16`` halves
             it for fp32 parameters. ``v`` is always float32 (``mean(g²)`` underflows in bf16).
         nonfinite: ``"raise"`` or ``"skip"`` for NaN/inf gradients (see ``SlimOptimizer``).
+        foreach: ``True`` or ``None`` (default): step the tensors of a group together, a fixed number of
+            launches per step (``torch._foreach_*`` ops; step counters live on the tensors' device).
+            ``False``: the per-tensor reference path (step counters on the CPU, as torch's for-loop AdamW).
+            FSDP2 shards take the per-tensor path either way. The two agree to rounding (the update is
+            formed as ``m * (-lr / bc1 / d)`` instead of ``(-lr / bc1 * m) / d``); ``v`` and ``m`` agree bit
+            for bit on CPU.
     """
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -186,8 +200,10 @@ class AdamMini(SlimOptimizer):
                  num_kv_heads: int | None = None, head_dim: int | None = None, hidden_size: int | None = None,
                  config: Any = None, overrides: Mapping[str, str] | None = None,
                  no_decay_roles: tuple[str, ...] = ("norm", "bias"), exp_avg_dtype: Any = None,
-                 nonfinite: str = "raise", _plan: ParamPlan | None = None) -> None:
+                 nonfinite: str = "raise", foreach: bool | None = None, _plan: ParamPlan | None = None) -> None:
         check_lr(lr)
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
         check_betas(betas)
         check_positive("eps", eps)
         check_nonnegative("weight_decay", weight_decay)
@@ -200,6 +216,7 @@ class AdamMini(SlimOptimizer):
         self._geometry = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
                           "hidden_size": hidden_size}
         self._config = config
+        self.foreach = foreach is not False
         if _plan is None:
             groups = _named(as_param_groups(params))
             _plan = ParamPlan.build(groups, ADAM_MINI, config=config, overrides=overrides, **self._geometry)
@@ -246,45 +263,132 @@ class AdamMini(SlimOptimizer):
 
     # -- the step (paper Algorithm 1) -------------------------------------------------------------------
     def update_group(self, group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, Tensor) else lr  # torch's addcdiv takes a Python number
+        """m <- beta1 m + (1 - beta1) g;  v_b <- beta2 v_b + (1 - beta2) mean_b(g²);
+        p <- p (1 - lr lambda) - lr m_hat / (sqrt(v_hat_b) + eps), for every block b of every tensor.
+
+        The tensors of the group on one device are stepped together (``adam_mini_foreach``); FSDP2
+        shards, and every tensor when ``foreach=False``, one at a time (``adam_mini_step``).
+        """
         beta1, beta2 = group["betas"]
-        eps, weight_decay = group["eps"], group["weight_decay"]
-        blocks: dict[str, list[Any]] = {k: [] for k in ("p", "g", "m", "v", "layout", "step", "wd", "mean_sq",
-                                                        "offset", "full_shape")}
+        hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
+        together: dict[Any, list[tuple[int, Tensor, Tensor]]] = {}
         for index, p, grad in self.grads(group):
-            layout = group["param_layouts"][index]
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                m_dtype = group["exp_avg_dtype"] or p.dtype
-                state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=torch.preserve_format)
-                # one float32 value per block (a full float32 tensor, sharded like p, for elementwise blocks)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32) if layout["rule"] == "elementwise" \
-                    else torch.zeros(block_state_shape(layout, tuple(p.shape)), dtype=torch.float32,
-                                     device=local(p).device)
-            step = float(self.advance_step(state))
-            wd = weight_decay if group["param_roles"][index] not in group["no_decay_roles"] else 0.0
-            if layout["rule"] == "elementwise":  # plain AdamW (biases): a few small tensors
-                adam_mini_step(local(p), local(grad), local(state["exp_avg"]), local(state["exp_avg_sq"]), step,
-                               layout, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
-                continue
-            mean_sq = offset = full_shape = None
-            if is_sharded(p):
-                # FSDP2: every rank keeps all blocks' v; block sums of g² are completed across ranks by one
-                # all-reduce (of a scalar, or of one value per output neuron), so every rank's v agrees.
-                sums = sq_sum(grad) if layout["rule"] == "whole" else sq_sums_along(grad, dim=layout["out_dim"])
-                mean_sq = block_mean_sq(local(grad), layout, sums=sums, shape=tuple(p.shape))
-                offset, full_shape = local_offset(p), tuple(p.shape)
-            for key, value in (("p", local(p)), ("g", local(grad)), ("m", local(state["exp_avg"])),
-                               ("v", state["exp_avg_sq"]), ("layout", layout), ("step", step), ("wd", wd),
-                               ("mean_sq", mean_sq), ("offset", offset), ("full_shape", full_shape)):
-                blocks[key].append(value)
-        if blocks["p"]:
-            adam_mini_multi(blocks["p"], blocks["g"], blocks["m"], [local(v) for v in blocks["v"]],
-                            blocks["layout"], blocks["step"], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                            weight_decays=blocks["wd"], mean_sqs=blocks["mean_sq"], offsets=blocks["offset"],
-                            full_shapes=blocks["full_shape"])
+                self._init_state(group, index, p)
+            if self._together(p):
+                together.setdefault(_subgroup(grad), []).append((index, p, grad))
+            else:
+                self._single_tensor_adam_mini(group, index, p, grad, **hyper)
+        for key, items in together.items():
+            self._multi_tensor_adam_mini(group, key, items, **hyper)
+
+    def _together(self, p: Tensor) -> bool:
+        """Whether ``p`` takes the multi-tensor path (FSDP2 shards and shape-only probes do not)."""
+        return getattr(self, "foreach", True) and not is_sharded(p) and local(p).device.type != "meta"
+
+    def _init_state(self, group: dict[str, Any], index: int, p: Tensor) -> None:
+        layout = group["param_layouts"][index]
+        state = self.state[p]
+        device = local(p).device
+        # torch's convention: the counter on the CPU for a per-tensor step, on the device for a multi-tensor one
+        state["step"] = torch.zeros((), dtype=torch.float32, device=device if self._together(p) else None)
+        m_dtype = group["exp_avg_dtype"] or p.dtype
+        state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=torch.preserve_format)
+        # one float32 value per block (a full float32 tensor, sharded like p, for elementwise blocks)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32) if layout["rule"] == "elementwise" \
+            else torch.zeros(block_state_shape(layout, tuple(p.shape)), dtype=torch.float32, device=device)
+
+    def _weight_decay(self, group: dict[str, Any], index: int) -> float:
+        return group["weight_decay"] if group["param_roles"][index] not in group["no_decay_roles"] else 0.0
+
+    def _multi_tensor_adam_mini(self, group: dict[str, Any], key: Any, items: list[tuple[int, Tensor, Tensor]],
+                                *, lr: float | Tensor, beta1: float, beta2: float, eps: float) -> None:
+        """All tensors of ``group`` on one device (and gradient dtype) in one go; see ``adam_mini_foreach``."""
+        indices = tuple(index for index, _, _ in items)
+        steps = []
+        for _, p, _ in items:
+            state = self.state[p]
+            if state["step"].device != local(p).device:  # a loaded state dict, or one from the reference path
+                state["step"] = state["step"].to(local(p).device)
+            steps.append(state["step"])
+        prepared = getattr(self, "_sq_sums", {}).pop((id(group), key), None)
+        adam_mini_foreach([local(p) for _, p, _ in items], [local(g) for _, _, g in items],
+                          [local(self.state[p]["exp_avg"]) for _, p, _ in items],
+                          [local(self.state[p]["exp_avg_sq"]) for _, p, _ in items], steps,
+                          [group["param_layouts"][i] for i in indices], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                          weight_decays=[self._weight_decay(group, i) for i in indices],
+                          sq_sums=prepared[1] if prepared is not None and prepared[0] == indices else None)
+
+    def _single_tensor_adam_mini(self, group: dict[str, Any], index: int, p: Tensor, grad: Tensor, *,
+                                 lr: float | Tensor, beta1: float, beta2: float, eps: float) -> None:
+        """One tensor (the reference path; FSDP2 shards): ``adam_mini_step`` with host-side step and lr."""
+        layout = group["param_layouts"][index]
+        state = self.state[p]
+        lr = float(lr) if isinstance(lr, Tensor) else lr  # torch's addcdiv takes a Python number
+        step = float(self.advance_step(state))
+        mean_sq = offset = full_shape = None
+        if is_sharded(p) and layout["rule"] != "elementwise":
+            # FSDP2: every rank keeps all blocks' v; block sums of g² are completed across ranks by one
+            # all-reduce (of a scalar, or of one value per output neuron), so every rank's v agrees.
+            sums = sq_sum(grad) if layout["rule"] == "whole" else sq_sums_along(grad, dim=layout["out_dim"])
+            mean_sq = block_mean_sq(local(grad), layout, sums=sums, shape=tuple(p.shape))
+            offset, full_shape = local_offset(p), tuple(p.shape)
+        adam_mini_step(local(p), local(grad), local(state["exp_avg"]), local(state["exp_avg_sq"]), step, layout,
+                       lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=self._weight_decay(group, index),
+                       mean_sq=mean_sq, offset=offset, full_shape=full_shape)
+
+    # -- the non-finite check, from the block sums the step needs anyway --------------------------------
+    def _check_finite(self) -> set[tuple[int, int]]:
+        """As ``SlimOptimizer._check_finite`` (same policies, same errors), but for the multi-tensor path
+        from the block sums of g² (``block_sq_sums``), computed here once for the step to use: one flag per
+        group and device, one device sync for all of them. A sum is non-finite when a gradient holds NaN or
+        inf (or squares beyond float32's range); only then are that group's tensors checked one by one.
+        FSDP2 shards and the per-tensor path are checked as the base class does."""
+        self._sq_sums: dict[Any, tuple[tuple[int, ...], Tensor]] = {}
+        if not getattr(self, "foreach", True):
+            return super()._check_finite()
+        where, grads = [], []  # checked per tensor
+        pending: dict[torch.device, list[tuple[Tensor, int, list[int], list[Tensor]]]] = {}
+        for gi, group in enumerate(self.param_groups):
+            subgroups: dict[Any, tuple[list[int], list[Tensor]]] = {}
+            for index, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None or grad.layout != torch.strided or grad.is_complex() or p.is_complex():
+                    continue
+                if self._together(p):
+                    indices, gs = subgroups.setdefault(_subgroup(grad), ([], []))
+                    indices.append(index)
+                    gs.append(local(grad))
+                else:
+                    where.append((gi, index))
+                    grads.append(grad)
+            for key, (indices, gs) in subgroups.items():
+                sq = block_sq_sums(gs, [group["param_layouts"][i] for i in indices])
+                self._sq_sums[(id(group), key)] = (tuple(indices), sq)
+                pending.setdefault(gs[0].device, []).append((sq.sum(), gi, indices, gs))
+        bad = [w for w, ok in zip(where, finite_flags(grads)) if not ok] if grads else []
+        for items in pending.values():
+            # the step's one device sync: the groups' totals of g² (a 0-d .tolist() dispatches no op)
+            totals = [items[0][0].tolist()] if len(items) == 1 else torch.stack([it[0] for it in items]).tolist()
+            for (_, gi, indices, gs), total in zip(items, totals):
+                if not math.isfinite(total):  # which tensors, exactly
+                    bad += [(gi, i) for i, fine in zip(indices, finite_flags(gs)) if not fine]
+        for gi, index in bad:
+            group = self.param_groups[gi]
+            if group.get("nonfinite", "raise") != "skip":
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
+                    f"{self.param_name(group, index)}; nothing was updated. Pass nonfinite='skip' to skip such "
+                    "tensors instead"
+                )
+        return set(bad)
+
+
+def _subgroup(grad: Tensor) -> tuple[torch.device, torch.dtype]:
+    """Tensors stepped together: same device and gradient dtype (torch's foreach grouping)."""
+    g = local(grad)
+    return g.device, g.dtype
 
 
 def _named(groups: list[dict[str, Any]], offset: int = 0) -> list[dict[str, Any]]:
