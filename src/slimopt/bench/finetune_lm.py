@@ -320,6 +320,21 @@ def run(args: argparse.Namespace) -> int:
     sweep_config = TrainConfig(**{**config.__dict__, "steps": args.sweep_steps,
                                   "eval_every": args.sweep_steps})
     started = time.perf_counter()
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "meta": run_metadata(),
+            "settings": {"preset": args.preset, "base_corpora": args.base_corpora, "base_steps": args.base_steps,
+                         "base_lr": args.base_lr, "base_checkpoint": base_path.name, "base_sha256": base_sha,
+                         "corpus": description, "train_tokens": len(data.train), "val_tokens": len(data.val),
+                         "seeds": list(range(args.seeds)), "checkpoints": checkpoints, "sweep_factors": factors,
+                         "sweep_steps": args.sweep_steps, **config.__dict__},
+            "summary": summarize(runs, checkpoints),
+            "runs": runs,
+            "sweeps": sweeps,
+            "skipped": skipped,
+        }
+
     for name in names:
         try:
             trials = []
@@ -336,19 +351,9 @@ def run(args: argparse.Namespace) -> int:
                 runs.append(_fine_tune(name, lr, seed, base, args.preset, data, config))
                 print(f"  {name} lr {lr:.3g} seed {seed}: val {runs[-1]['final_val_loss']:.4f} "
                       f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+                write_json(out / "results.json", snapshot())  # what finished survives a stop
         except OptimizerUnavailable as exc:
             skipped[name] = str(exc)
-    result = {
-        "meta": run_metadata(),
-        "settings": {"preset": args.preset, "base_corpora": args.base_corpora, "base_steps": args.base_steps,
-                     "base_lr": args.base_lr, "base_checkpoint": base_path.name, "base_sha256": base_sha,
-                     "corpus": description, "train_tokens": len(data.train), "val_tokens": len(data.val),
-                     "seeds": list(range(args.seeds)), "checkpoints": checkpoints, "sweep_factors": factors,
-                     "sweep_steps": args.sweep_steps, **config.__dict__},
-        "summary": summarize(runs, checkpoints),
-        "runs": runs,
-        "sweeps": sweeps,
-        "skipped": skipped,
-    }
+    result = snapshot()
     _write(result, out)
     return 0
