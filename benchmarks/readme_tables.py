@@ -156,7 +156,11 @@ def demo_table() -> str:
         tokens = r["tokens_to_reference_loss"]
         rows.append([r["optimizer"], f"{r['lr']:.3g}", f"{r['final_val_loss']:.3f}",
                      f"{r['state_bytes_per_param']:.2f}", "–" if tokens is None else f"{tokens:,.0f}"])
-    return _table(["optimizer", "lr", "final val loss", "state B/param", "tokens to AdamW's final loss"], rows)
+    machine, meta = result["meta"]["machine"], result["meta"]
+    caption = (f"Ran on {machine['cpu']} ({machine['torch_threads']} torch threads), torch "
+               f"{meta['versions']['torch']}, commit {str(meta['git_commit'])[:7]}.")
+    return caption + "\n\n" + _table(["optimizer", "lr", "final val loss", "state B/param",
+                                        "tokens to AdamW's final loss"], rows)
 
 
 GPU_RESULTS = RESULTS / "gpu"
