@@ -50,6 +50,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
     import slimopt
 from slimopt.bench.baselines import make_optimizer  # noqa: E402
+from slimopt.bench.launches import count_launches  # noqa: E402
 from slimopt.bench.model import build_model  # noqa: E402
 from slimopt.bench.report import run_metadata, write_json  # noqa: E402
 
@@ -159,26 +160,7 @@ class Suite:
         return rows
 
     def count_launches(self, opt) -> int:
-        """Kernels of one step: CUDA kernels from the profiler on a GPU, aten ops on CPU (launches.py's proxy)."""
-        if self.device.type == "cuda":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                opt.step()
-                self.sync()
-            return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Count(TorchDispatchMode):
-            n = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                Count.n += 1
-                return func(*args, **(kwargs or {}))
-
-        with Count():
-            opt.step()
-        return Count.n
+        return count_launches(opt, self.device)
 
     def timing(self) -> dict[str, Any]:
         preset = "tiny" if self.dry_run else "1b"

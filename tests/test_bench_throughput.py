@@ -28,6 +28,7 @@ def test_step_time_json_structure(tmp_path, monkeypatch):
     assert "pip install not-installed" in result["skipped"]["missing"]
     for r in result["optimizers"].values():
         assert len(r["times_s"]) == 2 * 2  # rounds x steps, warm-up excluded
+        assert r["launches_per_step"] > 0
         assert r["median_s"] > 0 and r["ratio_to_adamw"] > 0
     ref = result["optimizers"][result["reference"]]
     assert ref["ratio_to_adamw"] == 1.0
@@ -39,6 +40,10 @@ def test_step_time_json_structure(tmp_path, monkeypatch):
     expected = 8 + 4 * n_tensors / result["n_params"]
     assert ref["state_bytes_per_param"] == pytest.approx(expected, rel=1e-9)
     assert (tmp_path / "step.md").read_text().startswith("# Optimizer step time")
+    assert "launches / step" in (tmp_path / "step.md").read_text()
+    # the for-loop AdamW launches several ops per tensor; the foreach one a few per group of tensors
+    optimizers = result["optimizers"]
+    assert optimizers["adamw-forloop"]["launches_per_step"] > 3 * optimizers["adamw-foreach"]["launches_per_step"]
 
 
 def test_unknown_optimizer_is_an_error_not_a_skip():

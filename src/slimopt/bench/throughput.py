@@ -28,6 +28,7 @@ import torch
 
 from .args import check_choices, check_device, check_int, check_optimizers, check_out, check_threads, guarded
 from .baselines import OptimizerUnavailable, default_lr, make_optimizer
+from .launches import count_launches
 from .model import PRESETS, build_model, count_parameters
 from .report import (
     markdown_table,
@@ -129,6 +130,8 @@ def measure_step_times(model: torch.nn.Module, names: list[str], *, rounds: int 
                 optimizer.step()
             steady = mem.delta
         optimizers[name] = optimizer
+        restore_grads()
+        launches = count_launches(optimizer, device)  # one more warm-up step, counted
         state = _state_bytes(optimizer)
         results[name] = {
             "lr": default_lr(name),
@@ -137,6 +140,7 @@ def measure_step_times(model: torch.nn.Module, names: list[str], *, rounds: int 
             "state_bytes_per_param": None if state is None else state / n_params,
             "first_step_peak_delta_bytes": first.delta,
             "steady_step_peak_delta_bytes": steady,
+            "launches_per_step": launches,
             "times_s": [],
         }
 
@@ -195,10 +199,11 @@ def markdown_summary(result: dict[str, Any]) -> str:
     rows = []
     for name, r in sorted(result["optimizers"].items(), key=lambda kv: kv[1]["median_s"]):
         rows.append([name, r["median_s"] * 1e3, f"{r['iqr_s'][0] * 1e3:.1f}–{r['iqr_s'][1] * 1e3:.1f}",
-                     r["ratio_to_adamw"], r["ratio_to_adamw_fused"], r["state_bytes_per_param"],
+                     r["ratio_to_adamw"], r["ratio_to_adamw_fused"], r.get("launches_per_step"),
+                     r["state_bytes_per_param"],
                      mib(r["first_step_peak_delta_bytes"]), mib(r["steady_step_peak_delta_bytes"])])
     lines.append(markdown_table(["optimizer", "median ms", "IQR ms", "x AdamW", "x fused AdamW",
-                                 "state B/param",
+                                 "launches / step", "state B/param",
                                  "1st step peak +MiB", "step peak +MiB"], rows))
     if result["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{n} ({why})" for n, why in result["skipped"].items())]
