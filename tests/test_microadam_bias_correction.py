@@ -61,11 +61,3 @@ def test_window_mode_equals_paper_mode_until_the_window_fills():
 def test_invalid_mode_is_named():
     with pytest.raises(ValueError, match="bias_correction.*'adam'"):
         slimopt.MicroAdam([torch.nn.Parameter(torch.zeros(4))], bias_correction="adam")
-
-
-def test_window_mode_is_refused_on_the_triton_path_with_the_way_out():
-    p = torch.nn.Parameter(torch.zeros(8))
-    opt = slimopt.MicroAdam([("w", p)], bias_correction="window", backend="triton")
-    p.grad = torch.ones(8)
-    with pytest.raises(NotImplementedError, match="backend='torch'"):
-        opt.step()

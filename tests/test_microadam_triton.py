@@ -13,16 +13,22 @@ is not the same arithmetic: it divides by a Python scalar as a multiplication by
 where the CPU computes ``p + (alpha * m) / d``. And on CPU, torch's vectorised ``sqrt`` is not correctly
 rounded (torch 2.13, AVX-512 build: 1 ulp off for ~17% of random fp32 inputs); the kernels' ``sqrt_rn`` is,
 so the window-update reference runs with an IEEE square root (``ieee_sqrt``).
+
+The one-tensor kernels are tested beside their torch references; the group launches (``MultiTensorStep``, all
+tensors of a group in three launches) through MicroAdam, against its torch path, tensor by tensor.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 
 import numpy as np
 import pytest
 import torch
+
+import slimopt
 
 triton = pytest.importorskip("triton")
 
@@ -255,3 +261,319 @@ def test_gpu_kernels_follow_torch_path_at_scale(block, weight_decay, ieee_sqrt):
     w = torch.randn(1_000_003)
     hp = dict(lr=1e-3, weight_decay=weight_decay, topk_block_size=block)
     _compare_steps(w, hp, steps=3, seed=9)
+
+
+# -- the group launches -------------------------------------------------------------------------------------
+# MicroAdam steps the plain tensors of a group on the Triton path together (ops.microadam_triton.MultiTensorStep:
+# a check, a fused compression and a window update, each one launch for all of them). Held bit for bit to the
+# torch path on CPU, tensor by tensor. Sizes for Top-K blocks of 256 and buckets of 64: smaller than a block
+# (50; 1; 130, which ends in a partial bucket), odd with a partial last block (33 x 17 = 561 = 2 blocks + 49),
+# whole blocks (512), a partial last block and bucket (700).
+GROUP_SHAPES = [(33, 17), (50,), (512,), (1,), (700,), (130,)]
+GROUP_HP = dict(lr=1e-2, m=3, k_init=0.05, topk_block_size=256)
+
+
+def _twins(shapes, dtypes, hp, seed=0, **options):
+    """The same tensors for the torch path (CPU) and the group launches (DEVICE), and their optimizers."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(s, generator=g).to(dt) for s, dt in zip(shapes, dtypes)]
+    ref = [w.clone().requires_grad_() for w in ws]
+    tri = [w.to(DEVICE, copy=True).requires_grad_() for w in ws]
+    return (ref, MicroAdam(ref, backend="torch", **hp, **options),
+            tri, MicroAdam(tri, backend="triton", **hp, **options))
+
+
+def _set_grads(ref, tri, g, skip=(), bad=()):
+    """Fresh random gradients (None for indices in ``skip``, a NaN/inf in those of ``bad``) on both sides."""
+    for i, (a, b) in enumerate(zip(ref, tri)):
+        if i in skip:
+            a.grad = b.grad = None
+            continue
+        grad = torch.randn(a.shape, generator=g).to(a.dtype)
+        if i in bad:
+            grad.view(-1)[grad.numel() // 2] = float("nan") if i % 2 else float("inf")
+        a.grad, b.grad = grad.clone(), grad.to(DEVICE, copy=True)
+
+
+def _assert_twins(ref, ref_opt, tri, tri_opt, where):
+    for i, (a, b) in enumerate(zip(ref, tri)):
+        assert torch.equal(b.detach().cpu(), a.detach()), (where, i)
+        sa, sb = ref_opt.state.get(a), tri_opt.state.get(b)
+        assert bool(sa) == bool(sb), (where, i)
+        if sa:
+            for key in STATE_KEYS:
+                assert torch.equal(sb[key].cpu(), sa[key]), (where, i, key)
+            assert float(sb["step"]) == float(sa["step"]), (where, i)
+
+
+def _uses_group_launches(opt) -> int:
+    """Tensors stepped by the group launches (0: the one-tensor path)."""
+    return sum(len(b.params) for e in opt.__dict__.get("_triton_groups", {}).values() if e.batches
+               for b in e.batches.batches)
+
+
+@pytest.mark.parametrize("dtype,weight_decay,lr_tensor", [
+    (torch.float32, 0.0, False), (torch.float32, 0.1, True), (torch.bfloat16, 0.0, True),
+    (torch.bfloat16, 0.1, False)])
+def test_group_steps_match_torch_path(dtype, weight_decay, lr_tensor, ieee_sqrt):
+    """Six tensors of one group, 5 steps with m = 3 (the ring wraps): parameters, every state tensor and the
+    step counters bit-equal to the torch path after every step. A tensor lr changes in place between steps,
+    as a scheduler's would (read on the device, no host sync)."""
+    hp = dict(GROUP_HP, weight_decay=weight_decay)
+    ref, ref_opt, tri, tri_opt = _twins(GROUP_SHAPES, [dtype] * len(GROUP_SHAPES), hp)
+    if lr_tensor:
+        ref_opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+        tri_opt.param_groups[0]["lr"] = torch.tensor(1e-2, device=DEVICE)
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        if lr_tensor:
+            for opt in (ref_opt, tri_opt):
+                opt.param_groups[0]["lr"].fill_(1e-2 * (0.9 ** step))
+        _set_grads(ref, tri, g)
+        ref_opt.step()
+        tri_opt.step()
+        _assert_twins(ref, ref_opt, tri, tri_opt, step)
+    assert _uses_group_launches(tri_opt) == len(GROUP_SHAPES)
+
+
+def test_group_blocks_longer_than_a_tile(ieee_sqrt):
+    """Blocks of 8192 > TILE_MAX: the fused pass walks them in tiles (a recomputed per pass); a tensor of one
+    full and one partial multi-tile block, one of a single partial block > 4096, and a small one."""
+    hp = dict(lr=1e-3, m=2, k_init=0.01, topk_block_size=8192, weight_decay=0.01)
+    shapes = [(8192 + 5000,), (4100,), (300,)]
+    ref, ref_opt, tri, tri_opt = _twins(shapes, [torch.float32] * 3, hp, seed=2)
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        _set_grads(ref, tri, g)
+        ref_opt.step()
+        tri_opt.step()
+        _assert_twins(ref, ref_opt, tri, tri_opt, step)
+
+
+def test_group_mixed_dtypes_and_missing_gradients(ieee_sqrt):
+    """fp32, bf16 and fp16 tensors in one group (one batch per dtype); tensors without a gradient at some
+    steps keep their own step counters and ring rows, as on the torch path."""
+    shapes = [(40, 7), (300,), (90,), (64,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
+    ref, ref_opt, tri, tri_opt = _twins(shapes, dtypes, dict(GROUP_HP, weight_decay=0.05), seed=4)
+    g = torch.Generator().manual_seed(5)
+    for step in range(5):
+        _set_grads(ref, tri, g, skip={0} if step in (1, 2) else {3} if step == 0 else ())
+        ref_opt.step()
+        tri_opt.step()
+        _assert_twins(ref, ref_opt, tri, tri_opt, step)
+    assert _uses_group_launches(tri_opt) == len(shapes)
+
+
+class _HostSyncs:
+    """Counts reads of tensor values into Python (item, tolist), while in use (a context of its own)."""
+
+    def __init__(self):
+        self.count = 0
+        self.patch = pytest.MonkeyPatch()
+
+    def __enter__(self):
+        for name in ("item", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            self.patch.setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        self.patch.undo()
+
+
+def test_group_skip_masks_on_the_device(ieee_sqrt):
+    """nonfinite="skip": a tensor with NaN/inf in its gradient is left alone, state and step counter included,
+    by the group launches themselves, with no host sync; the others step as on the torch path."""
+    ref, ref_opt, tri, tri_opt = _twins(GROUP_SHAPES, [torch.float32] * len(GROUP_SHAPES), GROUP_HP,
+                                        nonfinite="skip")
+    g = torch.Generator().manual_seed(6)
+    for step in range(6):
+        bad = {1, 4} if step in (2, 3) else {2} if step == 4 else ()
+        _set_grads(ref, tri, g, bad=bad)
+        frozen = {i: (tri[i].detach().clone(), {k: v.clone() for k, v in tri_opt.state[tri[i]].items()})
+                  for i in bad}
+        ref_opt.step()
+        with _HostSyncs() as syncs:
+            tri_opt.step()
+        if step:  # (the first one reads the new counters, on CPU, before moving them to the device)
+            assert syncs.count == 0, step
+        _assert_twins(ref, ref_opt, tri, tri_opt, step)
+        for i, (p, state) in frozen.items():
+            assert torch.equal(tri[i], p)
+            assert all(torch.equal(tri_opt.state[tri[i]][k], v) for k, v in state.items())
+
+
+def test_group_raise_changes_nothing():
+    """nonfinite="raise": the flags are read back once, the tensor named, nothing updated, no state made."""
+    ws = [torch.randn(300), torch.randn(40, 5)]
+    params = [w.to(DEVICE, copy=True).requires_grad_() for w in ws]
+    opt = MicroAdam([("first", params[0]), ("second", params[1])], backend="triton", **GROUP_HP)
+    params[0].grad = torch.randn(300, device=DEVICE)
+    params[1].grad = torch.randn(40, 5, device=DEVICE)
+    params[1].grad[3, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="second"):
+        opt.step()
+    assert len(opt.state) == 0
+    assert all(torch.equal(p.detach().cpu(), w) for p, w in zip(params, ws))
+    params[1].grad[3, 2] = 0.0
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    params[0].grad[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="first"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+    params[0].grad[0] = 0.0
+    opt.step()  # the flags of the failed check do not leak into the next step
+    assert float(opt.state[params[0]]["step"]) == float(opt.state[params[1]]["step"]) == 2
+
+
+def test_group_state_dict_round_trip(ieee_sqrt):
+    """Save after 3 steps, load into a fresh group-launch optimizer and into a torch-path one (on CPU): both
+    continue bit-identically to the run that was never interrupted."""
+    hp = dict(GROUP_HP, weight_decay=0.1, m=2)
+    shapes = GROUP_SHAPES[:4]
+    _, _, tri, tri_opt = _twins(shapes, [torch.float32] * len(shapes), hp, seed=7)
+    g = torch.Generator().manual_seed(8)
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(6)]
+    for step in range(3):
+        for p, grad in zip(tri, grads[step]):
+            p.grad = grad.to(DEVICE)
+        tri_opt.step()
+    saved = copy.deepcopy(tri_opt.state_dict())
+    resumed = [p.detach().clone().requires_grad_() for p in tri]
+    resumed_opt = MicroAdam(resumed, backend="triton", **hp)
+    resumed_opt.load_state_dict(saved)
+    on_cpu = [p.detach().cpu().clone().requires_grad_() for p in tri]
+    cpu_opt = MicroAdam(on_cpu, backend="torch", **hp)
+    cpu_opt.load_state_dict(saved)
+    for step in range(3, 6):
+        for params in (tri, resumed, on_cpu):
+            for p, grad in zip(params, grads[step]):
+                p.grad = grad.to(p.device)
+        for opt in (tri_opt, resumed_opt, cpu_opt):
+            opt.step()
+        _assert_twins(on_cpu, cpu_opt, tri, tri_opt, step)
+        _assert_twins(on_cpu, cpu_opt, resumed, resumed_opt, step)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_group_step_is_deterministic_bf16(weight_decay):
+    """Two runs from the same tensors and gradients: bit-equal parameters and state (bf16, positions shared
+    by many rows: k_init 0.3, m 4)."""
+    hp = dict(lr=1e-3, m=4, k_init=0.3, topk_block_size=512, weight_decay=weight_decay)
+    shapes = [(2 * 512 + 100,), (70,)]
+    runs = []
+    for _ in range(2):
+        _, _, tri, opt = _twins(shapes, [torch.bfloat16] * 2, hp, seed=9)
+        g = torch.Generator().manual_seed(10)
+        for _ in range(5):
+            for p in tri:
+                p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(torch.bfloat16).to(DEVICE)
+            opt.step()
+        runs.append([p.detach().cpu() for p in tri] + [v.cpu() for p in tri for v in opt.state[p].values()])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+def test_group_layouts_the_fused_pass_does_not_take_use_the_one_tensor_path(ieee_sqrt):
+    """Buckets that are not a power of two (or do not tile a Top-K block) go tensor by tensor, as before."""
+    assert not kernels.group_layout_supported(256, 48) and not kernels.group_layout_supported(96, 64)
+    assert kernels.group_layout_supported(4096, 64) and kernels.group_layout_supported(256, 1)
+    hp = dict(GROUP_HP, quant_block_size=48)
+    ref, ref_opt, tri, tri_opt = _twins(GROUP_SHAPES[:2], [torch.float32] * 2, hp, seed=11)
+    g = torch.Generator().manual_seed(12)
+    for step in range(2):
+        _set_grads(ref, tri, g)
+        ref_opt.step()
+        tri_opt.step()
+        _assert_twins(ref, ref_opt, tri, tri_opt, step)
+    assert _uses_group_launches(tri_opt) == 0
+
+
+def test_bias_correction_table_matches_window_weights():
+    """The kernels' weights, fp32(beta**age) * fp32(c(step)) from MultiTensorStep's table, are window_weights."""
+    runner = kernels.MultiTensorStep([10], "cpu", torch.float32, m=4, k_init=0.5, topk_block_size=8,
+                                     quant_block_size=2)
+    for betas in [(0.9, 0.999), (0.0, 0.5), (0.95, 0.99999)]:
+        runner.bound = 3000
+        table, c_last = runner._weights_table(betas)
+        m = 4
+        for step in (1, 2, 3, 4, 5, 17, 1000, 2999):
+            ci = min(step, c_last)
+            newest = (step - 1) % m
+            for which in range(2):
+                pw, c = table[which * m: (which + 1) * m], table[2 * m + which * (c_last + 1) + ci]
+                mine = torch.tensor([float(pw[(newest - r) % m] * c) if r < step else 0.0 for r in range(m)])
+                assert torch.equal(mine, window_weights(step, m, betas)[which]), (betas, step, which)
+    assert kernels._saturation(0.999) == next(s for s in range(1, 10**6) if 1 - 0.999**s == 1.0)
+
+
+# -- GPU only: the group launches at scale ------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,block,weight_decay", [(torch.float32, 4096, 0.0), (torch.bfloat16, 4096, 0.01),
+                                                     (torch.float32, 32768, 0.01)])
+def test_gpu_group_follows_torch_path_at_scale(dtype, block, weight_decay, ieee_sqrt):
+    """Compiled group kernels on ~1.1M entries in 4 tensors (one below a block, one with a partial last
+    block), against the CPU torch path: bit-equal."""
+    shapes = [(1000, 1003), (3 * block + 5,), (77,), (256, 300)]
+    hp = dict(lr=1e-3, weight_decay=weight_decay, topk_block_size=block)
+    ref, ref_opt, tri, tri_opt = _twins(shapes, [dtype] * 4, hp, seed=13)
+    g = torch.Generator().manual_seed(14)
+    for step in range(3):
+        _set_grads(ref, tri, g)
+        ref_opt.step()
+        tri_opt.step()
+        _assert_twins(ref, ref_opt, tri, tri_opt, step)
+    assert _uses_group_launches(tri_opt) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_group_step_has_no_host_sync_and_is_deterministic():
+    """nonfinite="skip", tensor lr: after the first step no CUDA sync at all (torch's sync debug mode raises
+    on one); bf16 with weight decay, two runs bit-equal."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(15)
+        params = [torch.randn(s, device="cuda").to(torch.bfloat16).requires_grad_() for s in [(1_000_003,), (513, 77)]]
+        opt = MicroAdam(params, lr=torch.tensor(1e-3, device="cuda"), weight_decay=0.01, nonfinite="skip")
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-2
+            if step:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        runs.append([p.detach().cpu() for p in params] + [v.cpu() for p in params for v in opt.state[p].values()])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+@pytest.mark.parametrize("tensors", [1, 3], ids=["one-tensor", "group"])
+def test_window_bias_correction_triton_equals_torch(tensors, ieee_sqrt):
+    """The Triton paths (one tensor; the group launches) compute the window mode's corrections as the torch
+    path does: bit-equal after the window has filled and wrapped (CPU tensors, Triton's interpreter)."""
+    torch.manual_seed(0)
+    sizes = [300, 97, 1000][:tensors]
+    results = []
+    for backend in ("torch", "triton"):
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+        opt = slimopt.MicroAdam([(f"w{i}", p) for i, p in enumerate(params)], lr=1e-2, m=3, k_init=0.1,
+                                topk_block_size=64, bias_correction="window", backend=backend)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(7):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -1,7 +1,59 @@
-"""Triton kernels for one MicroAdam step of one tensor (the GPU path).
+"""Triton kernels for MicroAdam's step (the GPU path): group launches, and their one-tensor references.
 
-Each kernel mirrors a torch reference, and tests/test_microadam_triton.py holds them against each other (on
-CPU under ``TRITON_INTERPRET=1``, on a GPU with the same tests):
+**Group launches** (``MultiTensorStep``; MicroAdam steps the plain contiguous fp32/bf16/fp16 tensors of a param
+group this way, per device and dtype): three launches per step whatever the number of tensors. The program
+grid runs over (tensor, Top-K block) pairs of the whole group, through tables built once per list of tensors:
+``block_tensor`` (int32, the tensor of each program) and ``meta`` (int64 per tensor: n, k_total, full blocks,
+k_tail, first block, then the addresses of p and of its state tensors, cast in the kernel with
+``tl.load(meta + i).to(tl.pointer_type(...))``); the gradients' addresses are a table of their own, uploaded
+(pinned, non-blocking) only when they change. Nothing is read back to the host: each tensor's step counter is
+a 0-d fp32 tensor on the device that the last launch advances; the bias corrections come from a table of fp32
+values per step (Python doubles, as ``window_weights``; extended, doubling, as steps pass its end, and constant
+from the step where 1 - beta**t rounds to 1); a tensor lr is read by the kernel (1 - lr * wd in fp64, then
+fp32, as Python and torch compute it); the non-finite policy is a per-tensor flag on the device.
+
+==========================  =================================================================================
+launch                      does, per (tensor, block) program
+==========================  =================================================================================
+``_group_check_kernel``     flag = the tensor has a gradient and it is finite (stores of 0 from any program
+                            of a bad tensor; the other flag row, next step's, set back to 1); copies the step
+                            counter to ``old``
+``_group_compress_kernel``  one pass over the block, on chip: a = g + Q^-1(e) (as ``dequant_add``), Top-K of
+                            |a| (as ``block_topk``: ranked in registers for blocks <= TILE_MAX, else 7
+                            histogram passes over tiles that recompute a), the window row (t - 1) % m, a[I] = 0,
+                            bucket ranges and 4-bit codes (as ``bucket_ranges``, ``quantize_pack``: a bucket is
+                            a row of the tile seen as (TILE / bucket, bucket)). Flag 0: everything masked
+``_group_window_kernel``    the block's window entries (as ``window_update``): moments in row order, owners
+                            write p; with weight decay, the block's other positions (those no row holds, found
+                            by a histogram of the entries) get p * (1 - lr wd): one launch, no scratch; then
+                            the step counter (block 0's program)
+==========================  =================================================================================
+
+Fused: everything from reading g to writing the new error feedback and window row (nothing dense goes back to
+memory; the one-tensor path writes an fp32 ``a`` once and reads it three times), and the window update with
+the weight decay and the step counter. Not fused: the finiteness check, which must see a whole tensor before
+any program may write its state (it reads g once more, as SlimOptimizer's check did), and the window update,
+which reads rows that other programs of the compression launch write.
+
+Bytes per parameter of global memory, for s_g bytes of gradient, s_p of parameter, buckets of B entries and
+E = m * k_init window entries per parameter (0.1 at the defaults m = 10, k_init = 0.01; 4 B each):
+
+* check: reads s_g.
+* compress: reads s_g + 0.5 (codes) + 4 / B (ranges), writes 0.5 + 4 / B + 4 k_init (the new row). Blocks
+  longer than TILE_MAX re-read g and e 8 times, from L1/L2 (<= 147 KB per program).
+* window: reads the window, 4 E (its binary searches hit L1/L2), and reads and writes p where a row holds a
+  position, 2 s_p E' (E' <= E distinct positions). With weight decay also the rest of p, read and written,
+  2 s_p (1 - E'), and the block's entries once more per tile (L1/L2).
+
+At the defaults: fp32 p and g ~10.4 B/param without weight decay, ~17.6 with; bf16 ~6.0 and ~9.6. (The floor:
+read g and e, write e and a row, ~s_g + 1.2, + 2 s_p with weight decay; the check's s_g comes on top.) The
+one-tensor path moves ~2 s_g + 18.6 + 4 E (~27 for fp32 without weight decay, its check included) in 5 to 7
+launches per tensor, plus ~16 torch ops per tensor.
+
+**One-tensor kernels**: the references the group launches' parts are tested beside, and the path for what the
+group launches do not take (DTensor shards, non-contiguous parameters, bucket sizes that are not a power of two
+<= TILE_MAX tiling the Top-K blocks). Each mirrors a torch reference, and tests/test_microadam_triton.py holds
+them against each other (on CPU under ``TRITON_INTERPRET=1``, on a GPU with the same tests):
 
 ==================  ===============================================================  ==================================
 kernel              does                                                             reference
@@ -54,6 +106,11 @@ owner updating its own position of p). The previous window kernel scattered the 
 scratch and read it back in the same program behind ``tl.debug_barrier()``, which on the H200 was not
 enough: with bf16 parameters runs differed (shared/measurements/h200-2026-11-30/race_probe.py).
 
+In the group launches too, no program reads what another program of the same launch writes. Within a program,
+a store to an address read earlier (codes, ranges, p at an owned position) stores a value computed from that
+read, so the read has happened whichever threads hold the lanes; the window kernel's two sets of p addresses
+(owned positions, positions no row holds) are disjoint, so no position is written twice.
+
 Arithmetic: every launch passes ``enable_fp_fusion=False``, so the compiler keeps ``a * b + c`` as two
 roundings (no FMA contraction; ptxas ``--fmad=false``), and division and square root are ``tl.div_rn`` /
 ``tl.sqrt_rn`` (Triton's ``/`` and ``tl.sqrt`` are approximate on NVIDIA GPUs). Each kernel then performs
@@ -68,7 +125,9 @@ the torch path on CPU; tests hold the kernels against the CPU reference.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -76,7 +135,7 @@ from .microadam_window import window_weights
 from .topk import block_layout
 from .triton_support import tl, triton, triton_available
 
-__all__ = ["microadam_step_triton", "triton_available"]
+__all__ = ["MultiTensorStep", "group_layout_supported", "microadam_step_triton", "triton_available"]
 
 TILE_MAX = 4096  # entries of a block that one Top-K tile holds in registers
 _ELEMENTWISE_BLOCK = 1024
@@ -316,6 +375,286 @@ if triton is not None:
         pos = block * block_size + tl.load(idx_ptr + entry, mask=own, other=0).to(tl.int64)
         tl.store(p_ptr + pos, tl.load(upd_ptr + entry, mask=own, other=0.0), mask=own)
 
+    # -- the group launches: every tensor of a group (one device, one parameter dtype) in one launch per stage --
+    # Program = (tensor, Top-K block), found through ``block_tensor`` (int32, one entry per block of the group).
+    # Per tensor a row of META int64 in ``meta``: its sizes, then the addresses of p and of its state tensors
+    # (read with _ptr). Gradients' addresses are a table of their own (they change more often than state).
+
+    @triton.jit
+    def _ptr(raw, KIND: tl.constexpr):
+        """An int64 address from a table as a typed pointer: 0 fp32, 1 bf16, 2 fp16, 3 int16, 4 uint8."""
+        if KIND == 0:
+            out = raw.to(tl.pointer_type(tl.float32))
+        elif KIND == 1:
+            out = raw.to(tl.pointer_type(tl.bfloat16))
+        elif KIND == 2:
+            out = raw.to(tl.pointer_type(tl.float16))
+        elif KIND == 3:
+            out = raw.to(tl.pointer_type(tl.int16))
+        else:
+            out = raw.to(tl.pointer_type(tl.uint8))
+        return out
+
+    # flag rows alternate: their offsets are not specialised on (one compiled kernel, not two)
+    @triton.jit(do_not_specialize=["flag_now", "flag_next"])
+    def _group_check_kernel(meta_ptr, gptr_ptr, block_tensor_ptr, flags_ptr, flag_now, flag_next, old_ptr,
+                            block_size, G_KIND: tl.constexpr, TILE: tl.constexpr, META: tl.constexpr):
+        """Stage 0: flag[t] = 0 where tensor t has no gradient or a NaN/inf in it (each block's program stores
+        0 if its part is bad: stores of one value, no atomics), and the program of block 0 sets next step's
+        flag back to 1 and copies the tensor's step counter to ``old`` (which the next two launches read, so
+        that the last one may advance the counter itself)."""
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor_ptr + pid).to(tl.int64)
+        row = meta_ptr + t * META
+        n = tl.load(row)
+        b = pid - tl.load(row + 4)
+        g_raw = tl.load(gptr_ptr + t)
+        present = g_raw != 0
+        start = b * block_size
+        length = tl.where(present, tl.minimum(block_size, n - start), 0)
+        g = _ptr(g_raw, G_KIND)
+        bad = tl.zeros((), dtype=tl.int32)
+        for t0 in range(0, length, TILE):
+            cols = t0 + tl.arange(0, TILE)
+            x = tl.load(g + start + cols, mask=cols < length, other=0.0).to(tl.float32)
+            bad += tl.sum((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)  # NaN fails the comparison too
+        tl.store(flags_ptr + flag_now + t, 0, mask=(bad > 0) | (~present))
+        first = b == 0
+        tl.store(flags_ptr + flag_next + t, 1, mask=first)
+        step_raw = tl.load(row + 11)
+        old = tl.load(_ptr(step_raw, 0), mask=first & (step_raw != 0), other=0.0)
+        tl.store(old_ptr + t, old, mask=first)
+
+    @triton.jit
+    def _fused_a(g, codes, lo, hi, start, cols, length, BUCKET: tl.constexpr):
+        """a = g + Q^-1(e) over ``cols`` of the block at ``start`` (three roundings, as the reference)."""
+        valid = cols < length
+        offs = start + cols
+        byte = tl.load(codes + offs // 2, mask=valid, other=0).to(tl.int32)
+        code = tl.where(offs % 2 == 0, byte >> 4, byte & 15).to(tl.float32)
+        bucket = offs // BUCKET
+        lo_v = tl.load(lo + bucket, mask=valid, other=0.0).to(tl.float32)
+        hi_v = tl.load(hi + bucket, mask=valid, other=0.0).to(tl.float32)
+        grad = tl.load(g + offs, mask=valid, other=0.0).to(tl.float32)
+        step = tl.div_rn(hi_v - lo_v, 15.0)
+        return (code * step + lo_v) + grad, valid
+
+    @triton.jit
+    def _fused_digit_pass(g, codes, lo, hi, start, length, k, prefix, above, SHIFT: tl.constexpr,
+                          WIDTH: tl.constexpr, TILE: tl.constexpr, BUCKET: tl.constexpr):
+        """_digit_pass over a block that is not held anywhere: each tile's a is recomputed from g and e."""
+        bins = tl.arange(0, 32)
+        hist = tl.zeros((32,), dtype=tl.int32)
+        for t0 in range(0, length, TILE):
+            x, valid = _fused_a(g, codes, lo, hi, start, t0 + tl.arange(0, TILE), length, BUCKET)
+            key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            match = valid & ((key >> (SHIFT + WIDTH)) == prefix)
+            digit = tl.where(match, (key >> SHIFT) & ((1 << WIDTH) - 1), 0)
+            unmatched = TILE - tl.sum(match.to(tl.int32), axis=0)
+            hist += tl.histogram(digit, 32) - tl.where(bins == 0, unmatched, 0)
+        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+        digit = tl.max(tl.where(at_least >= k - above, bins, 0), axis=0)
+        above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        return (prefix << WIDTH) | digit, above
+
+    @triton.jit
+    def _requantize(az, codes, lo, hi, base, length, TILE: tl.constexpr, BUCKET: tl.constexpr):
+        """Bucket ranges and 4-bit codes of the tile ``az`` (a with the chosen entries zeroed) starting at
+        ``base`` (a multiple of BUCKET and of 2), ``length`` entries of it valid: the buckets are whole rows of
+        the tile seen as (TILE / BUCKET, BUCKET), so min/max and codes never leave registers."""
+        NB: tl.constexpr = TILE // BUCKET
+        buckets = tl.arange(0, NB)
+        lanes = buckets[:, None] * BUCKET + tl.arange(0, BUCKET)[None, :]
+        valid = lanes < length
+        a2 = tl.reshape(az, (NB, BUCKET))
+        whole = buckets * BUCKET < length
+        lo_b = tl.where(whole, _round_bf16(tl.min(tl.where(valid, a2, float("inf")), axis=1), True), 0.0)
+        hi_b = tl.where(whole, _round_bf16(tl.max(tl.where(valid, a2, float("-inf")), axis=1), False), 0.0)
+        tl.store(lo + base // BUCKET + buckets, lo_b.to(tl.bfloat16), mask=whole)
+        tl.store(hi + base // BUCKET + buckets, hi_b.to(tl.bfloat16), mask=whole)
+        step = tl.div_rn(hi_b - lo_b, 15.0)  # as _code
+        quantised = step >= 1.1754943508222875e-38
+        inv_step = tl.where(quantised, tl.div_rn(1.0, tl.where(quantised, step, 1.0)), 0.0)
+        y = tl.floor((a2 - lo_b[:, None]) * inv_step[:, None] + 0.5)
+        code = tl.where(valid, tl.minimum(tl.maximum(y, 0.0), 15.0).to(tl.int32), 0)  # an odd end's low nibble: 0
+        pairs = tl.reshape(code, (TILE // 2, 2))
+        byte = tl.sum(pairs * tl.where(tl.arange(0, 2) == 0, 16, 1)[None, :], axis=1)
+        pair = tl.arange(0, TILE // 2)
+        tl.store(codes + base // 2 + pair, byte.to(tl.uint8), mask=2 * pair < length)
+
+    @triton.jit(do_not_specialize=["flag_now"])
+    def _group_compress_kernel(meta_ptr, gptr_ptr, block_tensor_ptr, flags_ptr, flag_now, old_ptr, block_size,
+                               k_block, m, G_KIND: tl.constexpr, BUCKET: tl.constexpr, TILE: tl.constexpr,
+                               SINGLE_TILE: tl.constexpr, META: tl.constexpr):
+        """Stage 1, one pass over a block of one tensor: a = g + Q^-1(e); its Top-K into the window row of this
+        step; a[chosen] = 0; new bucket ranges and codes. A block of <= TILE entries stays in registers; a
+        longer one is walked in tiles (8 passes recompute a from g and e, which L1/L2 hold)."""
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor_ptr + pid).to(tl.int64)
+        row = meta_ptr + t * META
+        n = tl.load(row)
+        k_total = tl.load(row + 1)
+        k_tail = tl.load(row + 3)
+        b = pid - tl.load(row + 4)
+        active = tl.load(flags_ptr + flag_now + t) != 0
+        start = b * block_size
+        whole = tl.minimum(block_size, n - start)
+        length = tl.where(active, whole, 0).to(tl.int32)  # an inactive tensor: every load and store masked
+        k = tl.where(whole == block_size, k_block, k_tail).to(tl.int32)
+        ring = tl.load(old_ptr + t).to(tl.int32) % m  # (step - 1) % m of this step
+        g = _ptr(tl.load(gptr_ptr + t), G_KIND)
+        out = ring * k_total + b * k_block
+        idx = _ptr(tl.load(row + 6), 3) + out
+        val = _ptr(tl.load(row + 7), 1) + out
+        codes = _ptr(tl.load(row + 8), 4)
+        lo = _ptr(tl.load(row + 9), 1)
+        hi = _ptr(tl.load(row + 10), 1)
+        if SINGLE_TILE:
+            cols = tl.arange(0, TILE)
+            x, valid = _fused_a(g, codes, lo, hi, start, cols, length, BUCKET)
+            key = tl.where(valid, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
+            threshold = tl.zeros((), dtype=tl.int32)
+            for bit in tl.static_range(30, -1, -1):
+                candidate = threshold | (1 << bit)
+                threshold = tl.where(tl.sum((key >= candidate).to(tl.int32), axis=0) >= k, candidate, threshold)
+            above = tl.sum((key > threshold).to(tl.int32), axis=0)
+            tied = valid & (key == threshold)
+            chosen = (valid & (key > threshold)) | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= k - above))
+            slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+            tl.store(idx + slot, cols.to(tl.int16), mask=chosen)
+            tl.store(val + slot, _bf16_nearest(x).to(tl.bfloat16), mask=chosen)
+            _requantize(tl.where(chosen, 0.0, x), codes, lo, hi, start, length, TILE, BUCKET)
+        else:
+            threshold = tl.zeros((), dtype=tl.int32)
+            above = tl.zeros((), dtype=tl.int32)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
+                                                 26, 5, TILE, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
+                                                 21, 5, TILE, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
+                                                 16, 5, TILE, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
+                                                 11, 5, TILE, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
+                                                 6, 5, TILE, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
+                                                 1, 5, TILE, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
+                                                 0, 1, TILE, BUCKET)
+            need = k - above
+            tied_before = tl.zeros((), dtype=tl.int32)
+            chosen_before = tl.zeros((), dtype=tl.int32)
+            for t0 in range(0, length, TILE):
+                cols = t0 + tl.arange(0, TILE)
+                x, valid = _fused_a(g, codes, lo, hi, start, cols, length, BUCKET)
+                key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                tied = valid & (key == threshold)
+                tie_rank = tied_before + tl.cumsum(tied.to(tl.int32), axis=0)
+                chosen = (valid & (key > threshold)) | (tied & (tie_rank <= need))
+                slot = chosen_before + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+                tl.store(idx + slot, cols.to(tl.int16), mask=chosen)
+                tl.store(val + slot, _bf16_nearest(x).to(tl.bfloat16), mask=chosen)
+                # this tile's codes and ranges: every store depends on the loads of the same addresses above
+                _requantize(tl.where(chosen, 0.0, x), codes, lo, hi, start + t0, length - t0, TILE, BUCKET)
+                tied_before += tl.sum(tied.to(tl.int32), axis=0)
+                chosen_before += tl.sum(chosen.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _window_entry_chunk(idx, k_total, col0, count, total, e0, ENTRIES: tl.constexpr):
+        """Window entries e0 .. e0 + ENTRIES of a block (row-major over (rows, count)): row, column, index."""
+        e = e0 + tl.arange(0, ENTRIES)
+        live = e < total
+        r = e // tl.maximum(count, 1)
+        j = e - r * count
+        x = tl.load(idx + r * k_total + col0 + j, mask=live, other=0).to(tl.int32)
+        return live, r, j, x
+
+    @triton.jit(do_not_specialize=["flag_now", "wd_bits"])
+    def _group_window_kernel(meta_ptr, block_tensor_ptr, flags_ptr, flag_now, old_ptr, table_ptr, m, c_last,
+                             block_size, k_block, search_steps, lr, decay, eps, lr_ptr, wd_bits,
+                             P_KIND: tl.constexpr, LR_FROM_PTR: tl.constexpr, DECAY: tl.constexpr,
+                             ENTRIES: tl.constexpr, TILE: tl.constexpr, META: tl.constexpr):
+        """Stage 2, one block of one tensor: its window entries (every written row) give the moments at their
+        positions, and the entry of the first row holding a position (its owner) writes p there; with weight
+        decay, the positions of the block that no row holds get p * decay (found by a histogram of the entries,
+        so the two sets of addresses are disjoint and no program reads what another lane writes). Then the
+        tensor's step counter advances (block 0's program; nobody reads it in this launch)."""
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor_ptr + pid).to(tl.int64)
+        row = meta_ptr + t * META
+        n = tl.load(row)
+        k_total = tl.load(row + 1)
+        full_blocks = tl.load(row + 2)
+        k_tail = tl.load(row + 3)
+        b = pid - tl.load(row + 4)
+        active = tl.load(flags_ptr + flag_now + t) != 0
+        old = tl.load(old_ptr + t)
+        step = old.to(tl.int32) + 1
+        rows = tl.where(active, tl.minimum(step, m), 0)
+        newest = (step - 1) % m
+        ci = tl.minimum(step, c_last)  # bias corrections: constant past c_last when the table is saturated
+        c1 = tl.load(table_ptr + 2 * m + ci)
+        c2 = tl.load(table_ptr + 2 * m + c_last + 1 + ci)
+        if LR_FROM_PTR:  # a tensor lr on the device, read here (no host sync); 1 - lr * wd in fp64, as Python
+            lr64 = tl.load(lr_ptr).to(tl.float64)
+            neg_lr = (-lr64).to(tl.float32)
+            decay_ = (1.0 - lr64 * wd_bits.to(tl.int64).to(tl.float64, bitcast=True)).to(tl.float32)
+        else:
+            neg_lr = -lr
+            decay_ = decay
+        p = _ptr(tl.load(row + 5), P_KIND)
+        idx = _ptr(tl.load(row + 6), 3)
+        val = _ptr(tl.load(row + 7), 1)
+        col0 = b * k_block
+        count = tl.where(b < full_blocks, k_block, k_tail).to(tl.int32)  # int32: _lower_bound's loop types
+        total = rows * count
+        base = b * block_size
+        for e0 in range(0, total, ENTRIES):
+            live, r, j, x = _window_entry_chunk(idx, k_total, col0, count, total, e0, ENTRIES)
+            first = tl.zeros((ENTRIES,), dtype=tl.float32)
+            second = tl.zeros((ENTRIES,), dtype=tl.float32)
+            owner = live
+            for other in range(0, rows):
+                segment = other * k_total + col0
+                at = _lower_bound(idx, segment, count, x, live, search_steps)
+                inside = live & (at < count)
+                found = inside & (tl.load(idx + segment + at, mask=inside, other=0).to(tl.int32) == x)
+                earlier = (found & (other < r)) | ((other == r) & (at != j))
+                owner = tl.where(earlier, False, owner)
+                v = tl.load(val + segment + at, mask=found, other=0.0).to(tl.float32)
+                age = (newest - other + m) % m
+                w1 = tl.load(table_ptr + age) * c1  # window_weights: fp32(beta1**age) * fp32(c1)
+                w2 = tl.load(table_ptr + m + age) * c2
+                first = tl.where(found, first + v * w1, first)
+                second = tl.where(found, second + (v * v) * w2, second)
+            denominator = tl.sqrt_rn(second + 1.1754943508222875e-38) + eps
+            update = tl.div_rn(neg_lr * first, denominator)
+            pos = base + x
+            q = tl.load(p + pos, mask=owner, other=0.0)
+            new = q.to(tl.float32) * decay_ + update
+            if P_KIND == 1:
+                new = _bf16_nearest(new)
+            tl.store(p + pos, new.to(q.dtype), mask=owner)
+        if DECAY:
+            length = tl.where(active, tl.minimum(block_size, n - base), 0).to(tl.int32)
+            bins = tl.arange(0, TILE)
+            for t0 in range(0, length, TILE):
+                held = tl.zeros((TILE,), dtype=tl.int32)
+                for e0 in range(0, total, ENTRIES):
+                    live, r, j, x = _window_entry_chunk(idx, k_total, col0, count, total, e0, ENTRIES)
+                    inside = live & (x >= t0) & (x < t0 + TILE)
+                    outside = ENTRIES - tl.sum(inside.to(tl.int32), axis=0)  # counted in bin 0 below
+                    at = tl.where(inside, x - t0, 0).to(tl.int32)
+                    held += tl.histogram(at, TILE) - tl.where(bins == 0, outside, 0)
+                cols = t0 + bins
+                keep = (cols < length) & (held == 0)
+                q = tl.load(p + base + cols, mask=keep, other=0.0)
+                new = q.to(tl.float32) * decay_
+                if P_KIND == 1:
+                    new = _bf16_nearest(new)
+                tl.store(p + base + cols, new.to(q.dtype), mask=keep)
+        tl.store(_ptr(tl.load(row + 11), 0), old + 1.0, mask=active & (b == 0))
+
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
@@ -363,18 +702,20 @@ def quantize_pack(a: Tensor, lo: Tensor, hi: Tensor, bucket_size: int, out: Tens
 
 
 @functools.lru_cache(maxsize=32)
-def _weights(step: int, m: int, betas: tuple[float, float], device: torch.device) -> tuple[Tensor, Tensor]:
+def _weights(step: int, m: int, betas: tuple[float, float], device: torch.device, bias_correction: str = "paper"
+             ) -> tuple[Tensor, Tensor]:
     """``window_weights`` (bias corrections folded in, as the torch path uses them), built once per step:
     the tensors of a group share it instead of copying two small tensors to the device each."""
-    return window_weights(step, m, betas, device)
+    return window_weights(step, m, betas, device, bias_correction)
 
 
 def _fp32(x: float) -> float:
-    return torch.tensor(x, dtype=torch.float32).item()
+    return float(np.float32(x))  # round to nearest, as torch's cast (no torch op: no dispatch, no sync)
 
 
 def window_update(p_flat: Tensor, indices: Tensor, values: Tensor, block_size: int, k_init: float, step: int,
-                  betas: tuple[float, float], eps: float, lr: float, weight_decay: float) -> None:
+                  betas: tuple[float, float], eps: float, lr: float, weight_decay: float,
+                  bias_correction: str = "paper") -> None:
     """p <- p * (1 - lr wd) - lr * (Adam direction from the window), in place on the flat ``p_flat``.
 
     ``indices``/``values``: the (m, k_total) window, rows ascending per block (as ``block_topk_into`` writes
@@ -384,7 +725,7 @@ def window_update(p_flat: Tensor, indices: Tensor, values: Tensor, block_size: i
         raise ValueError("window_update needs contiguous p_flat, indices and values")
     layout = block_layout(n, block_size, k_init)
     rows = min(step, m)
-    w1, w2 = _weights(step, m, (float(betas[0]), float(betas[1])), p_flat.device)
+    w1, w2 = _weights(step, m, (float(betas[0]), float(betas[1])), p_flat.device, bias_correction)
     decay = 1.0 - lr * weight_decay  # as the torch path computes it (in Python floats, then fp32)
     in_place = _fp32(decay) == 1.0  # then p * decay is p: no dense pass, owners update p themselves
     steps = max(layout.k_block, layout.k_tail).bit_length()
@@ -414,7 +755,7 @@ def microadam_step_triton(p: Tensor, grad: Tensor, window_indices: Tensor, windo
                           ef_codes: Tensor, ef_min: Tensor, ef_max: Tensor, *, step: int, lr: float | Tensor,
                           betas: tuple[float | Tensor, float | Tensor], eps: float | Tensor,
                           weight_decay: float | Tensor, m: int, k_init: float, topk_block_size: int,
-                          quant_block_size: int) -> None:
+                          quant_block_size: int, bias_correction: str = "paper") -> None:
     """One MicroAdam step of one tensor with the Triton kernels (same semantics as the torch path).
 
     ``p`` is updated in place and the five state tensors (shapes as MicroAdam's state: window (m, k_total)
@@ -434,6 +775,208 @@ def microadam_step_triton(p: Tensor, grad: Tensor, window_indices: Tensor, windo
     del a
     p_flat = p.view(-1) if p.is_contiguous() else p.detach().reshape(-1).clone()
     window_update(p_flat, window_indices, window_values, topk_block_size, k_init, step, betas_, eps_, lr_,
-                  wd)  # (10, 11)
+                  wd, bias_correction)  # (10, 11)
     if p_flat.data_ptr() != p.data_ptr():
         p.copy_(p_flat.view_as(p))
+
+
+# -- the group launches -------------------------------------------------------------------------------------
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # parameter and gradient dtypes of _ptr
+_META = 12  # int64 per tensor: n, k_total, full_blocks, k_tail, first block, p, idx, val, codes, lo, hi, step
+_GROUP_ENTRIES = 512  # window entries per chunk of a block's program (GPU); the interpreter takes wider ones
+_GROUP_ENTRIES_INTERPRETED = 4096
+_TABLE_START = 1024  # steps the first bias-correction table covers (it doubles as steps grow)
+_STATE_DTYPES = (torch.int16, torch.bfloat16, torch.uint8, torch.bfloat16, torch.bfloat16, torch.float32)
+
+
+def group_layout_supported(topk_block_size: int, quant_block_size: int) -> bool:
+    """Whether ``MultiTensorStep`` takes this layout: the fused pass keeps every bucket of a Top-K block in
+    registers, so buckets must be a power of two <= TILE_MAX that tiles every block (and nibble pairs too)."""
+    b = quant_block_size
+    return b >= 1 and b & (b - 1) == 0 and b <= TILE_MAX and topk_block_size % max(b, 2) == 0
+
+
+def _saturation(beta: float) -> int:
+    """The least step s with 1 - beta**s == 1.0 in doubles: from s on, (1 - beta) / (1 - beta**s) is constant."""
+    if beta <= 0.0:
+        return 1
+    hi = 1
+    while 1 - beta**hi != 1.0:
+        hi *= 2
+    lo = hi // 2 + 1 if hi > 1 else 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if 1 - beta**mid == 1.0:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def _bits(x: float) -> int:
+    return int(np.array(x, dtype=np.float64).view(np.int64))
+
+
+class MultiTensorStep:
+    """One MicroAdam step of many tensors of one device and one parameter dtype, in three launches whatever
+    their number: ``check`` (stage 0: which gradients are present and finite), then ``step`` (stage 1: the
+    fused compression, stage 2: the window update, which also advances each tensor's step counter).
+
+    Built once per list of tensor sizes: ``block_tensor`` maps each program (a Top-K block of the whole list)
+    to its tensor, ``meta`` holds per tensor its layout and the addresses of p and of its state (``bind``);
+    the gradients' addresses are a table of their own, uploaded only when they change. No host sync: the
+    flags, the step counters and a tensor lr stay on the device; bias corrections come from a table of fp32
+    values per step (computed in Python doubles exactly as ``window_weights`` does), indexed in the kernel by
+    the tensor's own step. Each state tensor must be contiguous, with MicroAdam's shapes and dtypes; ``step``
+    is a 0-d fp32 tensor on the device (the kernels advance it where the tensor was updated)."""
+
+    def __init__(self, numels: Sequence[int], device: torch.device | str, param_dtype: torch.dtype, *, m: int,
+                 k_init: float, topk_block_size: int, quant_block_size: int, bias_correction: str = "paper") -> None:
+        if not group_layout_supported(topk_block_size, quant_block_size):
+            raise ValueError(f"MultiTensorStep needs a power-of-two quant_block_size <= {TILE_MAX} dividing "
+                             f"topk_block_size, got {quant_block_size} and {topk_block_size}")
+        if param_dtype not in _KINDS or not numels or min(numels) < 1:
+            raise ValueError("MultiTensorStep takes non-empty fp32, bf16 or fp16 tensors")
+        self.device, self.count, self.p_kind = torch.device(device), len(numels), _KINDS[param_dtype]
+        self.m, self.k_init, self.block_size, self.bucket = m, k_init, topk_block_size, quant_block_size
+        self.bias_correction = bias_correction  # "window": corrections at min(step, m) (ops.microadam_window)
+        layouts = [block_layout(n, topk_block_size, k_init) for n in numels]
+        blocks = np.array([lay.full_blocks + (1 if lay.tail else 0) for lay in layouts], dtype=np.int64)
+        self.blocks = int(blocks.sum())
+        meta = np.zeros((self.count, _META), dtype=np.int64)
+        meta[:, 0] = numels
+        meta[:, 1] = [lay.k_total for lay in layouts]
+        meta[:, 2] = [lay.full_blocks for lay in layouts]
+        meta[:, 3] = [lay.k_tail for lay in layouts]
+        meta[:, 4] = np.cumsum(blocks) - blocks
+        self._meta = meta
+        self.meta = self._upload(meta)
+        self.block_tensor = self._upload(np.repeat(np.arange(self.count, dtype=np.int32), blocks))
+        longest = max(min(topk_block_size, n) for n in numels)
+        self.single_tile = longest <= TILE_MAX
+        self.tile = max(min(_pow2(longest), TILE_MAX), quant_block_size, 32)
+        self.k_block = layouts[0].k_block
+        k_max = max(max((lay.k_block for lay in layouts if lay.full_blocks), default=0),
+                    max(lay.k_tail for lay in layouts))
+        self.search_steps = k_max.bit_length()
+        cap = _GROUP_ENTRIES if self.device.type == "cuda" else _GROUP_ENTRIES_INTERPRETED
+        self.entries = max(32, min(_pow2(m * k_max), cap))
+        self.flags = torch.ones(2, self.count, dtype=torch.int32, device=self.device)
+        self.flag_rows = (self.flags[0], self.flags[1])  # views made once: reading one back costs no torch op
+        self.old = torch.zeros(self.count, dtype=torch.float32, device=self.device)
+        self.parity, self.bound = 0, 0  # bound: no tensor's step counter exceeds it
+        self._gptrs: tuple[int, ...] | None = None
+        self._gdev: Tensor | None = None
+        self._grads: list[Tensor | None] | None = None
+        self._g_kind = 0
+        self._table_key: tuple[float, float] | None = None
+        self._table_len = 0
+        self._table: Tensor | None = None
+
+    def _upload(self, array: np.ndarray) -> Tensor:
+        """A host table on the device without a sync: pinned, non-blocking (the caching host allocator keeps
+        the pinned block until the copy has run)."""
+        host = torch.from_numpy(np.ascontiguousarray(array).copy())
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def bind(self, params: Sequence[Tensor], states: Sequence[Sequence[Tensor] | None], bound: int) -> None:
+        """Point the tables at ``params`` and their state, per tensor (window_indices, window_values, ef_codes,
+        ef_min, ef_max, step) or None for a tensor without state (it must then have no gradient in ``step``).
+        ``bound``: an upper bound of their step counters."""
+        if len(params) != self.count or len(states) != self.count:
+            raise ValueError(f"bind: {len(params)} tensors and {len(states)} states, the tables have {self.count}")
+        meta = self._meta
+        meta[:, 5:] = 0
+        for i, (p, state) in enumerate(zip(params, states)):
+            if p.numel() != meta[i, 0] or _KINDS.get(p.dtype) != self.p_kind or not p.is_contiguous():
+                raise ValueError(f"bind: tensor {i} is not a contiguous tensor of {meta[i, 0]} entries of the "
+                                 "tables' dtype")
+            meta[i, 5] = p.data_ptr()
+            if state is None:
+                continue
+            for j, (t, dtype) in enumerate(zip(state, _STATE_DTYPES)):
+                if t.dtype != dtype or t.device != self.device or not t.is_contiguous():
+                    raise ValueError(f"bind: state tensor {j} of tensor {i} must be a contiguous {dtype} tensor on "
+                                     f"{self.device}")
+                meta[i, 6 + j] = t.data_ptr()
+        self.meta = self._upload(meta)
+        self.bound = max(self.bound, bound)
+
+    def check(self, grads: Sequence[Tensor | None]) -> Tensor:
+        """Stage 0 for this step's gradients (None: no gradient; ``grads`` must stay unchanged until ``step``).
+        Returns this step's flags (int32, on the device; not to be written): 1 where tensor i will be updated
+        (present and finite), 0 where it will be left alone."""
+        dtypes = {g.dtype for g in grads if g is not None}
+        if len(grads) != self.count or not dtypes <= _KINDS.keys():
+            raise ValueError("check: one fp32, bf16 or fp16 gradient (or None) per tensor")
+        g_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32  # mixed: all as fp32 (exact)
+        prepared = [None if g is None else g.to(g_dtype).contiguous() for g in grads]  # to fp32: exact
+        ptrs = tuple(0 if g is None else g.data_ptr() for g in prepared)
+        if ptrs != self._gptrs:
+            self._gptrs, self._gdev = ptrs, self._upload(np.array(ptrs, dtype=np.int64))
+        self._grads, self._g_kind = prepared, _KINDS[g_dtype]
+        self.parity ^= 1  # this step's flags row; the other one is set back to 1 for the next step
+        now, following = self.parity * self.count, (1 - self.parity) * self.count
+        _group_check_kernel[(self.blocks,)](self.meta, self._gdev, self.block_tensor, self.flags, now, following,
+                                            self.old, self.block_size, G_KIND=self._g_kind, TILE=self.tile,
+                                            META=_META, **_EXACT)
+        return self.flag_rows[self.parity]
+
+    def _weights_table(self, betas: tuple[float, float]) -> tuple[Tensor, int]:
+        """fp32 [beta1**age (m), beta2**age (m), c1(s) (L), c2(s) (L)] covering every step up to ``bound``;
+        returns it and L - 1 (the kernel reads c at min(step, L - 1), where the table saturates)."""
+        beta1, beta2 = betas
+        saturated = max(_saturation(beta1), _saturation(beta2))
+        need = min(self.bound, saturated) + 1
+        if self._table_key != (beta1, beta2) or self._table_len < need:
+            length = min(max(need, 2 * self._table_len if self._table_key == (beta1, beta2) else 0, _TABLE_START),
+                         saturated + 1)
+            powers = [beta**age for beta in (beta1, beta2) for age in range(self.m)]  # as row_weights
+            cap = self.m if self.bias_correction == "window" else length
+            corrections = [0.0 if s == 0 else (1 - beta) / (1 - beta ** min(s, cap))  # as bias_corrections
+                           for beta in (beta1, beta2) for s in range(length)]
+            self._table = self._upload(np.array(powers + corrections, dtype=np.float64).astype(np.float32))
+            self._table_key, self._table_len = (beta1, beta2), length
+        return self._table, self._table_len - 1
+
+    def discard_check(self) -> None:
+        """Forget a ``check`` that no ``step`` follows."""
+        self._grads = None
+
+    def step(self, grads: Sequence[Tensor | None], *, lr: float | Tensor, betas: tuple[float, float], eps: float,
+             weight_decay: float) -> None:
+        """Stages 1 and 2 (after ``check`` of the same gradients; run here if it was not). ``lr`` may be a
+        0-d tensor on the tables' device (read in the kernel), or a number; the rest are numbers."""
+        if self._grads is None:
+            self.check(grads)
+        unbound = [i for i, g in enumerate(self._grads) if g is not None and self._meta[i, 6] == 0]
+        if unbound:
+            self._grads = None
+            raise ValueError(f"step: tensors {unbound[:5]} have a gradient but no state bound")
+        self.bound += 1
+        table, c_last = self._weights_table((float(betas[0]), float(betas[1])))
+        wd = float(weight_decay)
+        lr_ptr = table
+        lr_from_ptr = isinstance(lr, Tensor) and lr.device == self.device and lr.numel() == 1
+        if lr_from_ptr:
+            lr_ptr, lr_value, decay = lr, 0.0, 1.0
+            has_decay = wd != 0.0
+        else:
+            lr_value = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+            decay = _fp32(1.0 - lr_value * wd)  # as the torch path: Python doubles, then fp32
+            lr_value = _fp32(lr_value)
+            has_decay = wd != 0.0 and decay != 1.0
+        now = self.parity * self.count
+        gpu = self.device.type == "cuda"
+        _group_compress_kernel[(self.blocks,)](
+            self.meta, self._gdev, self.block_tensor, self.flags, now, self.old, self.block_size, self.k_block,
+            self.m, G_KIND=self._g_kind, BUCKET=self.bucket, TILE=self.tile, SINGLE_TILE=self.single_tile,
+            META=_META, num_warps=8 if gpu and self.tile >= 2048 else 4, **_EXACT)
+        _group_window_kernel[(self.blocks,)](
+            self.meta, self.block_tensor, self.flags, now, self.old, table, self.m, c_last, self.block_size,
+            self.k_block, self.search_steps, lr_value, decay, _fp32(float(eps)), lr_ptr, _bits(wd),
+            P_KIND=self.p_kind, LR_FROM_PTR=lr_from_ptr, DECAY=has_decay, ENTRIES=self.entries, TILE=self.tile,
+            META=_META, **_EXACT)
+        self._grads = None

@@ -25,7 +25,10 @@ overflow handled; betas/eps per param group; any k_init in (0, 1]; state that su
 
 On CPU, tensors are processed in chunks of whole Top-K blocks and quantisation buckets, so the dense
 fp32 temporaries stay cache-sized; small tensors share chunks (``_pack_chunks``). CUDA tensors use the
-Triton kernels in ``ops.microadam_triton``.
+Triton kernels in ``ops.microadam_triton``: the plain (non-DTensor), contiguous fp32/bf16/fp16 tensors of a
+group, per device and dtype, are stepped together by ``MultiTensorStep`` (three launches per step whatever
+their number; their finiteness is checked on the device, so "skip" needs no host sync, and their step
+counters live on the device); other CUDA tensors, and layouts the fused pass does not take, one by one.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from ..core.base import (
     check_positive_int,
     check_range,
 )
-from ..core.distributed import local, padded_local, shard_state
+from ..core.distributed import finite_flags, is_dtensor, local, padded_local, shard_state
 from ..ops.microadam_window import BIAS_CORRECTIONS, apply_window_update_, window_weights
 from ..ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit, quantize_scratch_size
 from ..ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast, k_for
@@ -96,7 +99,7 @@ class MicroAdam(SlimOptimizer):
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
         bias_correction: ``"paper"`` (Algorithm 1: (1 - beta) / (1 - beta**t)) or ``"window"``: divide by the
             weight the m-row window holds, (1 - beta) / (1 - beta**min(t, m)), so a coordinate's step does not
-            grow with t (see ``ops.microadam_window``; beyond the paper; torch path only for now).
+            grow with t (see ``ops.microadam_window``; beyond the paper).
         nonfinite: ``"raise"`` or ``"skip"`` a tensor whose gradient has NaN/inf (see SlimOptimizer).
     """
 
@@ -154,6 +157,69 @@ class MicroAdam(SlimOptimizer):
             return triton_available()
         return backend == "triton"
 
+    # -- the group launches (Triton) ------------------------------------------------------------------
+    def _group_batches(self, group: dict[str, Any]) -> _GroupBatches | None:
+        """The tensors of ``group`` that ``MultiTensorStep`` steps together, per (device, dtype): built once,
+        rebuilt when the group's parameters or layout settings change. None when there are none."""
+        backend = group.get("backend", "auto")
+        if backend == "torch" or (backend == "auto" and not any(p.is_cuda for p in group["params"])):
+            return None
+        key = (group["m"], group["k_init"], group["topk_block_size"], group["quant_block_size"],
+               group.get("backend", "auto"), group.get("bias_correction", "paper"),
+               tuple((id(p), _address(p), p.dtype, p.is_contiguous()) for p in group["params"]))
+        cache = self.__dict__.setdefault("_triton_groups", {})  # not in the state dict, not pickled
+        entry = cache.get(id(group))
+        if entry is not None and entry.group is group and entry.key == key:
+            return entry.batches
+        batches = _GroupBatches.build(self, group)
+        if any(p.is_meta for p in group["params"]):  # load_state_dict's shape probe: nothing to keep
+            return batches
+        if entry is not None and entry.batches is not None and batches is not None:
+            batches.carry_counters(entry.batches)
+        cache[id(group)] = _GroupEntry(group, key, batches)
+        return batches
+
+    def _batchable(self, p: Tensor, group: dict[str, Any]) -> bool:
+        return (p.dtype in (torch.float32, torch.bfloat16, torch.float16) and not p.is_meta and p.numel() > 0
+                and p.is_contiguous() and not is_dtensor(p) and self._use_triton(p, group))
+
+    @torch.compiler.disable  # launches Triton kernels and reads tables on the host, as update_group
+    def _check_finite(self) -> set[tuple[int, int]]:
+        """SlimOptimizer's check, except for the tensors of the group launches: their first launch checks them
+        on the device, and a "skip" group's launches then leave a bad tensor and its state alone by
+        themselves (no host sync); a "raise" group reads the flags back once per batch, before any update."""
+        where: list[tuple[int, int]] = []
+        grads: list[Tensor] = []
+        on_device = []
+        for gi, group in enumerate(self.param_groups):
+            batches = self._group_batches(group)
+            for index, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None or grad.layout != torch.strided or grad.is_complex():
+                    continue
+                if batches is not None and batches.takes(p, grad):
+                    continue
+                where.append((gi, index))
+                grads.append(grad)
+            if batches is not None:
+                for batch in batches.batches:
+                    flags = batch.check(self.state)
+                    if group.get("nonfinite", "raise") != "skip" and flags is not None:
+                        on_device.append((gi, batch, flags))
+        bad = [w for w, ok in zip(where, finite_flags(grads)) if not ok]
+        for gi, batch, flags in on_device:  # one sync per batch, as finite_flags per device
+            ok = flags.tolist()
+            bad += [(gi, batch.indices[i]) for i, present in enumerate(batch.present) if present and not ok[i]]
+        for gi, index in sorted(bad):
+            group = self.param_groups[gi]
+            if group.get("nonfinite", "raise") != "skip":
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
+                    f"{self.param_name(group, index)}; nothing was updated. Pass nonfinite='skip' to skip such "
+                    "tensors instead"
+                )
+        return set(bad)
+
     # -- the step -------------------------------------------------------------------------------------
     # Not traced by torch.compile: the step is data-dependent Top-K over chunk loops with integer ages,
     # and its fast paths are kernels of its own (vectorised torch on CPU, Triton on CUDA). A compiled
@@ -161,11 +227,20 @@ class MicroAdam(SlimOptimizer):
     @torch.compiler.disable
     def update_group(self, group: dict[str, Any]) -> None:
         # plain tensors on the torch path are stepped together at the end, per device, so that small ones
-        # share chunks (see _pack_chunks); shards are stepped inside their padded_local block
+        # share chunks (see _pack_chunks); shards are stepped inside their padded_local block; the tensors of
+        # the group launches get their state here and are stepped together after the loop
+        batches = self._group_batches(group)
         deferred: dict[torch.device, list[_Job]] = {}
         workspaces: dict[torch.device, Workspace] = {}  # buffers and constants, shared by a device's tensors
         for _, param, full_grad in self.grads(group):
             state = self.state[param]
+            if batches is not None and batches.takes(param, full_grad):
+                if not state:
+                    self._init_state(state, param, group)
+                    state["step"] = torch.zeros((), dtype=torch.float32)  # moved to the device by the batch
+                continue
+            if batches is not None:
+                batches.stepped_alone(param)
             # Under FSDP2 every rank compresses its own rows, padded to the largest shard so that all
             # ranks' states have one shape and form one DTensor (docs/distributed.md: what changes).
             with padded_local(param, full_grad) as (p, grad):
@@ -178,10 +253,6 @@ class MicroAdam(SlimOptimizer):
                     continue
                 job = _Job(p, grad, {key: local(value) for key, value in state.items()}, step)
                 if self._use_triton(p, group):
-                    if group.get("bias_correction", "paper") != "paper":
-                        raise NotImplementedError(
-                            f"MicroAdam: bias_correction={group['bias_correction']!r} is implemented on the torch "
-                            "path only; pass backend='torch' for CUDA tensors")
                     from ..ops.microadam_triton import microadam_step_triton
 
                     s = job.state
@@ -189,14 +260,176 @@ class MicroAdam(SlimOptimizer):
                         p, grad, s["window_indices"], s["window_values"], s["ef_codes"], s["ef_min"], s["ef_max"],
                         step=step, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                         weight_decay=group["weight_decay"], m=group["m"], k_init=group["k_init"],
-                        topk_block_size=group["topk_block_size"], quant_block_size=group["quant_block_size"])
+                        topk_block_size=group["topk_block_size"], quant_block_size=group["quant_block_size"],
+                        bias_correction=group.get("bias_correction", "paper"))
                 elif p is param:
                     deferred.setdefault(p.device, []).append(job)
                 else:
                     workspace = workspaces.setdefault(p.device, Workspace(p.device))
                     _microadam_step_torch([job], group, workspace)
+        if batches is not None:
+            for batch in batches.batches:
+                batch.step(self.state, group)
         for device, jobs in deferred.items():
             _microadam_step_torch(jobs, group, workspaces.setdefault(device, Workspace(device)))
+
+
+_STATE_KEYS = ("window_indices", "window_values", "ef_codes", "ef_min", "ef_max", "step")
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _TritonBatch:
+    """The tensors of one group, device and dtype that one ``MultiTensorStep`` steps. Remembers which state
+    tensors its tables point at and binds them again when they change (first step, load_state_dict);
+    their step counters are moved to the device there (the kernels advance them)."""
+
+    def __init__(self, params: list[Tensor], indices: list[int], group: dict[str, Any]) -> None:
+        from ..ops.microadam_triton import MultiTensorStep
+
+        self.params, self.indices = params, indices
+        self.runner = MultiTensorStep([p.numel() for p in params], params[0].device, params[0].dtype,
+                                      m=group["m"], k_init=group["k_init"],
+                                      topk_block_size=group["topk_block_size"],
+                                      quant_block_size=group["quant_block_size"],
+                                      bias_correction=group.get("bias_correction", "paper"))
+        self.bound_dicts: list[Any] = [None] * len(params)
+        self.bound_tensors: list[tuple[Tensor, ...] | None] = [None] * len(params)
+        self.known_steps: dict[int, Tensor] = {}  # step counters whose values are <= runner.bound
+        self.present: list[bool] = [False] * len(params)
+        self._floats: dict[int, tuple[Tensor, int, float]] = {}
+
+    def _stale(self, optimizer_state: Any) -> bool:
+        for i, p in enumerate(self.params):
+            state = optimizer_state.get(p) or None
+            if state is not self.bound_dicts[i]:
+                return True
+            bound = self.bound_tensors[i]
+            if state is not None and (bound is None or any(state.get(k) is not t for k, t in zip(_STATE_KEYS, bound))):
+                return True
+        return False
+
+    def sync_state(self, optimizer_state: Any) -> None:
+        """Bind the runner's tables to the current state tensors if they are not the ones bound."""
+        if not self._stale(optimizer_state):
+            return
+        known = self.known_steps
+        bound, states = 0, []
+        for p in self.params:
+            state = optimizer_state.get(p) or None
+            if state is None or any(k not in state for k in _STATE_KEYS):
+                states.append(None)
+                continue
+            step = state["step"]
+            if not isinstance(step, Tensor):
+                step = torch.tensor(float(step), dtype=torch.float32)
+            if known.get(id(step)) is not step:  # a counter from elsewhere (new, loaded): read it once
+                bound = max(bound, int(step.item()))
+            if step.device != p.device or step.dtype != torch.float32 or step.dim():
+                step = step.to(device=p.device, dtype=torch.float32).reshape(())
+            state["step"] = step
+            for key in _STATE_KEYS[:-1]:
+                t = state[key]
+                if t.device != p.device or not t.is_contiguous():
+                    state[key] = t.to(p.device).contiguous()
+            states.append(tuple(state[k] for k in _STATE_KEYS))
+        self.runner.bind(self.params, states, bound)
+        self.bound_dicts = [optimizer_state.get(p) or None for p in self.params]
+        self.bound_tensors = states
+        self.known_steps = {id(t[-1]): t[-1] for t in states if t is not None}
+
+    def grads(self) -> list[Tensor | None]:
+        out = []
+        for p in self.params:
+            g = p.grad
+            ok = g is not None and g.layout == torch.strided and not g.is_complex() and g.dtype in _GRAD_DTYPES
+            out.append(g if ok else None)
+        return out
+
+    def check(self, optimizer_state: Any) -> Tensor | None:
+        """Launch the check of this step's gradients; their flags on the device (None: no gradient)."""
+        self.sync_state(optimizer_state)  # the check launch reads the step counters
+        grads = self.grads()
+        self.present = [g is not None for g in grads]
+        if not any(self.present):
+            self.runner.discard_check()
+            return None
+        return self.runner.check(grads)
+
+    def _float(self, x: Any) -> float:
+        """A hyperparameter as a Python float; a tensor is read once per value (its version), not per step."""
+        if not isinstance(x, Tensor):
+            return float(x)
+        cached = self._floats.get(id(x))
+        if cached is None or cached[0] is not x or cached[1] != x._version:
+            cached = self._floats[id(x)] = (x, x._version, float(x.item()))
+        return cached[2]
+
+    def step(self, optimizer_state: Any, group: dict[str, Any]) -> None:
+        self.sync_state(optimizer_state)  # new states of this step's first-time tensors
+        grads = self.grads()
+        if all(g is None for g in grads):
+            self.runner.discard_check()
+            return
+        lr = group["lr"]
+        if not (isinstance(lr, Tensor) and lr.device == self.runner.device and lr.numel() == 1):
+            lr = self._float(lr)
+        self.runner.step(grads, lr=lr, betas=tuple(self._float(b) for b in group["betas"]),
+                         eps=self._float(group["eps"]), weight_decay=self._float(group["weight_decay"]))
+
+
+class _GroupBatches:
+    """A group's ``_TritonBatch``es and where each of its tensors is."""
+
+    def __init__(self, batches: list[_TritonBatch]) -> None:
+        self.batches = batches
+        self.where = {id(p): (batch, i) for batch in batches for i, p in enumerate(batch.params)}
+
+    @staticmethod
+    def build(optimizer: MicroAdam, group: dict[str, Any]) -> _GroupBatches | None:
+        from ..ops.microadam_triton import group_layout_supported
+
+        if not group_layout_supported(group["topk_block_size"], group["quant_block_size"]):
+            return None
+        split: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
+        for index, p in enumerate(group["params"]):
+            if optimizer._batchable(p, group):
+                params, indices = split.setdefault((p.device, p.dtype), ([], []))
+                params.append(p)
+                indices.append(index)
+        if not split:
+            return None
+        return _GroupBatches([_TritonBatch(params, indices, group) for params, indices in split.values()])
+
+    def takes(self, p: Tensor, grad: Tensor) -> bool:
+        """Whether ``p`` is stepped by the group launches at this step (its gradient's dtype permitting)."""
+        return id(p) in self.where and grad.dtype in _GRAD_DTYPES
+
+    def stepped_alone(self, p: Tensor) -> None:
+        """``p`` (of a batch) takes the one-tensor path at this step: its counter may pass the batch's bound."""
+        found = self.where.get(id(p))
+        if found is not None:
+            found[0].runner.bound += 1
+
+    def carry_counters(self, previous: _GroupBatches) -> None:
+        """The step counters a previous build knew stay below its bounds: no read-back needed for them."""
+        bound = max(batch.runner.bound for batch in previous.batches)
+        known = {key: t for batch in previous.batches for key, t in batch.known_steps.items()}
+        for batch in self.batches:
+            batch.runner.bound = max(batch.runner.bound, bound)
+            batch.known_steps = dict(known)
+
+
+def _address(p: Tensor) -> int:
+    try:
+        return p.data_ptr()
+    except RuntimeError:  # no storage (a DTensor, a fake tensor)
+        return 0
+
+
+class _GroupEntry(NamedTuple):
+    group: dict[str, Any]
+    key: tuple[Any, ...]
+    batches: _GroupBatches | None
 
 
 class _Job(NamedTuple):
