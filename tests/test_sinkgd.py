@@ -396,3 +396,18 @@ def test_triton_option_is_deprecated_and_takes_the_default_path():
     opt1.step()
     opt2.step()
     assert torch.equal(w1, w2)
+
+
+def test_the_check_reads_one_norm_per_gradient_and_looks_again_before_raising():
+    """The non-finite check is an l2 norm per gradient (one multi-tensor op); a norm that overflows on
+    finite values (here 1e30 entries) is looked at again and does not raise."""
+    a, opt, _, _ = twins([(6, 8)] * 2, lr=0.1)
+    bias = nn.Parameter(torch.zeros(8))
+    opt.add_param_group({"params": [bias], "update": "adamw"})
+    set_grads(a, a, seed=3)
+    bias.grad = torch.full((8,), 1e30)  # finite; its squares overflow fp32
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in [*a, bias])
+    bias.grad[3] = -float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step()

@@ -193,8 +193,8 @@ def whiten_stacked_(x: Tensor, iters: int | None = None, *, work: Tensor | None 
     and the iteration takes its scale s from (X X^T)^2 as in ``whiten``, so the result is the same up to
     fp32 rounding. ``work`` (x's shape) is the second buffer of the iteration (allocated if None); the
     result is ``work`` after an odd number of steps (the default 11) and ``x`` after an even one.
-    ``transposes`` may pass ``(x.mT, work.mT)`` (views a caller keeps). Launches: 13 + 3 * iters (46 at
-    the default) for the whole stack, 2 fewer with ``transposes``.
+    ``transposes`` may pass ``(x.mT, work.mT)`` (views a caller keeps). Launches for the whole stack:
+    9 + 3 * iters (42 at the default) with ``work`` and ``transposes`` given, up to 3 more without.
     """
     if x.ndim != 3 or x.shape[-2] > x.shape[-1] or x.dtype != torch.float32:
         raise ValueError(f"whiten_stacked_ expects an fp32 stack (b, m, n) with m <= n, got {x.dtype} "

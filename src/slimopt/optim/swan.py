@@ -24,7 +24,7 @@ every row statistic over the long side (thousands of entries), never over the sh
 
 A step: same-shaped matrices (a tall one counted by its transpose's shape, so that the MLP's gate, up
 and down projections share one) are stacked, up to ``stack_numel`` elements a stack, standardised
-(``row_standardize_stacked_``) and whitened together (``whiten_stacked_``): ~64 launches per stack
+(``row_standardize_stacked_``) and whitened together (``whiten_stacked_``): 60-62 launches per stack
 whatever its size, the whitening's 33 batched matmuls included (its cost is flops, 22 m^2 n + 11 m^3
 per matrix, not bytes). ``update_matrix``, one matrix at a time, is the reference the stacked path is
 tested against. FSDP2-sharded matrices take the stacked path too, on their gathered gradients (one
