@@ -115,3 +115,35 @@ def test_per_tensor_step_counts():
         ref, m, v = p0.clone(), torch.full_like(p0, 0.01), torch.full_like(p0, 0.02)
         adamw_reference(ref, g, m, v, step, **HYPER)
         torch.testing.assert_close(p, ref, rtol=2.4e-7, atol=1e-9)  # fused path: ~1 ulp (see above)
+
+
+def test_found_inf_skips_the_update_on_the_device():
+    params, grads = tensors([(30, 7), (5,)], seed=6, steps=1)
+    for fused in (None, False):
+        for flag, moves in ((1.0, False), (0.0, True)):
+            ps = [p.clone() for p in params]
+            ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+            adamw_multi(ps, grads[0], ms, vs, [torch.tensor(1.0)] * 2, **HYPER, fused=fused,
+                        found_inf=torch.tensor(flag))
+            assert all(torch.equal(a, b) != moves for a, b in zip(ps, params))
+            assert all((m.abs().sum() > 0) == moves for m in ms)
+
+
+def test_fused_path_is_one_op_for_all_tensors_with_tensor_steps_and_lr():
+    """Multi-tensor, no loop over tensors, nothing read back: steps and lr stay tensors (on the device)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    params, grads = tensors([(8, 3)] * 40 + [(5,)] * 10, seed=7, steps=1)
+    ms, vs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.tensor(1.0) for _ in params]
+    hyper = {**HYPER, "lr": torch.tensor(HYPER["lr"])}
+    with Ops() as counter:
+        adamw_multi(params, grads[0], ms, vs, steps, **hyper)
+    assert counter.names == ["aten._fused_adamw_.tensor_lr"]

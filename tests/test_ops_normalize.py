@@ -139,3 +139,120 @@ def test_empty_matrices(shape):
     r, c = sinkhorn_scales(torch.ones(shape), 5)
     assert r.shape == (shape[0],) and c.shape == (shape[1],)
     assert sr_sinkhorn(torch.ones(shape), 5).shape == shape
+
+
+# -- the stacked kernels against the per-matrix ones ----------------------------------------------------
+
+from slimopt.ops.normalize import (  # noqa: E402
+    add_stacked_,
+    row_standardize_stacked_,
+    sinkgd_update_stacked_,
+    sinkhorn_scales_stacked,
+)
+
+
+def stack_of(m, n, k=3, seed=10, dtype=torch.float32):
+    return torch.stack([heavy_tailed(m, n, seed=seed + i) for i in range(k)]).to(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("iters", [1, 5])
+def test_stacked_scales_equal_the_per_matrix_scales(shape, iters):
+    g = stack_of(*shape)
+    g[1] *= 1e12  # each matrix is scaled on its own
+    g[2] *= 1e-12
+    # eps = 1e-12 here: the stacked kernel adds the floor eps^2 mean(G^2) where sinkhorn_scales clamps
+    # with it, which moves a row of norm rho by a relative (eps rms / rho)^2: with heavy tails a single
+    # entry can sit at 1e-6 of the RMS (a 5e-5 change at eps = 1e-8). The floors' effect on zero rows and
+    # columns is tested below. The matrices scaled by 1e12 and 1e-12 check scale-freedom.
+    r, c = sinkhorn_scales_stacked(g.square(), iters, eps=1e-12)
+    assert r.shape == (3, 1, shape[0]) and c.shape == (3, 1, shape[1])
+    for i in range(3):
+        r_ref, c_ref = sinkhorn_scales(g[i], iters, eps=1e-12)
+        # the same fp32 quantities summed in another order (and the targets folded into baddbmm's alpha):
+        # a few ulps per round, as between sinkhorn_scales and the L-copies reference above
+        x = r[i, 0][:, None] * g[i] * c[i, 0][None, :]
+        torch.testing.assert_close(x, r_ref[:, None] * g[i] * c_ref[None, :], rtol=2e-5, atol=1e-6)
+
+
+def test_stacked_scales_keep_zero_rows_and_columns_zero():
+    g = stack_of(12, 9, k=2, seed=4)
+    g[0, 3] = 0
+    g[1, :, 5] = 0
+    for iters in (1, 5, 50):
+        r, c = sinkhorn_scales_stacked(g.square(), iters)
+        x = r.mT * g * c
+        assert torch.isfinite(x).all()
+        assert torch.equal(x[0, 3], torch.zeros(9)) and torch.equal(x[1, :, 5], torch.zeros(12))
+        for i in range(2):
+            torch.testing.assert_close(x[i], sr_sinkhorn_reference(g[i], iters), rtol=2e-5, atol=1e-6)
+    r, c = sinkhorn_scales_stacked(torch.zeros(2, 5, 4), 5)  # an all-zero gradient: zero update, no NaN
+    assert torch.isfinite(r).all() and torch.isfinite(c).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("decay", [None, 0.99, "tensor"])
+def test_stacked_sinkgd_update_is_algorithm_4(dtype, decay):
+    k, m, n = 4, 20, 31
+    grads = list(stack_of(m, n, k=k, seed=20, dtype=dtype).unbind(0))
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(m, n, generator=g).to(dtype) for _ in range(k)]
+    before = [p.double() for p in params]
+    lr = torch.tensor(0.1) if decay == "tensor" else 0.1
+    factor = (1 - lr * 0.5 * 0.2) if decay == "tensor" else decay
+    sinkgd_update_stacked_(params, grads, 5, lr, 0.5, factor, stack=torch.empty(k, m, n),
+                           gram=torch.empty(k, m, n))
+    f = 1.0 if decay is None else 0.99 if decay == 0.99 else 1 - 0.1 * 0.5 * 0.2
+    for p, w, grad in zip(params, before, grads):
+        expected = w * f - 0.05 * sr_sinkhorn_reference(grad.float(), 5).double()
+        tol = {"rtol": 2.4e-7, "atol": 0.05 * 2e-5} if dtype == torch.float32 else {"rtol": 2.0**-7, "atol": 1e-6}
+        torch.testing.assert_close(p.double(), expected.to(dtype).double(), **tol)
+
+
+@pytest.mark.parametrize("grads_finite", [True, False])
+def test_stacked_sinkgd_update_leaves_a_nonfinite_matrix_unchanged(grads_finite):
+    k, m, n = 3, 8, 6
+    grads = list(stack_of(m, n, k=k, seed=30).unbind(0))
+    grads[1] = grads[1].clone()
+    if grads_finite:
+        grads[1][2, 2] = 1e30  # finite, but its square overflows: the scales come out NaN
+    else:
+        grads[1][2, 2] = float("nan")
+    params = [torch.ones(m, n) for _ in range(k)]
+    sinkgd_update_stacked_(params, grads, 5, 0.1, 1.0, 0.9, stack=torch.empty(k, m, n), gram=torch.empty(k, m, n),
+                           grads_finite=grads_finite)
+    assert torch.equal(params[1], torch.ones(m, n))  # neither stepped nor decayed
+    assert all(torch.isfinite(p).all() for p in params)
+    assert not torch.equal(params[0], torch.ones(m, n)) and not torch.equal(params[2], torch.ones(m, n))
+
+
+@pytest.mark.parametrize("shape", [(6, 50), (50, 6), (1, 9), (9, 9)])
+def test_stacked_row_standardize_equals_row_standardize(shape):
+    x = (stack_of(*shape, k=3, seed=40) + 3.0)
+    x[1] *= 1e15
+    x[2, 0] = 2.0  # a constant row
+    expected = [row_standardize(m) for m in x]
+    got = row_standardize_stacked_(x.clone(), scale=0.25)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, 0.25 * b, rtol=1e-5, atol=1e-6)  # fp32 on O(1) values, another order
+    assert torch.equal(got[2, 0], torch.zeros(shape[1]))
+    assert torch.equal(row_standardize_stacked_(torch.zeros(2, *shape)), torch.zeros(2, *shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_add_stacked_rounds_each_parameter_once(dtype):
+    g = torch.Generator().manual_seed(5)
+    update = torch.randn(3, 4, 5, generator=g) * 1e-2
+    decay = torch.tensor([0.9, 1.0, 0.5]).view(3, 1, 1)
+    for d in (None, decay):
+        params = [torch.randn(4, 5, generator=g).to(dtype) for _ in range(3)]
+        expected = [(p.double() * (1.0 if d is None else d[i].double()) + update[i].double())
+                    for i, p in enumerate(params)]
+        add_stacked_(params, update, d)
+        for p, e in zip(params, expected):
+            assert p.dtype == dtype
+            if d is None:  # W + U in fp32, rounded once to W's dtype
+                assert torch.equal(p, (e.to(dtype) if dtype == torch.float32 else e.float().to(dtype)))
+            else:  # W * decay + U: one fp32 rounding (an FMA, as torch's CPU addcmul computes it) or two
+                ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-8
+                torch.testing.assert_close(p.double(), e, rtol=2 * ulp, atol=0)

@@ -215,3 +215,199 @@ def test_trains_a_tiny_llama():
         loss.backward()
         opt.step()
     assert math.isfinite(loss.item()) and loss.item() < 0.6 * first
+
+
+# -- the stacked path against the per-matrix reference ---------------------------------------------------
+#
+# SinkGD.update_matrices updates a bucket of same-shaped matrices as stacks (ops.normalize.sinkgd_update_
+# stacked_); update_matrix, one matrix at a time, is the reference. Tolerances: the two compute the same
+# fp32 quantities in another order (batched products instead of mv, the floors and target norms folded
+# into baddbmm's alpha = 1/n, which is inexact unless n is a power of two): the scale vectors, hence the
+# update, differ by a few ulps per Sinkhorn round, measured <= 5e-7 of the step size; atol 2e-6 * step.
+# rtol, 4 fp32 ulps of W: the decay factor 1 - lr scale wd is rounded from a double on one path and from
+# fp32 products on the other (1 ulp of W), W is rounded once at the end (1 ulp), and a GPU may contract
+# W + r G c into one FMA on either path (1 ulp). Each step starts both copies from the same values.
+from slimopt.optim.hybrid import HybridStatelessOptimizer  # noqa: E402
+
+FP32_ULP = 2.0**-23
+
+
+def per_matrix(opt):
+    """Make ``opt`` update its matrices one at a time, through the reference ``update_matrix``."""
+    opt.update_matrices = lambda views, group: HybridStatelessOptimizer.update_matrices(opt, views, group)
+    return opt
+
+
+def twins(shapes, dtype=torch.float32, seed=0, **kwargs):
+    """Two copies of the same matrices: one optimizer on the stacked path, one on the per-matrix path."""
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    a = [nn.Parameter(v.clone()) for v in values]
+    b = [nn.Parameter(v.clone()) for v in values]
+    return (a, SinkGD([{"params": a, "update": "stateless"}], **kwargs),
+            b, per_matrix(SinkGD([{"params": b, "update": "stateless"}], **kwargs)))
+
+
+def set_grads(params_a, params_b, seed, dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    for a, b in zip(params_a, params_b):
+        grad = torch.randn(a.shape, generator=g) * torch.rand(a.shape[0], 1, generator=g).mul(10) if a.numel() \
+            else torch.zeros(a.shape)
+        a.grad, b.grad = grad.to(dtype or a.dtype), grad.to(dtype or a.dtype).clone()
+
+
+ODD = [(37, 53), (37, 53), (53, 37), (53, 37), (53, 37), (1, 9), (9, 1), (1, 1), (0, 5), (5, 0), (33, 33)]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["no_wd", "wd"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+@pytest.mark.parametrize("stack_numel", [None, 2500], ids=["one_stack", "chunked"])
+def test_stacked_path_equals_the_per_matrix_reference_fp32(weight_decay, tensor_lr, stack_numel):
+    lr = torch.tensor(0.1) if tensor_lr else 0.1
+    a, opt_a, b, opt_b = twins(ODD, lr=lr, scale=0.5, weight_decay=weight_decay)
+    if stack_numel:  # 2500 elements: the (37, 53) pair goes in two stacks, the three (53, 37) in 3
+        opt_a.stack_numel = {"cpu": stack_numel}
+    for step in range(3):
+        set_grads(a, b, seed=step)
+        with torch.no_grad():
+            for x, y in zip(a, b):
+                y.copy_(x)
+        opt_a.step()
+        opt_b.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=2e-6 * 0.05)
+    assert len(opt_a.state) == 0
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["no_wd", "wd"])
+def test_stacked_path_equals_the_per_matrix_reference_bf16(weight_decay):
+    a, opt_a, b, opt_b = twins(ODD, dtype=torch.bfloat16, seed=3, lr=0.1, scale=0.5, weight_decay=weight_decay)
+    p0 = [p.detach().clone() for p in a]
+    set_grads(a, b, seed=7)
+    opt_a.step()
+    opt_b.step()
+    for x, y, w in zip(a, b, p0):
+        assert x.dtype == torch.bfloat16
+        if weight_decay == 0:
+            # W + U computed in fp32 and rounded once on both paths: U differs by fp32 ulps, which almost
+            # never moves a bf16 rounding (measured: bitwise equal); allow one bf16 ulp
+            torch.testing.assert_close(x, y, rtol=2.0**-7, atol=1e-6)
+        else:
+            # the reference rounds W * (1 - lr wd) to bf16 before adding U (two roundings); the stacked
+            # path rounds W * decay + U once: they differ by up to one bf16 ulp of the result plus one of W
+            bound = 2.0**-8 * (y.double().abs() + w.double().abs()) * 2 + 1e-6
+            assert ((x.double() - y.double()).abs() <= bound).all()
+
+
+def test_gpt2_conv1d_transposed_views_take_the_stacked_path():
+    class Conv1D(nn.Module):  # GPT-2 stores (in, out)
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n_in, n_out))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Module()
+            self.mlp.c_fc = Conv1D(6, 10)
+            self.mlp.c_proj = Conv1D(10, 6)
+            self.attn = nn.Module()
+            self.attn.c_proj = Conv1D(6, 10)  # the same (out, in) view as c_fc: one bucket, one stack
+
+    torch.manual_seed(4)
+    models = [Block(), Block()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [SinkGD.from_model(models[0], lr=0.1, scale=1.0, weight_decay=0.1),
+            per_matrix(SinkGD.from_model(models[1], lr=0.1, scale=1.0, weight_decay=0.1))]
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=g) * torch.rand(1, p.shape[1], generator=g)
+             for p in models[0].parameters()]
+    for model, opt in zip(models, opts):
+        for p, grad in zip(model.parameters(), grads):
+            p.grad = grad.clone()
+        opt.step()
+    for x, y in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=2e-6 * 0.1)
+    # and the reference itself is Algorithm 4 on the (out, in) view
+    w = models[0].mlp.c_fc.weight
+    w0 = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    for p in (models[0].mlp.c_proj.weight, models[0].attn.c_proj.weight):
+        p.grad = None
+    opts[0].step()
+    expected = w0.t().double() * (1 - 0.1 * 0.1) - 0.1 * sr_sinkhorn_reference(w.grad.t(), 5).double()
+    torch.testing.assert_close(w.detach().t().double(), expected, rtol=0, atol=2e-6)
+
+
+def test_skip_policy_leaves_a_matrix_with_a_nonfinite_gradient_alone_without_a_host_sync():
+    a, opt_a, b, opt_b = twins([(12, 20)] * 4, lr=0.1, scale=0.5, weight_decay=0.1, nonfinite="skip")
+    set_grads(a, b, seed=1)
+    for bad, value in ((1, float("nan")), (3, float("inf"))):
+        a[bad].grad[2, 3] = value
+    before = [p.detach().clone() for p in a]
+    opt_a.step()
+    for i in (0, 2):  # the rest of the bucket steps as the reference does (which sees finite gradients only)
+        b[i].grad = a[i].grad.clone()
+    for i in (1, 3):
+        b[i].grad = None
+    opt_b.step()
+    for i in (1, 3):
+        assert torch.equal(a[i], before[i])  # not even decayed
+    for i in (0, 2):
+        torch.testing.assert_close(a[i], b[i], rtol=4 * FP32_ULP, atol=2e-6 * 0.05)
+
+
+def test_raise_policy_names_the_matrix_and_changes_nothing():
+    a, opt_a, _, _ = twins([(12, 20)] * 3, lr=0.1)
+    set_grads(a, a, seed=2)
+    a[1].grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in a]
+    with pytest.raises(FloatingPointError, match=r"params'\]\[1\]"):
+        opt_a.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, before))
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per_matrix"])
+def test_a_nonfinite_update_leaves_that_weight_unchanged(stacked):
+    """A finite gradient whose square overflows fp32 (|g| > 1.8e19) gives NaN scales: that matrix keeps its
+    weights (decay included), the others in its bucket step, nothing non-finite is written."""
+    a, opt_a, b, opt_b = twins([(8, 12)] * 3, lr=0.1, weight_decay=0.1)
+    opt = opt_a if stacked else opt_b
+    params = a if stacked else b
+    set_grads(params, params, seed=5)
+    params[1].grad[4] = 3e30  # a row of finite, huge entries
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert torch.equal(params[1], before[1])
+    assert all(torch.isfinite(p).all() for p in params)
+    assert not torch.equal(params[0], before[0]) and not torch.equal(params[2], before[2])
+
+
+def test_triton_option_is_deprecated_and_takes_the_default_path():
+    g = torch.Generator().manual_seed(6)
+    w1, w2 = nn.Parameter(torch.randn(10, 14, generator=g)), None
+    w2 = nn.Parameter(w1.detach().clone())
+    with pytest.warns(FutureWarning, match="triton"):
+        opt2 = SinkGD([w2], lr=0.1, triton=True)
+    opt1 = SinkGD([w1], lr=0.1)
+    assert "triton" not in opt2.param_groups[0]
+    w1.grad = torch.randn(10, 14, generator=g)
+    w2.grad = w1.grad.clone()
+    opt1.step()
+    opt2.step()
+    assert torch.equal(w1, w2)
+
+
+def test_the_check_reads_one_norm_per_gradient_and_looks_again_before_raising():
+    """The non-finite check is an l2 norm per gradient (one multi-tensor op); a norm that overflows on
+    finite values (here 1e30 entries) is looked at again and does not raise."""
+    a, opt, _, _ = twins([(6, 8)] * 2, lr=0.1)
+    bias = nn.Parameter(torch.zeros(8))
+    opt.add_param_group({"params": [bias], "update": "adamw"})
+    set_grads(a, a, seed=3)
+    bias.grad = torch.full((8,), 1e30)  # finite; its squares overflow fp32
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in [*a, bias])
+    bias.grad[3] = -float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step()

@@ -102,3 +102,138 @@ def test_from_model_routing_and_state_bytes_only_adamw():
 def test_invalid_hyperparameters_name_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         SWAN([nn.Parameter(torch.zeros(2, 2))], **kwargs)
+
+
+# -- the stacked path against the per-matrix reference ---------------------------------------------------
+#
+# SWAN.update_matrices stacks the matrices whose short x long shape is the same (a tall one transposed),
+# standardises them with one reduction per statistic (row_standardize_stacked_, the variance as a norm)
+# and whitens them as one batch without whiten's max-abs/Frobenius prologue (whiten_stacked_ on the
+# standardised stack divided by sqrt(mn)); update_matrix, one matrix at a time (swan_direction), is the
+# reference. Both are fp32; the input to the polar iteration differs by rounding (~1e-7 relative), and the
+# iteration amplifies that along the small singular directions (the newton_schulz docstring): measured
+# <= 1.2e-5 of the step size on these well-conditioned gradients, hence atol = 5e-5 * step. rtol: 4 fp32
+# ulps of W (decay factor rounded from a double vs fp32 products, the final rounding, a GPU's FMA).
+from slimopt.optim.hybrid import HybridStatelessOptimizer  # noqa: E402
+
+FP32_ULP = 2.0**-23
+
+
+def per_matrix(opt):
+    opt.update_matrices = lambda views, group: HybridStatelessOptimizer.update_matrices(opt, views, group)
+    return opt
+
+
+def twins(shapes, dtype=torch.float32, seed=0, **kwargs):
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    a = [nn.Parameter(v.clone()) for v in values]
+    b = [nn.Parameter(v.clone()) for v in values]
+    return (a, SWAN([{"params": a, "update": "stateless"}], **kwargs),
+            b, per_matrix(SWAN([{"params": b, "update": "stateless"}], **kwargs)))
+
+
+def set_grads(a, b, seed):
+    for i, (x, y) in enumerate(zip(a, b)):
+        grad = well_conditioned_gradient(*x.shape, seed=seed * 100 + i) if x.numel() else torch.zeros(x.shape)
+        x.grad, y.grad = grad.to(x.dtype), grad.to(x.dtype).clone()
+
+
+# one bucket of (12, 40) and (40, 12) matrices (tall ones whitened transposed), odd shapes, a single row
+# and a single column (one bucket), empty matrices. No square matrix: its standardised rows are singular
+# (centring removes a direction), and that null direction's fp32 noise, whitened, is not a reproducible
+# quantity (the newton_schulz docstring); the two paths agree there only to ~1e-3 of the step.
+MIXED = [(40, 12), (12, 40), (40, 12), (12, 40), (12, 40), (21, 23), (23, 21), (1, 9), (9, 1), (0, 5), (7, 0)]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["no_wd", "wd"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+@pytest.mark.parametrize("options", [{}, {"rescale": False}, {"stack_numel": 1000}],
+                         ids=["default", "no_rescale", "chunked"])
+def test_stacked_path_equals_the_per_matrix_reference_fp32(weight_decay, tensor_lr, options):
+    options = dict(options)
+    stack_numel = options.pop("stack_numel", None)
+    lr = torch.tensor(0.1) if tensor_lr else 0.1
+    a, opt_a, b, opt_b = twins(MIXED, lr=lr, scale=0.5, weight_decay=weight_decay, **options)
+    if stack_numel:  # 1000 elements: two matrices of the (12, 40) bucket per stack, tall and wide mixed
+        opt_a.stack_numel = {"cpu": stack_numel}
+    for step in range(3):
+        set_grads(a, b, seed=step)
+        with torch.no_grad():
+            for x, y in zip(a, b):
+                y.copy_(x)
+        opt_a.step()
+        opt_b.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=5e-5 * 0.05)
+    assert len(opt_a.state) == 0
+
+
+def test_stacked_path_equals_the_per_matrix_reference_bf16():
+    a, opt_a, b, opt_b = twins(MIXED, dtype=torch.bfloat16, seed=2, lr=0.1, scale=0.5)
+    set_grads(a, b, seed=9)
+    opt_a.step()
+    opt_b.step()
+    for x, y in zip(a, b):
+        assert x.dtype == torch.bfloat16
+        torch.testing.assert_close(x, y, rtol=2.0**-7, atol=1e-6)  # at most one bf16 rounding apart
+
+
+def test_a_nonfinite_update_leaves_that_weight_unchanged(monkeypatch):
+    """Force the whitening to return NaN for one matrix of a bucket: that weight is not touched (nor
+    decayed), the others step as the reference steps them, nothing non-finite is written."""
+    import slimopt.optim.swan as swan_module
+
+    real_stacked, real_whiten = swan_module.whiten_stacked_, swan_module.whiten
+
+    def poisoned_stacked(x, iters=None, **kwargs):
+        out = real_stacked(x, iters, **kwargs)
+        out[1, 0, 0] = float("nan")  # the second matrix of the stack
+        return out
+
+    calls = []
+
+    def poisoned_whiten(g, iters=None):
+        out = real_whiten(g, iters)
+        calls.append(out)
+        if len(calls) % 3 == 2:  # the second matrix of each step
+            out[0, 0] = float("inf")
+        return out
+
+    a, opt_a, b, opt_b = twins([(12, 40)] * 3, lr=0.1, scale=0.5, weight_decay=0.1)
+    set_grads(a, b, seed=4)
+    before = [p.detach().clone() for p in a]
+    monkeypatch.setattr(swan_module, "whiten_stacked_", poisoned_stacked)
+    monkeypatch.setattr(swan_module, "whiten", poisoned_whiten)
+    opt_a.step()
+    opt_b.step()
+    for params in (a, b):
+        assert torch.equal(params[1], before[1])
+        assert all(torch.isfinite(p).all() for p in params)
+    for i in (0, 2):
+        assert not torch.equal(a[i], before[i])
+        torch.testing.assert_close(a[i], b[i], rtol=4 * FP32_ULP, atol=5e-5 * 0.05)
+
+
+def test_skip_policy_leaves_a_matrix_with_a_nonfinite_gradient_alone():
+    a, opt_a, _, _ = twins([(40, 12), (12, 40), (12, 40)], lr=0.1, weight_decay=0.1, nonfinite="skip")
+    set_grads(a, a, seed=6)
+    a[0].grad[5, 5] = float("nan")
+    a[2].grad[0, 1] = -float("inf")
+    before = [p.detach().clone() for p in a]
+    opt_a.step()
+    assert torch.equal(a[0], before[0]) and torch.equal(a[2], before[2])
+    assert not torch.equal(a[1], before[1]) and torch.isfinite(a[1]).all()
+
+
+def test_tall_matrices_are_standardised_along_their_columns():
+    """The module docstring's convention, on the stacked path: a tall matrix's update is that of its
+    transpose (each column of G standardised over the long side, then whitened)."""
+    g = well_conditioned_gradient(12, 40, seed=8)
+    w_wide = nn.Parameter(torch.zeros(12, 40))
+    w_tall = nn.Parameter(torch.zeros(40, 12))
+    opt = SWAN([{"params": [w_wide, w_tall], "update": "stateless"}], lr=1.0, scale=1.0)
+    w_wide.grad, w_tall.grad = g, g.t().contiguous()
+    opt.step()
+    assert torch.equal(w_tall, w_wide.t())  # the same stack row, transposed back
+    torch.testing.assert_close(-w_tall.detach().double(), reference_direction(g.t()), rtol=0, atol=1e-4)

@@ -14,6 +14,13 @@ path (so the two agree bit for bit). ``adamw_multi`` is the fast path over many 
 
 Why it matters: each of the unfused path's half-dozen elementwise ops streams the whole tensor through
 memory, and a token embedding (tens of MB per state tensor) does not fit in cache.
+
+Launches and host syncs: on the fused path one ``torch._fused_adamw_`` call per (device, dtype) for all
+the tensors (on a GPU a few kernels, each over many tensors), with the step counters and the lr taken
+as tensors, nothing read back to the host; ``found_inf`` (a 0-d tensor, 1 = skip) skips the call's
+update on the device. The unfused paths (fp64 on CUDA, non-contiguous tensors, other devices) read the
+step counters, a tensor lr and ``found_inf`` on the host, and the chunked one loops over a big tensor's
+chunks: they are fallbacks, not the multi-tensor fast path.
 """
 
 from __future__ import annotations
@@ -94,7 +101,7 @@ def fused_available(tensors: Sequence[Tensor]) -> bool:
 
 def _adamw_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  steps: list[float | Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float, found_inf: Tensor | None = None) -> None:
     # The kernel reads each tensor's step t (already advanced) from a float32 tensor on its device, and
     # takes a tensor lr as it is: a scheduled tensor lr or step is never read back as a Python float.
     device = params[0].device
@@ -106,22 +113,28 @@ def _adamw_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         step_tensors = list(torch.tensor([float(s) for s in steps], dtype=torch.float32, device=device).unbind(0))
     torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_tensors, amsgrad=False, lr=lr,
                         beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False,
-                        grad_scale=None, found_inf=None)
+                        grad_scale=None, found_inf=found_inf)
 
 
 def adamw_multi(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                 exp_avg_sqs: Sequence[Tensor], steps: Sequence[float | Tensor], *, lr: float | Tensor,
                 beta1: float,
                 beta2: float, eps: float, weight_decay: float, chunk_numel: int = CHUNK_NUMEL,
-                fused: bool | None = None) -> None:
+                fused: bool | None = None, found_inf: Tensor | None = None) -> None:
     """AdamW on many tensors at once, in place; equal to ``adamw_reference`` on each tensor (to ~1 ulp
     on the fused path, bitwise on the others).
 
     ``fused=None`` uses torch's fused kernel wherever it applies, ``False`` never. Without it, tensors
     larger than ``4 * chunk_numel`` (and contiguous) are updated chunk by chunk; the rest, grouped by
     device and dtype, with multi-tensor ops. ``steps`` (t, already advanced) and ``lr`` may be 0-d
-    tensors; only the unfused paths read them as Python floats.
+    tensors; only the unfused paths read them as Python floats. ``found_inf``: a 0-d float tensor on
+    the tensors' device; where it is nonzero nothing is updated (the caller keeps the step counters).
     """
+    if found_inf is not None and (fused is False or not all(
+            fused_available((p, grads[i], exp_avgs[i], exp_avg_sqs[i])) for i, p in enumerate(params))):
+        if bool(found_inf):  # the unfused paths decide on the host
+            return
+        found_inf = None
     fusable: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
@@ -136,7 +149,7 @@ def adamw_multi(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seq
     for index in fusable.values():
         _adamw_fused([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
                      [exp_avg_sqs[i] for i in index], [steps[i] for i in index], lr=lr, beta1=beta1,
-                     beta2=beta2, eps=eps, weight_decay=weight_decay)
+                     beta2=beta2, eps=eps, weight_decay=weight_decay, found_inf=found_inf)
     for index in small.values():
         _adamw_foreach([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
                        [exp_avg_sqs[i] for i in index], [float(steps[i]) for i in index], lr=float(lr),

@@ -100,6 +100,7 @@ __all__ = [
     "polar_schedule",
     "whiten",
     "whiten_pinv_reference",
+    "whiten_stacked_",
     "whiten_reference",
 ]
 
@@ -139,29 +140,70 @@ def polar_schedule(iters: int | None = None) -> list[Coefficients]:
 
 
 def _polar_iteration(x: Tensor, steps: list[Coefficients],
-                     operand: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                     operand: Callable[[Tensor], Tensor] | None = None, *, overwrite: bool = False,
+                     work: Tensor | None = None, transposes: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Apply the quintics to a stack ``x`` (b, m, n) with singular values in [0, 1]; 3 matmuls a step.
 
     ``operand`` (tests only) rounds every matmul operand, to emulate TF32 / bf16 inputs with fp32
     accumulation on hardware that computes in full fp32.
+
+    The iterates alternate between two buffers whose transposes are made once, so a step is exactly
+    its 3 launches (a transpose view per step would be a 4th). ``overwrite``: ``x`` (fp32, contiguous)
+    is one of the two buffers and is overwritten; ``work`` (x's shape) may give the other, and
+    ``transposes`` the views ``(x.mT, work.mT)``. The result is whichever buffer the last step wrote
+    (``work`` after an odd number of steps).
     """
     r = operand if operand is not None else (lambda t: t)
     # First step: its A @ A also gives the scale s = ||A^2||_F^(1/4) >= sigma_max (no extra matmul).
-    a_ = torch.bmm(r(x), r(x).mT)
+    x_t = x.mT if transposes is None else transposes[0]
+    a_ = torch.bmm(r(x), r(x_t))
     a2 = torch.bmm(r(a_), r(a_))
     s4 = torch.linalg.matrix_norm(a2, keepdim=True).clamp_min_(1e-30)  # sqrt(sum sigma^8) >= sigma_max^4
     s2 = s4.sqrt()
-    x = x / s2.sqrt()
-    a_ = a_ / s2
-    a2 = a2 / s4
+    if overwrite:
+        x.div_(s2.sqrt())
+    else:
+        x = x / s2.sqrt()
+        x_t = x.mT
+    a_.div_(s2)
+    a2.div_(s4)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format) if work is None else work
+    y_t = y.mT if transposes is None or work is None else transposes[1]
     for i, (a, b, c) in enumerate(steps):
         if i == 0:
             poly = torch.add(a_.mul_(b), a2, alpha=c)  # b A + c A^2
         else:
-            a_ = torch.bmm(r(x), r(x).mT)
+            a_ = torch.bmm(r(x), r(x_t))
             poly = torch.baddbmm(a_, r(a_), r(a_), beta=b, alpha=c)
-        x = torch.baddbmm(x, r(poly), r(x), beta=a)  # a X + (b A + c A^2) X
+        torch.baddbmm(x, r(poly), r(x), beta=a, out=y)  # a X + (b A + c A^2) X
+        if i == 0 and not x.is_contiguous():  # a strided input (a tall matrix's transpose): iterate contiguous
+            x = torch.empty_like(y)
+            x_t = x.mT
+        x, y, x_t, y_t = y, x, y_t, x_t
     return x
+
+
+def whiten_stacked_(x: Tensor, iters: int | None = None, *, work: Tensor | None = None,
+                    transposes: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``whiten`` for an fp32 stack (b, m, n), m <= n, of matrices with Frobenius norm at most ~1 (e.g.
+    rows standardised and divided by sqrt(m n)), overwriting ``x``.
+
+    ``whiten`` first divides each matrix by its largest entry and then by its Frobenius norm, only so
+    that X X^T and its square cannot overflow; an input already at unit scale skips those 11 launches,
+    and the iteration takes its scale s from (X X^T)^2 as in ``whiten``, so the result is the same up to
+    fp32 rounding. ``work`` (x's shape) is the second buffer of the iteration (allocated if None); the
+    result is ``work`` after an odd number of steps (the default 11) and ``x`` after an even one.
+    ``transposes`` may pass ``(x.mT, work.mT)`` (views a caller keeps). Launches for the whole stack:
+    9 + 3 * iters (42 at the default) with ``work`` and ``transposes`` given, up to 3 more without.
+    """
+    if x.ndim != 3 or x.shape[-2] > x.shape[-1] or x.dtype != torch.float32:
+        raise ValueError(f"whiten_stacked_ expects an fp32 stack (b, m, n) with m <= n, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    steps = polar_schedule(iters)
+    if x.numel() == 0:
+        return x
+    with _autocast_off(x.device.type):
+        return _polar_iteration(x, steps, overwrite=True, work=work, transposes=transposes)
 
 
 def _nonzero(t: Tensor) -> Tensor:

@@ -23,13 +23,32 @@ An ``"auto"`` group that holds both kinds is split into two torch param groups (
 each has its own ``lr`` that schedulers scale. AdamW tensors use ``adamw_lr`` / ``adamw_weight_decay``
 (group key, else constructor argument) and, when neither is set, the group's ``lr`` / ``weight_decay``
 (the papers' convention: one global lr, multiplied by ``scale`` on the stateless matrices).
+
+A step in few launches, and no host sync in the update:
+
+* the matrices of a group are bucketed by shape (``bucket_key``) and each bucket is handed to the
+  method's ``update_matrices``, which SinkGD and SWAN implement with stacked kernels (one launch per
+  operation for up to ``stack_numel`` elements; see ``slimopt.ops.normalize``). ``update_matrix`` is
+  the per-matrix reference they are tested against, and SinkGD's path for a matrix sharded by FSDP2
+  (whose column sums take collectives; SWAN stacks the gathered gradients of sharded matrices);
+* the AdamW tensors of a group and device go through one fused multi-tensor kernel
+  (``slimopt.ops.adamw.adamw_multi``), their step counters through one multi-tensor add; a counter lives
+  on its parameter's accelerator (as torch's fused AdamW keeps it), on the CPU for CPU parameters;
+* the non-finite check (``_check_finite``) is one multi-tensor reduction per param group and device.
+  ``nonfinite="raise"`` reads the result back once per step (it must raise before anything changes);
+  ``"skip"`` reads nothing back: a matrix whose gradient or update is non-finite is left unchanged by
+  the matrix update itself, branch-free, and the AdamW tensors of a "skip" group and device skip the
+  step together when any of their gradients is non-finite (fused AdamW's ``found_inf``; telling them
+  apart would need the flags on the host or a launch per tensor). With every group on "skip", a step
+  has no host sync and can be captured in a CUDA graph (with a tensor lr on the device). Sharded
+  (DTensor) gradients take the base class's per-tensor check, whose ranks agree (one sync).
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -43,6 +62,7 @@ from ..core.base import (
     check_nonnegative,
     placeholder_names,
 )
+from ..core.distributed import is_dtensor
 from ..ops.adamw import adamw_multi
 from ..plans.param_plan import BlockFacts, ParamInfo, ParamPlan, RuleSet
 from .adamw import adamw_state_bytes
@@ -149,11 +169,32 @@ def _as_matrix(t: Tensor, out_dim: int) -> Tensor:
     return t.view(t.shape[0], -1)
 
 
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    """The l2 norm of each tensor (same device and dtype), one multi-tensor launch. Non-finite exactly
+    when the tensor has a NaN or inf, or when its squares overflow (a norm above ~1.8e19 in fp32/bf16).
+    (max |g| would be exact, but torch's CPU kernel for it is ~20x slower than the l2 norm's.)"""
+    return list(torch._foreach_norm(tensors, 2))
+
+
+def _step_device(p: Tensor) -> torch.device:
+    """Where a tensor's AdamW step counter lives: on its accelerator (as torch's fused AdamW keeps it: no
+    copy per step, capturable), on the CPU for CPU (and shape-only "meta") tensors."""
+    return p.device if p.device.type not in ("cpu", "meta") else torch.device("cpu")
+
+
 class HybridStatelessOptimizer(SlimOptimizer):
     """A matrix update for hidden matrices + AdamW for the rest; subclasses implement ``update_matrix``
     (one matrix) or ``update_matrices`` (a bucket of same-shaped matrices at once)."""
 
     matrix_state = False  # True: the matrix update keeps per-tensor state (momentum, projectors) in ``state``
+    # The most elements a stacked matrix update puts in one stack, per device type (default: other
+    # types); a matrix larger than that is a stack of its own. It bounds the fp32 scratch (a method
+    # keeps two or three stacks: 2^26 elements are 256 MB each, whatever the model's size) and sets how
+    # many matrices share a launch. CPU: 2^21 (8 MB), so that the Sinkhorn products re-read a stack from
+    # the last-level cache (measured on step42m, 2 threads: 1.4-2.8 ns per element at <= 8 MB stacks,
+    # ~5 ns at 16 MB; smaller stacks cost more launches, which a busy CPU makes expensive).
+    stack_numel: dict[str, int] = {"cpu": 1 << 21}
+    default_stack_numel = 1 << 26
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, adamw_lr: float | None,
                  adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float | None,
@@ -172,6 +213,9 @@ class HybridStatelessOptimizer(SlimOptimizer):
                     "conv_as_matrix": self._conv_as_matrix}
         self.plan: ParamPlan | None = None
         self._scratch: dict[torch.device, Tensor] = {}
+        self._workspaces: dict[tuple[Any, ...], Any] = {}  # (device, key) -> views into _scratch[device]
+        self._found_inf: dict[tuple[int, torch.device], Tensor] = {}  # this step's "skip" AdamW flags
+        self._grads_checked = False  # this step's gradients were all checked finite on the host
         self._views: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # id(p) -> (p, its matrix view)
         super().__init__(params, defaults)
 
@@ -281,10 +325,19 @@ class HybridStatelessOptimizer(SlimOptimizer):
         buckets: dict[tuple[Any, ...], list[MatrixView]] = {}
         for index, p, grad in self.grads(group):
             view = self._matrix_view(group, index, p, grad)
-            key = (tuple(view.param.shape), view.param.dtype, str(view.param.device))
-            buckets.setdefault(key, []).append(view)
+            buckets.setdefault(self.bucket_key(view), []).append(view)
         for views in buckets.values():
             self.update_matrices(views, group)
+
+    def bucket_key(self, view: MatrixView) -> tuple[Any, ...]:
+        """Which matrices ``update_matrices`` gets together: by default the same (rows, cols), dtype and
+        device. A method that handles a tall matrix as its transpose may key on the sorted shape."""
+        return tuple(view.param.shape), view.param.dtype, str(view.param.device)
+
+    def grads_checked(self, group: dict[str, Any]) -> bool:
+        """Whether every gradient this step hands to ``update_matrices`` for ``group`` was checked finite
+        on the host ("raise" groups, and any group when the base class's per-tensor check ran)."""
+        return self._grads_checked or group.get("nonfinite", "raise") != "skip"
 
     def _matrix_view(self, group: dict[str, Any], index: int, p: Tensor, grad: Tensor) -> MatrixView:
         """The (rows, cols) view of ``p`` (rows: output neurons) and of its gradient, with the tensor's state.
@@ -321,33 +374,138 @@ class HybridStatelessOptimizer(SlimOptimizer):
     def scratch(self, like: Tensor) -> Tensor:
         """An fp32 work buffer shaped like ``like``, valid until the next call.
 
-        One flat buffer per device, the size of the largest matrix seen, reused by every matrix and
+        One flat buffer per device, the size of the largest request seen, reused by every matrix and
         every step: a fresh multi-MB temporary per matrix costs page faults that outweigh the arithmetic
         of a memory-bound update on CPU. It is scratch, not state (not saved, not in ``state_bytes``).
         """
-        numel = like.numel()
-        buffer = self._scratch.get(like.device)
+        return self._flat(like.device, like.numel())[: like.numel()].view(like.shape)
+
+    def _flat(self, device: torch.device, numel: int) -> Tensor:
+        buffer = self._scratch.get(device)
         if buffer is None or buffer.numel() < numel:
-            buffer = self._scratch[like.device] = torch.empty(numel, dtype=torch.float32, device=like.device)
-        return buffer[:numel].view(like.shape)
+            buffer = self._scratch[device] = torch.empty(numel, dtype=torch.float32, device=device)
+            for key in [k for k in self._workspaces if k[0] == device]:  # views of the old buffer: rebuilt
+                del self._workspaces[key]
+        return buffer
+
+    def workspace(self, device: torch.device, key: tuple[Any, ...], numel: int, build: Callable[[Tensor], Any]
+                  ) -> Any:
+        """Views into the scratch buffer, made once per ``key`` by ``build(flat)`` (``flat``: ``numel``
+        fp32 elements) and kept: a step then makes no views (each one is a dispatched op) and the
+        addresses stay fixed from step to step (what a CUDA graph needs). Valid until the next call that
+        grows the buffer; the same buffer serves ``scratch``."""
+        flat = self._flat(device, numel)
+        entry = self._workspaces.get((device, key))
+        if entry is None:
+            entry = self._workspaces[(device, key)] = build(flat[:numel])
+        return entry
+
+    @staticmethod
+    def decay_factor(group: dict[str, Any]) -> float | Tensor | None:
+        """The matrices' weight-decay factor 1 - lr * scale * weight_decay (None without decay), rounded as
+        the per-matrix ``W.mul_(1 - step_size * weight_decay)`` rounds it; a 0-d tensor for a tensor lr."""
+        weight_decay = group["weight_decay"]
+        if weight_decay == 0:
+            return None
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            return (lr * group["scale"]).mul_(-weight_decay).add_(1.0)
+        return 1 - lr * group["scale"] * weight_decay
+
+    def stack_chunks(self, views: list[MatrixView], numel_each: int) -> Iterator[list[MatrixView]]:
+        """``views`` in consecutive chunks of at most ``stack_numel`` elements (at least one matrix each),
+        of near-equal sizes (so that a bucket needs at most two shapes of work buffers)."""
+        device = views[0].param.device
+        cap = self.stack_numel.get(device.type, self.default_stack_numel)
+        per = max(1, cap // max(1, numel_each))
+        count = -(-len(views) // per)
+        size = -(-len(views) // count)
+        for start in range(0, len(views), size):
+            yield views[start:start + size]
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        """One fused multi-tensor AdamW launch per device (``adamw_multi``), one multi-tensor add of the
+        step counters, nothing read back to the host (a "skip" group's flag goes in as ``found_inf``)."""
+        per_device: dict[torch.device, tuple[list[Tensor], ...]] = {}
         for _, p, grad in self.grads(group):
             state = self.state[p]
+            where = _step_device(p)
             if not state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            steps.append(self.advance_step(state))
-            params.append(p)
-            grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-        if not params:
-            return
+                state["step"] = torch.zeros((), dtype=torch.float32, device=where)
+            elif state["step"].device != where:  # loaded from a state dict (torch keeps it on the CPU)
+                state["step"] = state["step"].to(device=where, dtype=torch.float32)
+            lists = per_device.setdefault(p.device, ([], [], [], [], []))
+            for target, value in zip(lists, (p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                target.append(value)
         beta1, beta2 = group["adamw_betas"]
-        adamw_multi(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
-                    beta2=beta2, eps=group["adamw_eps"], weight_decay=group["weight_decay"])
+        for device, (params, grads, exp_avgs, exp_avg_sqs, steps) in per_device.items():
+            found_inf = self._found_inf.get((id(group), device))
+            if found_inf is None:
+                torch._foreach_add_(steps, 1)
+            else:  # a skipped step leaves the counters as they were
+                torch._foreach_add_(steps, [1 - found_inf] * len(steps))
+            adamw_multi(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
+                        beta2=beta2, eps=group["adamw_eps"], weight_decay=group["weight_decay"],
+                        found_inf=found_inf)
+
+    # -- the non-finite check -------------------------------------------------------------------------
+    def _check_finite(self) -> set[tuple[int, int]]:
+        """The non-finite policy with one multi-tensor reduction per param group and device (the l2 norm
+        of every gradient, ``torch._foreach_norm``, in which NaN and inf propagate).
+
+        "raise" groups: the norms of all of them are read back once (the one host sync of a step); a
+        non-finite norm is looked at again (max and min, exact: a norm can overflow on finite values),
+        and a non-finite gradient raises naming the parameter, before anything changes. "skip" AdamW
+        groups: the flag stays on the device, as fused AdamW's ``found_inf`` (the group's AdamW tensors on
+        that device skip the step together; a gradient norm overflowing fp32, above ~1.8e19, counts as
+        non-finite there: its square would overflow AdamW's second moment anyway). "skip" matrix groups:
+        nothing here; the stacked matrix update leaves a matrix whose update is non-finite (as a
+        non-finite gradient makes it) unchanged, per matrix. A DTensor gradient anywhere: the base class's
+        per-tensor check (ranks agree; one sync).
+        """
+        self._found_inf = {}
+        self._grads_checked = False
+        if any(p.grad is not None and is_dtensor(p.grad) for g in self.param_groups for p in g["params"]):
+            self._grads_checked = True
+            return super()._check_finite()
+        Lists = dict[tuple[torch.device, torch.dtype], tuple[list[tuple[int, int]], list[Tensor]]]
+        checked: Lists = {}  # every "raise" group's gradients together: one reduction per device and dtype
+        for gi, group in enumerate(self.param_groups):
+            skip = group.get("nonfinite", "raise") == "skip"
+            if skip and group.get("update") == STATELESS:
+                continue
+            lists: Lists = {} if skip else checked
+            for index, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None or grad.layout != torch.strided or grad.is_complex() or grad.numel() == 0:
+                    continue  # sparse and complex gradients are refused by name in the update
+                where, tensors = lists.setdefault((grad.device, grad.dtype), ([], []))
+                where.append((gi, index))
+                tensors.append(grad)
+            if skip:
+                for (device, _), (_, tensors) in lists.items():
+                    total = torch.stack(_norms(tensors)).amax()  # finite iff every norm is (NaN propagates)
+                    bad = torch.sub(total, total).ne_(0)  # x - x is NaN for NaN and inf: 1.0 there, else 0.0
+                    previous = self._found_inf.get((id(group), device))
+                    self._found_inf[(id(group), device)] = bad if previous is None else previous.maximum(bad)
+        per_device: dict[torch.device, tuple[list[tuple[int, int]], list[Tensor]]] = {}
+        for (device, _), (where, tensors) in checked.items():
+            entry = per_device.setdefault(device, ([], []))
+            entry[0].extend(where)
+            entry[1].extend(_norms(tensors))
+        for where, norms in per_device.values():
+            for (gi, index), norm in zip(where, torch.stack(norms).tolist()):  # the one host read
+                group = self.param_groups[gi]
+                grad = group["params"][index].grad
+                # an overflowing norm of finite values is no reason to raise: look again, exactly
+                if not math.isfinite(norm) and not torch.isfinite(torch.stack(torch.aminmax(grad))).all():
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
+                        f"{self.param_name(group, index)}; nothing was updated. Pass nonfinite='skip' to skip "
+                        "such tensors instead")
+        return set()
 
     # -- reporting --------------------------------------------------------------------------------------
     def routing_table(self) -> str:

@@ -9,6 +9,31 @@ Algorithm 1 for each hidden matrix W (m x n, m <= n; a tall matrix is handled tr
     W <- W - lr * scale * X        # stateless
 
 Embeddings, the output head, norms and biases take AdamW (``slimopt.optim.hybrid``).
+
+Which axis GradNorm standardises. The paper states the algorithm for m <= n, rows being the short side,
+and takes a tall matrix as its transpose; so does this module, for both steps. For a wide matrix
+(``out <= in``: q/k/v/o of most models, the MLP's down projection) each row, one output neuron's
+weights, is standardised over the n inputs; for a tall one (the MLP's gate and up projections, m = the
+intermediate size > n) each *column* is, over the m outputs. Why the transpose rather than the output
+rows every time: the whitening (G G^T)^(-1/2) G works on the short side (an m x m Gram, m the smaller
+dimension) and equalises the short side's directions; GradNorm is its first half, the same rows,
+centred and scaled so that the Gram's diagonal is n (the long side's length) before the directions are
+decorrelated. Standardising the other axis of a tall matrix would give each output neuron unit scale
+and then whiten a different set of rows against each other. Keeping the paper's convention also keeps
+every row statistic over the long side (thousands of entries), never over the short one.
+
+A step: same-shaped matrices (a tall one counted by its transpose's shape, so that the MLP's gate, up
+and down projections share one) are stacked, up to ``stack_numel`` elements a stack, standardised
+(``row_standardize_stacked_``) and whitened together (``whiten_stacked_``): 60-62 launches per stack
+whatever its size, the whitening's 33 batched matmuls included (its cost is flops, 22 m^2 n + 11 m^3
+per matrix, not bytes). ``update_matrix``, one matrix at a time, is the reference the stacked path is
+tested against. FSDP2-sharded matrices take the stacked path too, on their gathered gradients (one
+all-gather each, as before), so that every rank computes what a single process computes; each rank
+then adds its own rows of the update.
+
+Never a non-finite weight: on both paths an update with a NaN or inf (a non-finite gradient, or the
+whitening overflowing) leaves that matrix unchanged, weight decay included, branch-free (the update's
+norm, which any NaN or inf makes non-finite, gates it on the device; no host sync).
 """
 
 from __future__ import annotations
@@ -16,20 +41,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..core.base import check_positive, check_positive_int
-from ..core.distributed import full, local_part
+from ..core.distributed import full, is_dtensor, local_part
 from ..core.distributed import local as local_tensor
-from ..ops.newton_schulz import DEFAULT_ITERS, whiten
-from ..ops.normalize import row_standardize
-from .hybrid import HybridStatelessOptimizer, matrix_dims
+from ..ops.newton_schulz import DEFAULT_ITERS, whiten, whiten_stacked_
+from ..ops.normalize import add_stacked_, decay_factors, row_standardize, row_standardize_stacked_
+from .hybrid import HybridStatelessOptimizer, MatrixView, matrix_dims
 
 __all__ = ["SWAN", "comm_bytes", "swan_direction"]
 
 
 def swan_direction(grad: Tensor, ns_iters: int, rescale: bool = True, eps: float = 1e-8) -> Tensor:
-    """GradWhitening(GradNorm(G)) for one matrix, fp32; rows are the shorter side (transposed if tall)."""
+    """GradWhitening(GradNorm(G)) for one matrix, fp32; rows are the shorter side (transposed if tall:
+    a tall matrix's columns are standardised, see the module docstring)."""
     tall = grad.shape[0] > grad.shape[1]
     g = grad.t() if tall else grad
     x = whiten(row_standardize(g, eps), ns_iters)
@@ -78,12 +105,104 @@ class SWAN(HybridStatelessOptimizer):
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, conv_as_matrix=conv_as_matrix)
 
+    def bucket_key(self, view: MatrixView) -> tuple[Any, ...]:
+        """A tall matrix goes with the wide ones of its transpose's shape (it is whitened transposed);
+        FSDP2-sharded matrices form buckets of their own."""
+        rows, cols = view.param.shape
+        return ((min(rows, cols), max(rows, cols)), view.param.dtype, str(view.param.device),
+                is_dtensor(view.param))
+
+    def update_matrices(self, views: list[MatrixView], group: dict[str, Any]) -> None:
+        """A bucket of matrices whose short x long shape is the same: stacks of up to ``stack_numel``
+        elements, tall ones first (stacked transposed), standardised, whitened and applied together.
+
+        FSDP2-sharded matrices take the same stacked computation on their gathered gradients (one
+        all-gather each, as ``update_matrix`` does), so that every rank computes exactly what one process
+        computes, and each rank adds its own rows of the update."""
+        h, w = sorted(views[0].param.shape)
+        if h * w == 0:
+            return  # nothing to update (and nothing to decay)
+        views = [v for v in views if v.param.shape[0] > v.param.shape[1]] + \
+                [v for v in views if v.param.shape[0] <= v.param.shape[1]]
+        device = local_tensor(views[0].param).device
+        decay = self.decay_factor(group)
+        for chunk in self.stack_chunks(views, h * w):
+            tall = sum(1 for v in chunk if v.param.shape[0] > v.param.shape[1])
+            k = len(chunk)
+            work = self.workspace(device, ("swan", tall, k - tall, h, w), (2 * k + tall) * h * w,
+                                  _stacks(tall, k - tall, h, w))
+            self._update_stack(chunk, tall, work, decay, group)
+
+    def _update_stack(self, chunk: list[MatrixView], tall: int, work: tuple[Any, ...],
+                      decay: float | Tensor | None, group: dict[str, Any]) -> None:
+        x, y, transposes, x_tall_t, x_wide, y_tall, y_wide, v, v_rows, x_wide_rows, y_tall_rows, y_wide_rows = work
+        _, h, w = x.shape
+        sharded = is_dtensor(chunk[0].param)
+        grads = [full(view.grad) for view in chunk] if sharded else [view.grad for view in chunk]
+        if tall:  # a tall matrix's transpose, written in place by the stacking copy
+            torch.stack(grads[:tall], out=x_tall_t)
+        if tall < len(chunk):
+            torch.stack(grads[tall:], out=x_wide)
+        # GradNorm, divided by sqrt(hw) so that every matrix has Frobenius norm <= 1 for the whitening
+        row_standardize_stacked_(x, group["eps"], scale=1.0 / math.sqrt(h * w))
+        out = whiten_stacked_(x, group["ns_iters"], work=y, transposes=transposes)  # y if ns_iters is odd, else x
+        # the per-matrix factor: -lr scale sqrt(hw) / ||X||_F (rescale) or -lr scale; NaN for a matrix whose
+        # update has a NaN or inf (its norm is then NaN or inf), which nan_to_num turns into a zero update
+        norm = torch.linalg.vector_norm(out, dim=(1, 2), keepdim=True)
+        bad = None if decay is None else torch.sub(norm, norm).ne(0)  # NaN or inf: no decay either
+        # (lr and scale multiply separately: a tensor lr and the same float give the same bits)
+        if group["rescale"]:  # X <- sqrt(hw) X / ||X||_F, folded into the step
+            factor = norm.clamp_min_(group["eps"]).reciprocal_().mul_(-group["scale"] * math.sqrt(h * w))
+        else:
+            factor = norm.mul_(0.0).add_(-group["scale"])  # 0 * NaN keeps the NaN
+        factor.mul_(group["lr"])
+        torch.mul(out, factor, out=x)
+        x.nan_to_num_(0.0, 0.0, 0.0)
+        if tall:
+            v.copy_(x_tall_t)  # the tall matrices' updates in their own (rows, cols) layout
+        params = [view.param for view in chunk]
+        factors = None if bad is None else decay_factors(factor, decay, bad)
+        if sharded:  # each rank its own rows (FSDP2 shards the stored tensor's first dimension)
+            for j, (view, update) in enumerate(zip(chunk, [*v_rows, *x_wide_rows])):
+                param = local_tensor(view.param)
+                if factors is not None:
+                    param.mul_(factors[j])
+                param.add_(local_part(update, view.grad))
+            return
+        if bad is None and all(p.dtype == torch.float32 for p in params):  # tall and wide in one launch
+            torch._foreach_add_(params, [*v_rows, *x_wide_rows])
+            return
+        if tall:
+            add_stacked_(params[:tall], v, None if factors is None else factors[:tall], work=y_tall,
+                         updates=v_rows, work_rows=y_tall_rows)
+        if tall < len(chunk):
+            add_stacked_(params[tall:], x_wide, None if factors is None else factors[tall:], work=y_wide,
+                         updates=x_wide_rows, work_rows=y_wide_rows)
+
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: None) -> None:
+        """The reference: one matrix, ``swan_direction``; a non-finite update leaves the matrix unchanged,
+        decay included, without a host sync."""
         step_size = group["lr"] * group["scale"]  # a 0-d tensor when the lr is one (kept so: no sync)
         # Under FSDP2 each rank gathers the whole gradient, whitens it as on one device and keeps its
         # own rows (slimopt.core.distributed.full / local_part; no-ops for unsharded tensors).
         param = local_tensor(param)
-        if group["weight_decay"] != 0:
-            param.mul_(1 - step_size * group["weight_decay"])
         update = swan_direction(full(grad), group["ns_iters"], group["rescale"], group["eps"])
-        param.sub_(local_part(update, grad).mul_(step_size))
+        ok = torch.isfinite(update).all()  # the whole update, the same on every rank
+        if group["weight_decay"] != 0:
+            param.mul_(torch.where(ok, 1 - step_size * group["weight_decay"], 1.0))
+        param.sub_(torch.where(ok, local_part(update, grad), 0.0).mul_(step_size))
+
+
+def _stacks(tall: int, wide: int, h: int, w: int):
+    """SWAN's work buffers for a stack of ``tall`` (w, h) and ``wide`` (h, w) matrices, h <= w: the stack
+    X (k, h, w), the whitening's second buffer Y, a (tall, w, h) buffer for the tall updates, and views."""
+    k = tall + wide
+
+    def build(flat: Tensor) -> tuple[Any, ...]:
+        x = flat[: k * h * w].view(k, h, w)
+        y = flat[k * h * w: 2 * k * h * w].view(k, h, w)
+        v = flat[2 * k * h * w:].view(tall, w, h)
+        y_tall = y[:tall].view(tall, w, h)
+        return (x, y, (x.mT, y.mT), x[:tall].mT, x[tall:], y_tall, y[tall:], v, v.unbind(0), x[tall:].unbind(0),
+                y_tall.unbind(0), y[tall:].unbind(0))
+    return build
