@@ -92,7 +92,7 @@ class Suite:
 
     # -- sections -----------------------------------------------------------------------------------------
     def tests(self) -> dict[str, Any]:
-        files = ["tests/test_microadam_triton.py", "tests/test_sinkgd_triton.py"]
+        files = ["tests/test_microadam_triton.py", "tests/test_launches_microadam.py"]
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"]
         if self.device.type == "cuda":
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-m", "gpu or not gpu"]
