@@ -309,3 +309,19 @@ def test_two_lr_optimizers_get_their_second_lr_swept(tmp_path):
         assert float(run_name.split("=")[1]) == pytest.approx(best["lr"], rel=1e-3)
     split_center = default_lr("sinkgd")  # adamw-split's second lr starts from the hybrids' default
     assert {round(t["lr"] / split_center, 6) for t in result["sweeps"]["adamw-split adamw_lr"][:2]} == {0.5, 2.0}
+
+
+def test_summary_calls_a_win_or_loss_only_beyond_the_seed_spread():
+    def run(name, seed, loss):
+        return {"optimizer": name, "seed": seed, "lr": 1e-3, "final_val_loss": loss, "diverged": False,
+                "interrupted": False, "val_curve": [(0, 0, 0.0, 5.0), (10, 100, 1.0, loss)], "state_bytes": 8,
+                "n_params": 1, "peak_memory_bytes": None, "optimizer_step_median_s": 0.01, "tokens_per_s": 1.0}
+
+    runs = [run("adamw", s, loss) for s, loss in enumerate([2.00, 2.02, 1.98])]
+    runs += [run("better", s, loss) for s, loss in enumerate([1.80, 1.81, 1.79])]
+    runs += [run("same", s, loss) for s, loss in enumerate([2.01, 1.97, 2.03])]
+    runs += [run("worse", s, loss) for s, loss in enumerate([2.20, 2.22, 2.18])]
+    runs += [run("once", 0, 1.5)]
+    verdicts = {r["optimizer"]: r["verdict"] for r in summarize(runs, "adamw")}
+    assert verdicts == {"adamw": "reference", "better": "win", "same": "within spread", "worse": "loss",
+                        "once": "one seed"}

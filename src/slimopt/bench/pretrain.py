@@ -44,6 +44,7 @@ from .data import TOKENIZERS, load_text, make_token_data
 from .model import PRESETS, build_model
 from .plots import loss_curves, memory_bars
 from .report import console_table, markdown_table, print_results, run_metadata, write_json
+from .stats import spread, verdict
 from .train import RunResult, TrainConfig, train
 
 __all__ = ["add_arguments", "merge_results", "run", "summarize", "validate", "write_result"]
@@ -324,6 +325,8 @@ def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict
             "optimizer_step_median_s": step_s,
             "optimizer_step_ratio": step_s / ref_step_s if step_s and ref_step_s else None,
             "val_loss_ratio": statistics.mean(losses) / target if losses and target else None,
+            # a win or a loss only beyond the seeds' spread (bench/stats.verdict)
+            "verdict": "reference" if name == reference else verdict(spread(losses), spread(ref_losses)),
             "tokens_per_s": mean(r["tokens_per_s"] for r in group),
             "diverged": any(r["diverged"] for r in group),
             "interrupted": any(r["interrupted"] for r in group),
@@ -358,7 +361,8 @@ def _report(result: dict[str, Any]) -> str:
         f"{where}; torch {meta['versions']['torch']}; commit {meta['git_commit']}; `{meta['command']}`",
         "",
         f"Reference: **{result['reference']}** (its mean final validation loss is the target for "
-        "\"tokens to reference loss\").",
+        "\"tokens to reference loss\"). \"vs ref.\": a win or a loss only when the mean final losses differ by "
+        "more than the seeds' spread, sqrt(s² + s_ref²); with one seed no call is made.",
         "",
     ]
     rows = []
@@ -368,12 +372,13 @@ def _report(result: dict[str, Any]) -> str:
             f" ± {r['final_val_loss_std']:.4f}" if r["final_val_loss_std"] is not None else "")
         flags = ("diverged " if r["diverged"] else "") + ("interrupted" if r["interrupted"] else "")
         rows.append([r["optimizer"] + (f" ({flags.strip()})" if flags else ""), f"{r['lr']:.3g}", loss,
-                     r.get("val_loss_ratio"), r["final_val_ppl"], format_reach(r),
+                     r.get("val_loss_ratio"), r.get("verdict"), r["final_val_ppl"], format_reach(r),
                      _mib(r["state_bytes"]), r["state_bytes_per_param"], _mib(r["peak_memory_bytes"]),
                      r["optimizer_step_median_s"] and r["optimizer_step_median_s"] * 1e3,
                      r["optimizer_step_ratio"], r["tokens_per_s"] and round(r["tokens_per_s"])])
     lines.append(markdown_table(
-        ["optimizer", "lr", "final val loss", "loss x ref.", "val ppl", "tokens to ref. loss", "state MiB",
+        ["optimizer", "lr", "final val loss", "loss x ref.", "vs ref.", "val ppl", "tokens to ref. loss",
+         "state MiB",
          "state B/param", f"peak MiB ({result['memory_kind']})", "opt. step ms", "step x ref.", "tokens/s"], rows))
     if result["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{n}: {why}" for n, why in result["skipped"].items())]
