@@ -164,6 +164,24 @@ def demo_table() -> str:
 
 
 GPU_RESULTS = RESULTS / "gpu"
+FINETUNE_LM = RESULTS / "cpu" / "finetune_lm" / "results.json"
+
+
+def finetune_lm_table() -> str:
+    """Loss ratio to AdamW at each checkpoint of the fine-tuning regime (slimopt bench finetune-lm)."""
+    result = _load(FINETUNE_LM)
+    if result is None:
+        return _missing(FINETUNE_LM)
+    checkpoints = result["settings"]["checkpoints"]
+    rows = []
+    for r in sorted(result["summary"], key=lambda r: (r["optimizer"] != "adamw", r[f"ratio@{checkpoints[-1]}"] or 9)):
+        cells = [r["optimizer"], f"{r['lr']:.3g}", str(len(r["seeds"]))]
+        for step in checkpoints:
+            ratio, std = r[f"ratio@{step}"], r[f"ratio_std@{step}"]
+            cells.append("–" if ratio is None else f"{ratio:.3f}" + ("" if std is None else f" ± {std:.3f}"))
+        cells.append(r["final_verdict"])
+        rows.append(cells)
+    return _table(["optimizer", "lr", "seeds", *[f"× AdamW @{c}" for c in checkpoints], "final vs AdamW"], rows)
 
 
 def gpu_table() -> str:
@@ -193,6 +211,7 @@ def gpu_table() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "gpu": gpu_table,
+    "finetune-lm": finetune_lm_table,
     "step-time": step_time_table,
     "pretrain-cpu": pretrain_reference_table,
     "finetune-rt": finetune_table,
