@@ -221,7 +221,12 @@ class SlimOptimizer(Optimizer):
         bad = [w for w, ok in zip(where, finite_flags(grads)) if not ok]
         if not bad:
             return set()
-        for gi, index in bad:
+        return self.refuse_nonfinite(bad)
+
+    def refuse_nonfinite(self, bad: list[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Apply the non-finite policy to the (group, index) pairs whose gradient is not finite: raise for
+        the first one in a "raise" group, naming it (nothing has been updated yet); else skip them all."""
+        for gi, index in sorted(bad):
             group = self.param_groups[gi]
             if group.get("nonfinite", "raise") != "skip":
                 raise FloatingPointError(

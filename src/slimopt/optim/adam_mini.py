@@ -374,15 +374,7 @@ class AdamMini(SlimOptimizer):
             for (_, gi, indices, gs), total in zip(items, totals):
                 if not math.isfinite(total):  # which tensors, exactly
                     bad += [(gi, i) for i, fine in zip(indices, finite_flags(gs)) if not fine]
-        for gi, index in bad:
-            group = self.param_groups[gi]
-            if group.get("nonfinite", "raise") != "skip":
-                raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
-                    f"{self.param_name(group, index)}; nothing was updated. Pass nonfinite='skip' to skip such "
-                    "tensors instead"
-                )
-        return set(bad)
+        return self.refuse_nonfinite(bad)
 
 
 def _subgroup(grad: Tensor) -> tuple[torch.device, torch.dtype]:

@@ -210,15 +210,7 @@ class MicroAdam(SlimOptimizer):
         for gi, batch, flags in on_device:  # one sync per batch, as finite_flags per device
             ok = flags.tolist()
             bad += [(gi, batch.indices[i]) for i, present in enumerate(batch.present) if present and not ok[i]]
-        for gi, index in sorted(bad):
-            group = self.param_groups[gi]
-            if group.get("nonfinite", "raise") != "skip":
-                raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
-                    f"{self.param_name(group, index)}; nothing was updated. Pass nonfinite='skip' to skip such "
-                    "tensors instead"
-                )
-        return set(bad)
+        return self.refuse_nonfinite(bad)
 
     # -- the step -------------------------------------------------------------------------------------
     # Not traced by torch.compile: the step is data-dependent Top-K over chunk loops with integer ages,
