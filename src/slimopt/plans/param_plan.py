@@ -663,6 +663,14 @@ def param_infos(source: Any, *, config: Any = None, num_heads: int | None = None
                 head_dim: int | None = None, hidden_size: int | None = None) -> list[ParamInfo]:
     """The shape facts of every tensor of ``source`` (a module, named pairs or named groups), no rule set
     applied: what the analytic memory formulas read. Meta tensors work (nothing is allocated)."""
+    pairs, _, config, module_types, facts, attention = _read_source(
+        source, config, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, hidden_size=hidden_size)
+    return [info for info, *_ in _classified(pairs, config, module_types, attention, {}, set(), facts)]
+
+
+def _read_source(source: Any, config: Any, **geometry: int | None) -> tuple[Any, ...]:
+    """(pairs, groups, config, module types, module facts, attention shape) of a plan's source: a module
+    gives its config (unless one is passed), module types and facts; keyword geometry wins over the config."""
     module_types: dict[str, str] = {}
     facts: dict[str, ModuleFacts] = {}
     if isinstance(source, torch.nn.Module):
@@ -670,10 +678,8 @@ def param_infos(source: Any, *, config: Any = None, num_heads: int | None = None
             config = getattr(source, "config", None)
         module_types = _module_types(source)
         facts = module_facts(source)
-    pairs, _ = named_tensors(source)
-    attention = AttentionShape.from_config(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                           head_dim=head_dim, hidden_size=hidden_size)
-    return [info for info, *_ in _classified(pairs, config, module_types, attention, {}, set(), facts)]
+    pairs, groups = named_tensors(source)
+    return pairs, groups, config, module_types, facts, AttentionShape.from_config(config, **geometry)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -708,16 +714,9 @@ class ParamPlan:
         pass silently). Unrecognised tensors and rule fallbacks are reported together, in one warning
         holding a table (:meth:`report`; also kept in ``plan.notes``).
         """
-        module_types: dict[str, str] = {}
-        facts: dict[str, ModuleFacts] = {}
-        if isinstance(source, torch.nn.Module):
-            if config is None:
-                config = getattr(source, "config", None)
-            module_types = _module_types(source)
-            facts = module_facts(source)
-        pairs, groups = named_tensors(source)
-        attention = AttentionShape.from_config(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                               head_dim=head_dim, hidden_size=hidden_size)
+        pairs, groups, config, module_types, facts, attention = _read_source(
+            source, config, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            hidden_size=hidden_size)
         overrides = dict(overrides or {})
         for key, value in overrides.items():
             if value not in ROLES and value not in rule_set.known_rules:
