@@ -227,25 +227,12 @@ def test_trains_a_tiny_llama():
 # rtol, 4 fp32 ulps of W: the decay factor 1 - lr scale wd is rounded from a double on one path and from
 # fp32 products on the other (1 ulp of W), W is rounded once at the end (1 ulp), and a GPU may contract
 # W + r G c into one FMA on either path (1 ulp). Each step starts both copies from the same values.
-from slimopt.optim.hybrid import HybridStatelessOptimizer  # noqa: E402
-
-FP32_ULP = 2.0**-23
-
-
-def per_matrix(opt):
-    """Make ``opt`` update its matrices one at a time, through the reference ``update_matrix``."""
-    opt.update_matrices = lambda views, group: HybridStatelessOptimizer.update_matrices(opt, views, group)
-    return opt
+from _hybrid_twins import FP32_ULP, per_matrix  # noqa: E402
+from _hybrid_twins import twins as _twins  # noqa: E402
 
 
 def twins(shapes, dtype=torch.float32, seed=0, **kwargs):
-    """Two copies of the same matrices: one optimizer on the stacked path, one on the per-matrix path."""
-    g = torch.Generator().manual_seed(seed)
-    values = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    a = [nn.Parameter(v.clone()) for v in values]
-    b = [nn.Parameter(v.clone()) for v in values]
-    return (a, SinkGD([{"params": a, "update": "stateless"}], **kwargs),
-            b, per_matrix(SinkGD([{"params": b, "update": "stateless"}], **kwargs)))
+    return _twins(SinkGD, shapes, dtype, seed, **kwargs)
 
 
 def set_grads(params_a, params_b, seed, dtype=None):

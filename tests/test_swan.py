@@ -114,23 +114,12 @@ def test_invalid_hyperparameters_name_the_argument(kwargs, argument):
 # iteration amplifies that along the small singular directions (the newton_schulz docstring): measured
 # <= 1.2e-5 of the step size on these well-conditioned gradients, hence atol = 5e-5 * step. rtol: 4 fp32
 # ulps of W (decay factor rounded from a double vs fp32 products, the final rounding, a GPU's FMA).
-from slimopt.optim.hybrid import HybridStatelessOptimizer  # noqa: E402
-
-FP32_ULP = 2.0**-23
-
-
-def per_matrix(opt):
-    opt.update_matrices = lambda views, group: HybridStatelessOptimizer.update_matrices(opt, views, group)
-    return opt
+from _hybrid_twins import FP32_ULP  # noqa: E402
+from _hybrid_twins import twins as _twins  # noqa: E402
 
 
 def twins(shapes, dtype=torch.float32, seed=0, **kwargs):
-    g = torch.Generator().manual_seed(seed)
-    values = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    a = [nn.Parameter(v.clone()) for v in values]
-    b = [nn.Parameter(v.clone()) for v in values]
-    return (a, SWAN([{"params": a, "update": "stateless"}], **kwargs),
-            b, per_matrix(SWAN([{"params": b, "update": "stateless"}], **kwargs)))
+    return _twins(SWAN, shapes, dtype, seed, **kwargs)
 
 
 def set_grads(a, b, seed):
