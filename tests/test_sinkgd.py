@@ -164,12 +164,15 @@ def test_conv_weights_as_matrices():
     torch.testing.assert_close(w.detach().reshape(8, -1).double(), expected, rtol=0, atol=2e-6)
 
 
-def test_gpt2_conv1d_layout_is_normalised_as_out_by_in():
-    class Conv1D(nn.Module):  # GPT-2 stores (in, out)
-        def __init__(self, n_in, n_out):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(n_in, n_out))
+class Conv1D(nn.Module):
+    """GPT-2's layer, by its class name: it stores its weight (in, out)."""
 
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+
+
+def test_gpt2_conv1d_layout_is_normalised_as_out_by_in():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -287,11 +290,6 @@ def test_stacked_path_equals_the_per_matrix_reference_bf16(weight_decay):
 
 
 def test_gpt2_conv1d_transposed_views_take_the_stacked_path():
-    class Conv1D(nn.Module):  # GPT-2 stores (in, out)
-        def __init__(self, n_in, n_out):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(n_in, n_out))
-
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
