@@ -51,7 +51,7 @@ class OptimizerSpec:
     comm: str | None = None  # "module:function"
     aliases: tuple[str, ...] = ()
     planner_note: str = ""
-    lr_guidance: str = ""  # how to pick its lr (README and `slimopt bench` help print it)
+    lr_guidance: str = ""  # how to pick its lr, from the committed sweeps (for a reader; not printed)
 
     @property
     def in_slimopt(self) -> bool:
@@ -104,8 +104,8 @@ for _spec in [
                   "slimopt.optim.microadam:state_bytes_formula",
                   formula_options=("m", "k_init", "quant_block_size", "topk_block_size"),
                   planner_note="window of sparse gradients + 4-bit error feedback", aliases=("micro-adam",),
-                  lr_guidance="2x AdamW's for pre-training (CPU sweep: 2.5e-3 vs 1.25e-3); fine-tuning: see "
-                              "benchmarks/results/cpu/finetune_lm"),
+                  lr_guidance="2x AdamW's for pre-training (CPU sweep: 2.5e-3 vs 1.25e-3); a third of AdamW's "
+                              "for fine-tuning (benchmarks/results/cpu/finetune_lm: 1e-3 vs 3e-3)"),
     OptimizerSpec("adammini", "slimopt.optim.adam_mini:AdamMini", 1.25e-3,
                   "Adam-mini: one second moment per Hessian block",
                   "slimopt.optim.adam_mini:state_bytes_formula", formula_options=("exp_avg_dtype",),
