@@ -325,3 +325,25 @@ def test_summary_calls_a_win_or_loss_only_beyond_the_seed_spread():
     verdicts = {r["optimizer"]: r["verdict"] for r in summarize(runs, "adamw")}
     assert verdicts == {"adamw": "reference", "better": "win", "same": "within spread", "worse": "loss",
                         "once": "one seed"}
+
+
+def test_summary_also_judges_each_optimizer_against_adamw_split():
+    def run(name, seed, loss):
+        return {"optimizer": name, "seed": seed, "lr": 1e-3, "final_val_loss": loss, "diverged": False,
+                "interrupted": False, "val_curve": [(0, 0, 0.0, 5.0), (10, 100, 1.0, loss)], "state_bytes": 8,
+                "n_params": 1, "peak_memory_bytes": None, "optimizer_step_median_s": 0.01, "tokens_per_s": 1.0}
+
+    split = "adamw-split@adamw_lr=0.02"
+    runs = [run("adamw", s, loss) for s, loss in enumerate([2.00, 2.02, 1.98])]
+    runs += [run(split, s, loss) for s, loss in enumerate([1.90, 1.91, 1.89])]
+    # beats plain AdamW beyond the spread, loses to the split beyond it
+    runs += [run("sinkgd@adamw_lr=0.02", s, loss) for s, loss in enumerate([1.95, 1.96, 1.94])]
+    rows = {r["optimizer"]: r for r in summarize(runs, "adamw")}
+    assert rows["sinkgd@adamw_lr=0.02"]["verdict"] == "win"
+    assert rows["sinkgd@adamw_lr=0.02"]["verdict_vs_split"] == "loss"
+    assert rows["sinkgd@adamw_lr=0.02"]["val_loss_ratio_vs_split"] == pytest.approx(1.95 / 1.90)
+    assert rows[split]["verdict_vs_split"] == "reference" and rows["adamw"]["verdict_vs_split"] == "loss"
+    assert all(r["split_reference"] == split for r in rows.values())
+    # without a split baseline there is nothing to judge against
+    plain = summarize([r for r in runs if r["optimizer"] != split], "adamw")
+    assert all(r["split_reference"] is None and r["verdict_vs_split"] is None for r in plain)

@@ -293,6 +293,10 @@ def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict
     target = statistics.mean(ref_losses) if ref_losses else None
     ref_step = [r["optimizer_step_median_s"] for r in ref_runs if r["optimizer_step_median_s"]]
     ref_step_s = statistics.median(ref_step) if ref_step else None
+    # the baseline that shares the hybrids' advantage (its own lr for embeddings, head, 1-D tensors)
+    split_name = next((n for n in by_name if parse_name(n)[0] == "adamw-split" and n != reference), None)
+    split_losses = [] if split_name is None else [r["final_val_loss"] for r in by_name[split_name]
+                                                  if r["final_val_loss"] is not None and not r["diverged"]]
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -327,6 +331,11 @@ def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict
             "val_loss_ratio": statistics.mean(losses) / target if losses and target else None,
             # a win or a loss only beyond the seeds' spread (bench/stats.verdict)
             "verdict": "reference" if name == reference else verdict(spread(losses), spread(ref_losses)),
+            "split_reference": split_name,
+            "val_loss_ratio_vs_split": (statistics.mean(losses) / statistics.mean(split_losses)
+                                        if losses and split_losses else None),
+            "verdict_vs_split": (None if split_name is None else "reference" if name == split_name
+                                 else verdict(spread(losses), spread(split_losses))),
             "tokens_per_s": mean(r["tokens_per_s"] for r in group),
             "diverged": any(r["diverged"] for r in group),
             "interrupted": any(r["interrupted"] for r in group),
@@ -352,6 +361,7 @@ def _report(result: dict[str, Any]) -> str:
     s, meta = result["settings"], result["meta"]
     machine = meta["machine"]
     where = machine["gpu"] or f"{machine['cpu']} ({machine['torch_threads']} threads)"
+    split = any(r.get("split_reference") for r in result["summary"])
     lines = [
         f"# Pre-training: {s['preset']} on {s['data']} ({s['tokenizer']} tokens)",
         "",
@@ -362,7 +372,9 @@ def _report(result: dict[str, Any]) -> str:
         "",
         f"Reference: **{result['reference']}** (its mean final validation loss is the target for "
         "\"tokens to reference loss\"). \"vs ref.\": a win or a loss only when the mean final losses differ by "
-        "more than the seeds' spread, sqrt(s² + s_ref²); with one seed no call is made.",
+        "more than the seeds' spread, sqrt(s² + s_ref²); with one seed no call is made."
+        + (" \"vs split\": the same against adamw-split, the AdamW with the hybrids' own lr for embeddings, "
+           "head and 1-D tensors." if split else ""),
         "",
     ]
     rows = []
@@ -372,12 +384,15 @@ def _report(result: dict[str, Any]) -> str:
             f" ± {r['final_val_loss_std']:.4f}" if r["final_val_loss_std"] is not None else "")
         flags = ("diverged " if r["diverged"] else "") + ("interrupted" if r["interrupted"] else "")
         rows.append([r["optimizer"] + (f" ({flags.strip()})" if flags else ""), f"{r['lr']:.3g}", loss,
-                     r.get("val_loss_ratio"), r.get("verdict"), r["final_val_ppl"], format_reach(r),
+                     r.get("val_loss_ratio"), r.get("verdict"),
+                     *([r.get("val_loss_ratio_vs_split"), r.get("verdict_vs_split")] if split else []),
+                     r["final_val_ppl"], format_reach(r),
                      _mib(r["state_bytes"]), r["state_bytes_per_param"], _mib(r["peak_memory_bytes"]),
                      r["optimizer_step_median_s"] and r["optimizer_step_median_s"] * 1e3,
                      r["optimizer_step_ratio"], r["tokens_per_s"] and round(r["tokens_per_s"])])
     lines.append(markdown_table(
-        ["optimizer", "lr", "final val loss", "loss x ref.", "vs ref.", "val ppl", "tokens to ref. loss",
+        ["optimizer", "lr", "final val loss", "loss x ref.", "vs ref.",
+         *(["loss x split", "vs split"] if split else []), "val ppl", "tokens to ref. loss",
          "state MiB",
          "state B/param", f"peak MiB ({result['memory_kind']})", "opt. step ms", "step x ref.", "tokens/s"], rows))
     if result["skipped"]:
