@@ -347,13 +347,15 @@ def _mib(n_bytes: float | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**20
 
 
-def format_reach(row: dict[str, Any]) -> str | None:
+def format_reach(row: dict[str, Any], *, short: bool = False) -> str | None:
     """A summary row's tokens to the reference loss, with how many seeds got there if not all; None if
-    none did."""
+    none did. ``short``: millions and "(2/3)", for a terminal's columns."""
     tokens = row["tokens_to_reference_loss"]
     if tokens is None:
         return None
     reached, total = row["reached_reference"].split("/")
+    if short:
+        return f"{tokens / 1e6:.2f}M" + ("" if reached == total else f" ({reached}/{total})")
     return f"{tokens:,.0f}" + ("" if reached == total else f" ({reached}/{total} seeds)")
 
 
@@ -440,7 +442,8 @@ def _console_summary(result: dict[str, Any]) -> str:
                     else r["final_val_loss"]):
         flag = " (diverged)" if r["diverged"] else " (interrupted)" if r["interrupted"] else ""
         rows.append([r["optimizer"] + flag, f"{r['lr']:.3g}", fixed(r["final_val_loss"], 4),
-                     fixed(r.get("val_loss_ratio"), 3), format_reach(r), fixed(r["state_bytes_per_param"], 2),
+                     fixed(r.get("val_loss_ratio"), 3), format_reach(r, short=True),
+                     fixed(r["state_bytes_per_param"], 2),
                      fixed(r["peak_memory_bytes"], 1, 2**-20), fixed(r["optimizer_step_median_s"] or None, 1, 1e3)])
     title = (f"{s['preset']} on {s['data']}, {s['steps']} steps, seeds {s['seeds']}; reference "
              f"{result['reference']}")
