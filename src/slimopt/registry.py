@@ -98,13 +98,15 @@ for _spec in [
     OptimizerSpec("adamw", "torch.optim:AdamW", 1.25e-3, "torch AdamW, the baseline",
                   "slimopt.optim.adamw:adamw_state_bytes",
                   planner_note="torch AdamW; m and v in the parameter dtype", aliases=("adam-w",),
-                  lr_guidance="1.25e-3 won the CPU pre-training sweep (3.3M params, 1000 steps)"),
+                  lr_guidance="1.25e-3 won the CPU pre-training sweep (3.3M params, 1000 steps); 2.5e-3 at 0.79M "
+                              "(benchmarks/results/cpu/pretrain_tiny_split)"),
     OptimizerSpec("microadam", "slimopt.optim.microadam:MicroAdam", 2.5e-3,
                   "MicroAdam: Top-K sparse gradients, 4-bit error feedback, windowed moments",
                   "slimopt.optim.microadam:state_bytes_formula",
                   formula_options=("m", "k_init", "quant_block_size", "topk_block_size"),
                   planner_note="window of sparse gradients + 4-bit error feedback", aliases=("micro-adam",),
-                  lr_guidance="2x AdamW's for pre-training (CPU sweep: 2.5e-3 vs 1.25e-3); a third of AdamW's "
+                  lr_guidance="2x AdamW's for pre-training (CPU sweeps: 2.5e-3 vs 1.25e-3 at 3.3M, 5e-3 vs 2.5e-3 at "
+                              "0.79M); a third of AdamW's "
                               "for fine-tuning (benchmarks/results/cpu/finetune_lm: 1e-3 vs 3e-3)"),
     OptimizerSpec("adammini", "slimopt.optim.adam_mini:AdamMini", 1.25e-3,
                   "Adam-mini: one second moment per Hessian block",
@@ -117,13 +119,14 @@ for _spec in [
                   "slimopt.optim.hybrid:state_bytes_formula", formula_options=("conv_as_matrix",),
                   comm="slimopt.optim.sinkgd:comm_bytes",
                   planner_note="stateless hidden matrices; AdamW (parameter dtype) for the rest",
-                  lr_guidance="0.02 with scale=0.05 (CPU sweep); sweep adamw_lr too, for embeddings/head/norms"),
+                  lr_guidance="0.02 with scale=0.05 (CPU sweep at 3.3M; 0.04 at 0.79M); sweep adamw_lr too, for "
+                              "embeddings/head/norms (it picked 2x the main lr at 0.79M)"),
     OptimizerSpec("swan", "slimopt.optim.swan:SWAN", 0.02,
                   "SWAN: stateless row standardisation + whitening (AdamW for non-matrices)",
                   "slimopt.optim.hybrid:state_bytes_formula", formula_options=("conv_as_matrix",),
                   comm="slimopt.optim.swan:comm_bytes",
                   planner_note="stateless hidden matrices; AdamW (parameter dtype) for the rest",
-                  lr_guidance="as SinkGD: 0.02 with scale=0.05; sweep adamw_lr too"),
+                  lr_guidance="as SinkGD: 0.02 with scale=0.05 (0.08 at 0.79M); sweep adamw_lr too"),
 ]:
     register(_spec)
 
