@@ -16,7 +16,7 @@ Sections, each timed and recorded even when it fails (the suite goes on):
                  state bytes per parameter, achieved GB/s for the bytes a step must move
 ``profile``      torch.profiler's top-10 CUDA kernels of one step per optimizer (1b, fp32)
 ``pretrain``     ``slimopt bench pretrain`` at 60M params (GPT-2 BPE): AdamW, adamw-split and every
-                 optimizer, 3 seeds (needs the text and tokenizer in the cache: ``slimopt data fetch`` on a
+                 optimizer, every lr swept (x0.25, 1, 4 and past an edge), 3 seeds (needs the text and tokenizer in the cache: ``slimopt data fetch`` on a
                  machine with the registries, then carry ``$SLIMOPT_CACHE``)
 ``finetune``     MiniLM-L6 on Rotten Tomatoes in the long setting (the whole training split, 3 epochs, the whole
                  test split), every optimizer at its fine-tuning lr, 3 seeds: ~15 CPU-hours on a 2-core box,
@@ -259,9 +259,12 @@ class Suite:
         else:
             args = ["--device", "cuda", "--preset", "60m", "--tokenizer", "gpt2", "--steps", "300",
                     "--batch-size", "32", "--seq-len", "256", "--seeds", "3"]
-        command = [sys.executable, "-m", "slimopt", "bench", "pretrain", *args, "--no-progress", "--optimizers",
-                   "adamw,adamw-split," + ",".join(OURS), "--out", str(out)]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=540)
+        # every lr swept (both of SinkGD's, SWAN's and adamw-split's), 3 points + edge extensions: the same
+        # number of tuned lrs for every method, in a budget a device call allows
+        command = [sys.executable, "-m", "slimopt", "bench", "pretrain", *args, "--sweep", "--sweep-factors",
+                   "0.25,1,4", "--no-progress", "--optimizers", "adamw,adamw-split," + ",".join(OURS),
+                   "--out", str(out)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=570)
         (self.out / "pretrain.log").write_text(done.stdout + done.stderr)
         summary = {"command": " ".join(command[2:]), "returncode": done.returncode}
         results = out / "results.json"

@@ -31,6 +31,8 @@ def test_dry_run_runs_every_section(tmp_path):
     assert all(row["finite"] and row["worst_rel_err"] == 0.0 for row in parity.values())  # same device: exact
     assert results["pretrain"]["result"]["returncode"] == 0
     assert (tmp_path / "pretrain60m" / "results.json").exists() and (tmp_path / "profile_swan.txt").exists()
+    sweeps = json.loads((tmp_path / "pretrain60m" / "results.json").read_text())["sweeps"]
+    assert {"adamw", "adamw-split adamw_lr", "sinkgd adamw_lr", "swan adamw_lr", "microadam"} <= set(sweeps)
     assert "| sinkgd | fp32 |" in (tmp_path / "report.md").read_text()
     finetune = results["finetune"]["result"]
     if "not_cached" not in finetune:  # MiniLM and Rotten Tomatoes fetched: the section ran them
