@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             ax.annotate(f"k = {r['k_init']:g}", (r["state_bytes_per_param"], r["loss_ratio"]),
                         textcoords="offset points", xytext=(6, 4))
         ax.axhline(1.0, color="0.5", lw=0.8)
+        ax.margins(x=0.15)  # room for the last label
         ax.set_xlabel("optimizer state, bytes per parameter (AdamW: 8)")
         ax.set_ylabel("final validation loss / AdamW's")
         ax.set_title("MicroAdam: memory against loss")
