@@ -16,12 +16,14 @@ Sections, each timed and recorded even when it fails (the suite goes on):
                  state bytes per parameter, achieved GB/s for the bytes a step must move
 ``profile``      torch.profiler's top-10 CUDA kernels of one step per optimizer (1b, fp32)
 ``pretrain``     ``slimopt bench pretrain`` at 60M params (GPT-2 BPE): AdamW, adamw-split and every
-                 optimizer, every lr swept (x0.25, 1, 4 and past an edge), 3 seeds (needs the text and tokenizer in the cache: ``slimopt data fetch`` on a
-                 machine with the registries, then carry ``$SLIMOPT_CACHE``)
+                 optimizer, every lr swept (x0.25, 1, 4 and past an edge), 3 seeds (needs the text and
+                 tokenizer in the cache: ``slimopt data fetch`` on a machine with the registries, then carry
+                 ``$SLIMOPT_CACHE``)
 ``finetune``     MiniLM-L6 on Rotten Tomatoes in the long setting (the whole training split, 3 epochs, the whole
-                 test split), every optimizer at its fine-tuning lr, 3 seeds: ~15 CPU-hours on a 2-core box,
-                 minutes here (needs ``slimopt data fetch minilm rotten-tomatoes`` in the carried cache; it
-                 runs last, so a spent ``--budget-s`` skips it: ``--only finetune`` runs it alone)
+                 test split), every optimizer at its fine-tuning lr, 3 seeds: 15 runs of 800 steps, ~10 hours
+                 of one CPU thread (3.3 s a step in the committed 128-step runs), minutes here (needs
+                 ``slimopt data fetch minilm rotten-tomatoes`` in the carried cache; it runs last, so a spent
+                 ``--budget-s`` skips it: ``--only finetune`` runs it alone)
 
 Everything lands in ``benchmarks/results/gpu/<date>-<gpu>/``: ``results.json`` (with machine, versions,
 commit and command line), ``report.md``, the test log and the pre-training run. ``python
