@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import textwrap
@@ -441,12 +442,18 @@ def _console_summary(result: dict[str, Any]) -> str:
     for r in sorted(result["summary"], key=lambda r: math.inf if r["final_val_loss"] is None
                     else r["final_val_loss"]):
         flag = " (diverged)" if r["diverged"] else " (interrupted)" if r["interrupted"] else ""
-        rows.append([r["optimizer"] + flag, f"{r['lr']:.3g}", fixed(r["final_val_loss"], 4),
+        # a second lr goes beside the first, so that names stay short enough not to fold
+        second = re.search(r"[@,]adamw_lr=([^,]+)", r["optimizer"])
+        name = re.sub(r"[@,]adamw_lr=[^,]+", "", r["optimizer"])
+        lr = f"{r['lr']:.3g}" + (f"/{second.group(1)}" if second else "")
+        rows.append([name + flag, lr, fixed(r["final_val_loss"], 4),
                      fixed(r.get("val_loss_ratio"), 3), format_reach(r, short=True),
                      fixed(r["state_bytes_per_param"], 2),
                      fixed(r["peak_memory_bytes"], 1, 2**-20), fixed(r["optimizer_step_median_s"] or None, 1, 1e3)])
     title = (f"{s['preset']} on {s['data']}, {s['steps']} steps, seeds {s['seeds']}; reference "
              f"{result['reference']}")
+    if any("/" in row[1] for row in rows):
+        title += "; lr/adamw_lr where there are two"
     return console_table(title, ["optimizer", "lr", "val loss", "x ref", "tokens to ref", "state B/p",
                                  "peak MiB", "step ms"], rows)
 

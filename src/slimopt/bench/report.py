@@ -138,8 +138,9 @@ def console_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[An
     width = width or min(100, shutil.get_terminal_size((100, 24)).columns)
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for i, (header, right) in enumerate(zip(headers, numeric)):
-        # the first column names the row (``swan@adamw_lr=0.08``): whole, while the numbers can wrap
-        table.add_column(header, justify="right" if right else "left", overflow="fold", no_wrap=i == 0)
+        # a long row name (``microadam@bias_correction=window``) folds rather than squeezing the numbers
+        table.add_column(header, justify="right" if right else "left", overflow="fold",
+                         max_width=24 if i == 0 else None)
     for row in cells:
         table.add_row(*row)
     buffer = io.StringIO()
