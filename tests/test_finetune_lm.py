@@ -52,6 +52,7 @@ def test_runs_reports_and_reuses_the_cached_base(synthetic, capsys):
 
 @pytest.mark.parametrize("change, message", [
     (["--steps", "-3"], "--steps -3"),
+    (["--seeds", "-1"], "--seeds -1"),
     (["--checkpoints", "3,8"], "--checkpoints '3,8'"),
     (["--optimizers", "adammini"], "must include adamw"),
     (["--optimizers", "adamw,nope"], "unknown nope"),
@@ -85,3 +86,28 @@ def test_parts_run_apart_merge_into_one_comparison(synthetic):
     rows = {r["optimizer"]: r for r in merged["summary"]}
     assert set(rows) == {"adamw", "adammini@exp_avg_dtype=bf16"}
     assert rows["adammini@exp_avg_dtype=bf16"]["ratio@8"] is not None
+
+
+def test_a_sweep_only_part_adds_lrs_to_the_merged_sweep(synthetic):
+    assert bench_main(["finetune-lm", *ARGS, "--out", str(synthetic / "a")]) == 0
+    extra = [a for a in ARGS]
+    extra[extra.index("--seeds") + 1] = "0"
+    extra[extra.index("--sweep-factors") + 1] = "0.125"
+    extra[extra.index("--optimizers") + 1] = "adamw"
+    assert bench_main(["finetune-lm", *extra, "--out", str(synthetic / "b")]) == 0
+    part = json.loads((synthetic / "b" / "results.json").read_text())
+    assert part["runs"] == [] and len(part["sweeps"]["adamw"]) == 1
+    assert bench_main(["finetune-lm", "--merge", f"{synthetic / 'a'},{synthetic / 'b'}",
+                       "--out", str(synthetic / "merged")]) == 0
+    merged = json.loads((synthetic / "merged" / "results.json").read_text())
+    lrs = [t["lr"] for t in merged["sweeps"]["adamw"]]
+    default = finetune_lm.default_lr("adamw")
+    assert lrs == pytest.approx([default * f for f in (0.125, 0.5, 2)])  # one grid, by lr
+    assert len(merged["sweeps"]["adammini"]) == 2 and len(merged["runs"]) == 4
+
+
+def test_the_report_says_when_a_merged_sweep_found_a_better_lr():
+    result = {"runs": [{"optimizer": "adamw", "lr": 1e-3}, {"optimizer": "adammini", "lr": 1e-3}],
+              "sweeps": {"adamw": [{"lr": 3e-4, "final_val_loss": 1.70}, {"lr": 1e-3, "final_val_loss": 1.75}],
+                         "adammini": [{"lr": 3e-4, "final_val_loss": None}, {"lr": 1e-3, "final_val_loss": 1.8}]}}
+    assert finetune_lm.better_lrs(result) == {"adamw": (1e-3, 3e-4)}

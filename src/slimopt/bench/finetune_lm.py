@@ -164,6 +164,10 @@ def _report(result: dict[str, Any]) -> str:
         lines.append(markdown_table(["optimizer", "lr", f"val loss @{s['sweep_steps']}"],
                                     [[n, f"{t['lr']:.3g}", t["final_val_loss"]]
                                      for n, trials in result["sweeps"].items() for t in trials]))
+    better = better_lrs(result)
+    if better:
+        lines += ["", "**Not at the best swept lr**: " + "; ".join(
+            f"{n} ran at {ran:.3g}, its sweep's best is {best:.3g}" for n, (ran, best) in better.items())]
     if result["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{n}: {why}" for n, why in result["skipped"].items())]
     return "\n".join(lines) + "\n"
@@ -215,7 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--checkpoints", default="250,500,1000,2000", help="steps to report (multiples of "
                         "--eval-every, the last one --steps)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="runs per optimizer at the swept lr (0: only the sweep, e.g. more lrs to --merge)")
     parser.add_argument("--sweep-factors", default="0.25,1,4", help="x each optimizer's default lr")
     parser.add_argument("--sweep-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None)
@@ -228,10 +233,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[str]]:
     for flag, value in (("--base-steps", args.base_steps), ("--steps", args.steps), ("--batch-size", args.batch_size),
-                        ("--seq-len", args.seq_len), ("--eval-every", args.eval_every), ("--seeds", args.seeds),
+                        ("--seq-len", args.seq_len), ("--eval-every", args.eval_every),
                         ("--sweep-steps", args.sweep_steps), ("--eval-batches", args.eval_batches)):
         if value <= 0:
             raise ValueError(f"{flag} {value}: must be positive")
+    if args.seeds < 0:
+        raise ValueError(f"--seeds {args.seeds}: must be positive (or 0: sweep only, a part to --merge)")
     if not (math.isfinite(args.base_lr) and args.base_lr > 0):
         raise ValueError(f"--base-lr {args.base_lr}: must be positive")
     checkpoints = _positive_ints(args.checkpoints, "--checkpoints")
@@ -245,7 +252,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
     if unknown:
         raise ValueError(f"--optimizers {args.optimizers!r}: unknown {', '.join(unknown)} "
                          f"(choose from {', '.join(known_names())}; NAME@key=value,... passes options)")
-    if "adamw" not in names and not args.no_reference_ok:
+    if "adamw" not in names and not args.no_reference_ok and args.seeds:
         raise ValueError(f"--optimizers {args.optimizers!r}: must include adamw, the reference (or pass "
                          "--no-reference-ok for a part to --merge with one that has it)")
     return checkpoints, factors, names
@@ -254,6 +261,30 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
 # settings that must agree for runs to be compared in one table
 _MERGE_KEYS = ("preset", "base_sha256", "corpus", "steps", "batch_size", "seq_len", "eval_every", "eval_batches",
                "checkpoints", "sweep_steps")  # sweep grids may differ per part: each optimizer has its own
+
+
+def _merged_sweeps(parts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """One sweep per optimizer from all parts (a sweep-only part adds lrs to another part's grid), by lr."""
+    sweeps: dict[str, dict[float, dict[str, Any]]] = {}
+    for part in parts:
+        for name, trials in part["sweeps"].items():
+            for trial in trials:
+                sweeps.setdefault(name, {})[round(trial["lr"], 12)] = trial
+    return {name: [trials[lr] for lr in sorted(trials)] for name, trials in sweeps.items()}
+
+
+def better_lrs(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Optimizers whose sweep's best lr is not the lr their seeds ran at: name -> (ran at, best swept); after
+    a merge that added lrs to a sweep, the comparison is then not at each method's best lr."""
+    ran = {r["optimizer"]: r["lr"] for r in result["runs"]}
+    found = {}
+    for name, trials in result["sweeps"].items():
+        finite = [t for t in trials if t["final_val_loss"] is not None]
+        if name in ran and finite:
+            best = min(finite, key=lambda t: t["final_val_loss"])["lr"]
+            if not math.isclose(best, ran[name], rel_tol=1e-9):
+                found[name] = (ran[name], best)
+    return found
 
 
 def merge(folders: list[Path], out: Path) -> dict[str, Any]:
@@ -271,7 +302,7 @@ def merge(folders: list[Path], out: Path) -> dict[str, Any]:
     runs = [r for p in parts for r in p["runs"]]
     result = {"meta": run_metadata() | {"merged_from": [str(f) for f in folders]}, "settings": first,
               "summary": summarize(runs, first["checkpoints"]), "runs": runs,
-              "sweeps": {k: v for p in parts for k, v in p["sweeps"].items()},
+              "sweeps": _merged_sweeps(parts),
               "skipped": {k: v for p in parts for k, v in p["skipped"].items()}}
     _write(result, out)
     return result
