@@ -106,8 +106,8 @@ for _spec in [
                   formula_options=("m", "k_init", "quant_block_size", "topk_block_size"),
                   planner_note="window of sparse gradients + 4-bit error feedback", aliases=("micro-adam",),
                   lr_guidance="2x AdamW's for pre-training (CPU sweeps: 2.5e-3 vs 1.25e-3 at 3.3M, 5e-3 vs 2.5e-3 at "
-                              "0.79M); a third of AdamW's "
-                              "for fine-tuning (benchmarks/results/cpu/finetune_lm: 1e-3 vs 3e-3)"),
+                              "0.79M); for fine-tuning a third of AdamW's at 0.8M (1e-3 vs 3e-3, "
+                              "benchmarks/results/cpu/finetune_lm) and AdamW's own at 3.3M (1e-3, finetune_lm_cpu)"),
     OptimizerSpec("adammini", "slimopt.optim.adam_mini:AdamMini", 1.25e-3,
                   "Adam-mini: one second moment per Hessian block",
                   "slimopt.optim.adam_mini:state_bytes_formula", formula_options=("exp_avg_dtype",),
