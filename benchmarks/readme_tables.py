@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 try:
-    from slimopt.bench.pretrain import format_reach
+    from slimopt.bench.pretrain import format_reach, split_second_lr
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from slimopt.bench.pretrain import format_reach
+    from slimopt.bench.pretrain import format_reach, split_second_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -92,12 +92,6 @@ def _loss(row: dict) -> str:
     return f"{row['final_val_loss']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
-def _second_lr(name: str) -> str:
-    """``sinkgd@adamw_lr=0.02`` -> ``0.02``; "–" for an optimizer with one lr."""
-    match = re.search(r"adamw_lr=([^,]+)", name)
-    return match.group(1) if match else "–"
-
-
 def pretrain_reference_table() -> str:
     result = _load(PRETRAIN_REFERENCE)
     if result is None:
@@ -106,13 +100,12 @@ def pretrain_reference_table() -> str:
     rows = []
     bars = {"microadam", "adammini", "sinkgd"}
     for r in sorted(result["summary"], key=lambda r: r["final_val_loss"]):
-        base = r["optimizer"].split("@")[0]
-        shown = re.sub(r"[@,]adamw_lr=[^,]+", "", r["optimizer"])  # the second lr has its own column
+        shown, second = split_second_lr(r["optimizer"])  # the second lr has its own column
         ratio = r["val_loss_ratio"]
         bar = "" if shown not in bars else (" ✓" if ratio <= LOSS_BAR else " ✗")
         split_ratio = r.get("val_loss_ratio_vs_split")
         rows.append([shown,
-                     f"{r['lr']:.3g}", _second_lr(r["optimizer"]) if base != "adamw" else "–", _loss(r),
+                     f"{r['lr']:.3g}", second or "–", _loss(r),
                      f"{ratio:.3f}{bar}", r["verdict"],
                      "–" if split_ratio is None else f"{split_ratio:.3f}", r.get("verdict_vs_split") or "–",
                      f"{r['state_bytes_per_param']:.2f}"])

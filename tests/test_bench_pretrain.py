@@ -347,3 +347,13 @@ def test_summary_also_judges_each_optimizer_against_adamw_split():
     # without a split baseline there is nothing to judge against
     plain = summarize([r for r in runs if r["optimizer"] != split], "adamw")
     assert all(r["split_reference"] is None and r["verdict_vs_split"] is None for r in plain)
+
+
+@pytest.mark.parametrize("name, second", [("sinkgd", 0.005), ("microadam@k_init=0.05", 0.02),
+                                          ("adamw-split", 0.04)])
+def test_split_second_lr_inverts_with_second_lr(name, second):
+    from slimopt.bench.pretrain import split_second_lr, with_second_lr
+
+    assert split_second_lr(with_second_lr(name, second)) == (name, f"{second:.4g}")
+    assert split_second_lr(name) == (name, None)
+    assert split_second_lr("swan@adamw_lr=0.08,scale=0.1") == ("swan@scale=0.1", "0.08")

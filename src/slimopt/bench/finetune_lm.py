@@ -300,7 +300,8 @@ def merge(folders: list[Path], out: Path) -> dict[str, Any]:
         if differ:
             raise ValueError(f"--merge: {folder} differs from {folders[0]} in {', '.join(differ)}")
     runs = [r for p in parts for r in p["runs"]]
-    result = {"meta": run_metadata() | {"merged_from": [str(f) for f in folders]}, "settings": first,
+    seeds = sorted({r["seed"] for r in runs})  # a sweep-only part (--seeds 0) may come first
+    result = {"meta": run_metadata() | {"merged_from": [str(f) for f in folders]}, "settings": first | {"seeds": seeds},
               "summary": summarize(runs, first["checkpoints"]), "runs": runs,
               "sweeps": _merged_sweeps(parts),
               "skipped": {k: v for p in parts for k, v in p["skipped"].items()}}

@@ -62,6 +62,18 @@ def with_second_lr(name: str, adamw_lr: float) -> str:
     return f"{name}{',' if '@' in name else '@'}adamw_lr={adamw_lr:.4g}"
 
 
+def split_second_lr(name: str) -> tuple[str, str | None]:
+    """The inverse of :func:`with_second_lr`: ``sinkgd@adamw_lr=0.005`` -> (``sinkgd``, ``"0.005"``); a name
+    without a second lr -> (name, None)."""
+    match = re.search(r"[@,]adamw_lr=([^,]+)", name)
+    if match is None:
+        return name, None
+    rest = name[:match.start()] + name[match.end():]
+    if "@" not in rest and "," in rest:  # the second lr was the first option: the next one takes its "@"
+        rest = rest.replace(",", "@", 1)
+    return rest, match.group(1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the demo: Shakespeare, preset 'tiny', 200 steps, adamw/microadam/adammini/"
@@ -443,9 +455,8 @@ def _console_summary(result: dict[str, Any]) -> str:
                     else r["final_val_loss"]):
         flag = " (diverged)" if r["diverged"] else " (interrupted)" if r["interrupted"] else ""
         # a second lr goes beside the first, so that names stay short enough not to fold
-        second = re.search(r"[@,]adamw_lr=([^,]+)", r["optimizer"])
-        name = re.sub(r"[@,]adamw_lr=[^,]+", "", r["optimizer"])
-        lr = f"{r['lr']:.3g}" + (f"/{second.group(1)}" if second else "")
+        name, second = split_second_lr(r["optimizer"])
+        lr = f"{r['lr']:.3g}" + (f"/{second}" if second else "")
         rows.append([name + flag, lr, fixed(r["final_val_loss"], 4),
                      fixed(r.get("val_loss_ratio"), 3), format_reach(r, short=True),
                      fixed(r["state_bytes_per_param"], 2),
