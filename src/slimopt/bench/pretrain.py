@@ -307,9 +307,11 @@ def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict
     ref_step = [r["optimizer_step_median_s"] for r in ref_runs if r["optimizer_step_median_s"]]
     ref_step_s = statistics.median(ref_step) if ref_step else None
     # the baseline that shares the hybrids' advantage (its own lr for embeddings, head, 1-D tensors)
+    # final losses of the runs that finished without diverging, per optimizer
+    finished = {name: [r["final_val_loss"] for r in group if r["final_val_loss"] is not None and not r["diverged"]]
+                for name, group in by_name.items()}
     split_name = next((n for n in by_name if parse_name(n)[0] == "adamw-split" and n != reference), None)
-    split_losses = [] if split_name is None else [r["final_val_loss"] for r in by_name[split_name]
-                                                  if r["final_val_loss"] is not None and not r["diverged"]]
+    split_losses = finished.get(split_name, [])
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -317,7 +319,7 @@ def summarize(runs: list[dict[str, Any]], reference: str = "adamw") -> list[dict
 
     rows = []
     for name, group in by_name.items():
-        losses = [r["final_val_loss"] for r in group if r["final_val_loss"] is not None and not r["diverged"]]
+        losses = finished[name]
         reach = []
         for r in group:
             hit = next((tokens for _, tokens, _, loss in r["val_curve"] if target is not None and loss <= target),
