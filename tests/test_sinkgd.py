@@ -230,7 +230,7 @@ def test_trains_a_tiny_llama():
 # rtol, 4 fp32 ulps of W: the decay factor 1 - lr scale wd is rounded from a double on one path and from
 # fp32 products on the other (1 ulp of W), W is rounded once at the end (1 ulp), and a GPU may contract
 # W + r G c into one FMA on either path (1 ulp). Each step starts both copies from the same values.
-from _hybrid_twins import FP32_ULP, per_matrix  # noqa: E402
+from _hybrid_twins import FP32_ULP, per_matrix, step_in_lockstep  # noqa: E402
 from _hybrid_twins import twins as _twins  # noqa: E402
 
 
@@ -257,15 +257,7 @@ def test_stacked_path_equals_the_per_matrix_reference_fp32(weight_decay, tensor_
     a, opt_a, b, opt_b = twins(ODD, lr=lr, scale=0.5, weight_decay=weight_decay)
     if stack_numel:  # 2500 elements: the (37, 53) pair goes in two stacks, the three (53, 37) in 3
         opt_a.stack_numel = {"cpu": stack_numel}
-    for step in range(3):
-        set_grads(a, b, seed=step)
-        with torch.no_grad():
-            for x, y in zip(a, b):
-                y.copy_(x)
-        opt_a.step()
-        opt_b.step()
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=2e-6 * 0.05)
+    step_in_lockstep(a, opt_a, b, opt_b, set_grads, atol=2e-6 * 0.05)
     assert len(opt_a.state) == 0
 
 

@@ -114,7 +114,7 @@ def test_invalid_hyperparameters_name_the_argument(kwargs, argument):
 # iteration amplifies that along the small singular directions (the newton_schulz docstring): measured
 # <= 1.2e-5 of the step size on these well-conditioned gradients, hence atol = 5e-5 * step. rtol: 4 fp32
 # ulps of W (decay factor rounded from a double vs fp32 products, the final rounding, a GPU's FMA).
-from _hybrid_twins import FP32_ULP  # noqa: E402
+from _hybrid_twins import FP32_ULP, step_in_lockstep  # noqa: E402
 from _hybrid_twins import twins as _twins  # noqa: E402
 
 
@@ -146,15 +146,7 @@ def test_stacked_path_equals_the_per_matrix_reference_fp32(weight_decay, tensor_
     a, opt_a, b, opt_b = twins(MIXED, lr=lr, scale=0.5, weight_decay=weight_decay, **options)
     if stack_numel:  # 1000 elements: two matrices of the (12, 40) bucket per stack, tall and wide mixed
         opt_a.stack_numel = {"cpu": stack_numel}
-    for step in range(3):
-        set_grads(a, b, seed=step)
-        with torch.no_grad():
-            for x, y in zip(a, b):
-                y.copy_(x)
-        opt_a.step()
-        opt_b.step()
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=5e-5 * 0.05)
+    step_in_lockstep(a, opt_a, b, opt_b, set_grads, atol=5e-5 * 0.05)
     assert len(opt_a.state) == 0
 
 
