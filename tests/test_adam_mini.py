@@ -320,7 +320,7 @@ def test_foreach_kernel_matches_per_tensor_kernel(dtype):
                                     "model.norm.weight", "odd.scalar.weight", "h.0.attn.c_attn.weight"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 def test_foreach_nonfinite_raise_names_the_tensor_and_changes_nothing(target, value):
-    pairs, opt = train_mixed(True, steps=2)
+    pairs, opt = train_mixed(True, steps=2, nonfinite="raise")
     before = [p.detach().clone() for _, p in pairs]
     state = copy.deepcopy(opt.state_dict())
     for _, p in pairs:

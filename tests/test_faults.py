@@ -111,7 +111,7 @@ def test_a_step_with_every_gradient_nonfinite_changes_nothing(name):
 @pytest.mark.parametrize("name", OURS)
 def test_raise_policy_leaves_everything_untouched_after_training(name):
     """Not only on the first step (the conformance suite checks that): with state present too."""
-    model, opt = trained(name)
+    model, opt = trained(name, nonfinite="raise")
     params = [p.detach().clone() for p in model.parameters()]
     state = serialised(opt.state_dict())
     loss_fn(model, toy_data()).backward()

@@ -413,7 +413,8 @@ def test_group_raise_changes_nothing():
     """nonfinite="raise": the flags are read back once, the tensor named, nothing updated, no state made."""
     ws = [torch.randn(300), torch.randn(40, 5)]
     params = [w.to(DEVICE, copy=True).requires_grad_() for w in ws]
-    opt = MicroAdam([("first", params[0]), ("second", params[1])], backend="triton", **GROUP_HP)
+    opt = MicroAdam([("first", params[0]), ("second", params[1])], backend="triton", nonfinite="raise",
+                    **GROUP_HP)
     params[0].grad = torch.randn(300, device=DEVICE)
     params[1].grad = torch.randn(40, 5, device=DEVICE)
     params[1].grad[3, 2] = float("nan")

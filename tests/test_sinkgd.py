@@ -335,7 +335,7 @@ def test_skip_policy_leaves_a_matrix_with_a_nonfinite_gradient_alone_without_a_h
 
 
 def test_raise_policy_names_the_matrix_and_changes_nothing():
-    a, opt_a, _, _ = twins([(12, 20)] * 3, lr=0.1)
+    a, opt_a, _, _ = twins([(12, 20)] * 3, lr=0.1, nonfinite="raise")
     set_grads(a, a, seed=2)
     a[1].grad[0, 0] = float("nan")
     before = [p.detach().clone() for p in a]
@@ -378,7 +378,7 @@ def test_triton_option_is_deprecated_and_takes_the_default_path():
 def test_the_check_reads_one_norm_per_gradient_and_looks_again_before_raising():
     """The non-finite check is an l2 norm per gradient (one multi-tensor op); a norm that overflows on
     finite values (here 1e30 entries) is looked at again and does not raise."""
-    a, opt, _, _ = twins([(6, 8)] * 2, lr=0.1)
+    a, opt, _, _ = twins([(6, 8)] * 2, lr=0.1, nonfinite="raise")
     bias = nn.Parameter(torch.zeros(8))
     opt.add_param_group({"params": [bias], "update": "adamw"})
     set_grads(a, a, seed=3)

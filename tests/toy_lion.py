@@ -41,7 +41,7 @@ def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4) -> int:
 
 class Lion(SlimOptimizer):
     def __init__(self, params: Any, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, nonfinite: str = "raise") -> None:
+                 weight_decay: float = 0.0, *, nonfinite: str = "skip") -> None:
         check_lr(lr)
         check_betas(betas)
         check_nonnegative("weight_decay", weight_decay)

@@ -1,7 +1,8 @@
 """Communication each optimizer adds per step under FSDP2 sharding, beyond the gradient reduction.
 
 The method's own part comes from its registry spec's ``comm`` hook (``OptimizerSpec.comm``); the
-shared part (one int32 non-finite flag per sharded gradient, for every slimopt optimizer) from here.
+shared part (one int32 non-finite flag per sharded gradient the optimizer checks: see
+``SlimOptimizer.checks_nonfinite``) from here.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def comm_bytes_per_step(optimizer: torch.optim.Optimizer, world: int | None = No
                 local_numel = -(-shape[0] // world) * math.prod(shape[1:])
             else:
                 continue
-            parts = {"finite": 4 * hops} if isinstance(optimizer, SlimOptimizer) else {}
+            checked = isinstance(optimizer, SlimOptimizer) and optimizer.checks_nonfinite(group)
+            parts = {"finite": 4 * hops} if checked else {}
             if hook is not None:
                 parts.update(hook(group, index, shape, hops, local_numel, p))
             for kind, n in parts.items():

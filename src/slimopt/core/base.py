@@ -10,8 +10,9 @@ else lives here, once:
   swapping the parameter objects loses nothing;
 * ``step(closure)`` with torch.optim semantics, lazy state, a per-parameter step counter;
 * sparse and complex gradients rejected with the parameter's name;
-* a non-finite policy (``nonfinite="raise" | "skip"``, a group setting): a gradient with NaN or inf either
-  raises naming the parameter, or is skipped so that the tensor and all of its state stay untouched;
+* a non-finite policy (``nonfinite="skip" | "raise"``, a group setting), written once: a gradient with NaN or
+  inf is skipped so that the tensor and all of its state stay untouched (the default; decided on the device
+  where the method can, so a GPU step has no host sync), or raises naming the parameter (a sync per step);
 * ``load_state_dict`` that keeps every state tensor's saved dtype (torch casts floating state to the
   parameter dtype, which would silently widen bf16 values and break bit-exact resume).
 """
@@ -19,18 +20,21 @@ else lives here, once:
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .distributed import finite_flags
+from .distributed import exactly_finite, local, nonfinite_flags
 
 __all__ = [
+    "NONFINITE_POLICIES",
     "STEP_BYTES",
+    "GradFlags",
     "SlimOptimizer",
     "as_param_groups",
     "check_betas",
@@ -162,8 +166,19 @@ def as_param_groups(params: Any) -> list[dict[str, Any]]:
 # the base class
 
 
-NONFINITE_POLICIES = ("raise", "skip")
+NONFINITE_POLICIES = ("skip", "raise")
 STEP_BYTES = 4  # every tensor with state keeps a float32 step counter, as torch's AdamW does
+
+
+class GradFlags(NamedTuple):
+    """The non-finite check of some of a param group's gradients (one device), as a hook returns it."""
+
+    indices: list[int]  # positions in the group's ``params``
+    # On the gradients' device, one per index: bool, True where the gradient has a NaN or an inf; or (not gated)
+    # float, non-finite there (a sum of squares, read as it is: no launch to turn it into a bool). Not gated, it
+    # may also be a single value (shape () or (1,)) for all of them: when set, each is looked at on the host.
+    bad: Tensor
+    gated: bool  # the update reads ``bad`` on the device and leaves those tensors and their state alone
 
 
 class SlimOptimizer(Optimizer):
@@ -171,11 +186,28 @@ class SlimOptimizer(Optimizer):
 
     Subclasses implement ``update_group(group)`` and call ``self.grads(group)`` to iterate over the
     parameters that have a gradient, and ``self.advance_step(state)`` to count steps per tensor.
-    Their constructors accept ``nonfinite="raise" | "skip"`` and put it in ``defaults``.
+    Their constructors accept ``nonfinite="skip" | "raise"`` and put it in ``defaults``.
+
+    The non-finite policy, a group setting, is written here once (``_check_nonfinite``):
+
+    * ``"skip"`` (the default): a tensor whose gradient holds a NaN or an inf is left alone in this step, its
+      state included, and the other tensors step. On a GPU the decision stays on the device: the method's
+      update reads the flags there (``GradFlags.gated``), so the step never waits for the GPU (no host sync).
+      Where an update cannot read them (a method's per-tensor reference path), the flags are read back once
+      per step and device. ``nonfinite_skips`` counts the skipped tensor-steps (reading it syncs: read it when
+      you log, not every step).
+    * ``"raise"``: a NaN or inf raises ``FloatingPointError`` naming the parameter, before anything changes.
+      It has to know before the update starts, so **it reads the flags back to the host every step: one
+      device sync per step and device**; pick it to debug, not for speed on a GPU.
+
+    A method computes its flags in the hook ``nonfinite_flags(group)`` (default: one multi-tensor l2 norm per
+    device and dtype, ``core.distributed.nonfinite_flags``); Adam-mini and MicroAdam derive them from a pass
+    over the gradients that their step needs anyway. A method whose update already leaves a tensor with a
+    non-finite gradient alone returns no flags for a "skip" group (SinkGD and SWAN's matrices).
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
-        defaults = {"nonfinite": "raise", **defaults}
+        defaults = {"nonfinite": "skip", **defaults}
         check_choice("nonfinite", defaults["nonfinite"], NONFINITE_POLICIES)
         super().__init__(as_param_groups(params), defaults)
 
@@ -192,6 +224,23 @@ class SlimOptimizer(Optimizer):
     def update_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def checks_nonfinite(self, group: dict[str, Any]) -> bool:
+        """Whether the step checks ``group``'s gradients (False: a "skip" group whose update leaves a tensor
+        with a non-finite gradient alone by itself). Sharded gradients that are checked cost one flag in an
+        all-reduce each (``slimopt.comm``)."""
+        return True
+
+    def nonfinite_flags(self, group: dict[str, Any]) -> list[GradFlags]:
+        """Launch the non-finite check of ``group``'s gradients; nothing is read back here.
+
+        The default: :func:`checked_indices` split by device and dtype, one multi-tensor norm each, not gated
+        (the update does not read the flags: the base reads them and ``grads`` leaves the bad tensors out). A
+        method that can decide on the device returns ``gated=True`` flags for the tensors whose update reads
+        them (and must then leave those tensors alone itself), and may derive the flags from a pass over the
+        gradients it needs anyway. For a "raise" group the flags are read back whatever ``gated`` says.
+        """
+        return self.default_flags(group, self.checked_indices(group))
+
     # -- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -199,42 +248,97 @@ class SlimOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._skipped = self._check_finite()
+        self._check_nonfinite()
         for group in self.param_groups:
             self.update_group(group)
         return loss
 
-    def _check_finite(self) -> set[tuple[int, int]]:
-        """Find non-finite gradients before anything is updated, with one device sync for all of them.
+    def checked_indices(self, group: dict[str, Any]) -> list[int]:
+        """Positions of ``group``'s tensors whose gradient the non-finite check looks at (dense, real,
+        non-empty; sparse and complex ones are refused by name in ``grads``)."""
+        out = []
+        for index, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is not None and grad.layout == torch.strided and not grad.is_complex() and grad.numel():
+                out.append(index)
+        return out
 
-        A NaN in a "raise" group raises here, naming the parameter, with the optimizer untouched; in a
-        "skip" group the tensor is left out of this step (returned as (group, index) pairs).
+    def default_flags(self, group: dict[str, Any], indices: list[int], gated: bool = False) -> list[GradFlags]:
+        """:func:`core.distributed.nonfinite_flags` of the gradients at ``indices``, per device and dtype."""
+        subsets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for index in indices:
+            grad = group["params"][index].grad
+            subsets.setdefault((local(grad).device, grad.dtype), []).append(index)
+        return [GradFlags(idx, nonfinite_flags([group["params"][i].grad for i in idx]), gated)
+                for idx in subsets.values()]
+
+    def _check_nonfinite(self) -> None:
+        """The non-finite policy of every group, before anything is updated (see the class docstring).
+
+        Flags that must reach the host (a "raise" group's, and those no update reads) are read back together,
+        one ``tolist`` per device, and a flagged gradient is looked at again exactly (a norm can overflow on
+        finite values). Gated flags stay on the device for the update (``device_flags``), and are added to the
+        skip counter there; a gated norm that overflowed on finite values skips its tensor (its square would
+        overflow a second moment anyway).
         """
-        where, grads = [], []
+        self._skipped: set[tuple[int, int]] = set()
+        self._gated: dict[int, list[GradFlags]] = {}
+        to_host: dict[torch.device, list[tuple[int, GradFlags]]] = {}
         for gi, group in enumerate(self.param_groups):
-            for index, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is not None and grad.layout == torch.strided and not grad.is_complex():
-                    where.append((gi, index))
-                    grads.append(grad)
-        # one sync per device; ranks holding shards of one tensor agree (slimopt.core.distributed)
-        bad = [w for w, ok in zip(where, finite_flags(grads)) if not ok]
+            raising = group.get("nonfinite", "skip") == "raise"
+            for flags in self.nonfinite_flags(group):
+                if not flags.indices:
+                    continue
+                if raising or not flags.gated:
+                    to_host.setdefault(flags.bad.device, []).append((gi, flags))
+                else:
+                    self._gated.setdefault(gi, []).append(flags)
+                    self._count_skips(flags.bad)
+        bad: list[tuple[int, int]] = []
+        for items in to_host.values():  # one read per device
+            values = items[0][1].bad.tolist() if len(items) == 1 else torch.cat([f.bad.reshape(-1) for _, f in items]
+                                                                                  ).tolist()
+            values = values if isinstance(values, list) else [values]
+            for gi, flags in items:
+                n = flags.bad.numel()
+                got = [b if isinstance(b, bool) else not math.isfinite(b) for b in values[:n]]
+                bad += [(gi, i) for i, b in zip(flags.indices, got * len(flags.indices) if n == 1 else got) if b]
+                values = values[n:]
         if not bad:
-            return set()
-        return self.refuse_nonfinite(bad)
-
-    def refuse_nonfinite(self, bad: list[tuple[int, int]]) -> set[tuple[int, int]]:
-        """Apply the non-finite policy to the (group, index) pairs whose gradient is not finite: raise for
-        the first one in a "raise" group, naming it (nothing has been updated yet); else skip them all."""
-        for gi, index in sorted(bad):
+            return
+        bad.sort()
+        grads = [self.param_groups[gi]["params"][i].grad for gi, i in bad]
+        # a flagged norm may only have overflowed on finite values: look again, exactly (this path syncs anyway)
+        really = [w for w, ok in zip(bad, exactly_finite(grads)) if not ok]
+        for gi, index in really:
             group = self.param_groups[gi]
-            if group.get("nonfinite", "raise") != "skip":
+            if group.get("nonfinite", "skip") == "raise":
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
                     f"{self.param_name(group, index)}; nothing was updated. Pass nonfinite='skip' to skip such "
-                    "tensors instead"
-                )
-        return set(bad)
+                    "tensors instead (the default)")
+        self._skipped = set(really)
+        self._count_skips(len(self._skipped))
+
+    def device_flags(self, group: dict[str, Any]) -> list[GradFlags]:
+        """This step's gated flags of ``group`` (empty when none stayed on the device)."""
+        group_index = next((i for i, g in enumerate(self.param_groups) if g is group), -1)
+        return getattr(self, "_gated", {}).get(group_index, [])
+
+    def _count_skips(self, bad: Tensor | int) -> None:
+        counts = self.__dict__.setdefault("_skip_counts", {})
+        if isinstance(bad, int):
+            counts["host"] = counts.get("host", 0) + bad
+            return
+        device = bad.device
+        total = bad.sum()
+        counts[device] = total if device not in counts else counts[device].add_(total)
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Tensor-steps skipped so far because a gradient held a NaN or an inf ("skip" groups). Reading it
+        waits for the device (a host sync): read it when you log."""
+        return sum(int(v) for v in self.__dict__.get("_skip_counts", {}).values())
 
     # -- helpers ------------------------------------------------------------------------------------
     def param_name(self, group: dict[str, Any], index: int) -> str:
@@ -378,7 +482,7 @@ class SlimOptimizer(Optimizer):
                    if k.startswith("param_") and isinstance(v, (list, tuple)) and len(v) == len(params)]
         probe = object.__new__(type(self))  # copy.copy would go through Optimizer.__getstate__
         probe.__dict__.update(self.__dict__)
-        probe._skipped = set()
+        probe._skipped, probe._gated = set(), {}
         layouts: dict[str, Any] = {}
         result = []
         for index, p in enumerate(params):

@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = [
     "COMM",
     "column_sq_sums",
+    "exactly_finite",
     "finite_flags",
     "full",
     "global_shape",
@@ -49,6 +50,7 @@ __all__ = [
     "local_part",
     "local_rows",
     "local_slice",
+    "nonfinite_flags",
     "partial_sums",
     "rebind_params",
     "row_sq_sums",
@@ -288,33 +290,59 @@ def local_part(whole: Tensor, t: Tensor) -> Tensor:
     return whole
 
 
-def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
-    """Whether each gradient is free of NaN and inf, everywhere: one device sync per device, and one
-    all-reduce (MIN) of the flags of sharded gradients so that every rank agrees on every tensor."""
-    per_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
-    for i, g in enumerate(grads):
-        g_local = local(g)
-        where, flags = per_device.setdefault(g_local.device, ([], []))
-        where.append(i)
-        # min and max are finite iff every element is (NaN propagates): exact, and ~8x cheaper on CPU
-        # than isfinite(g).all(), which writes a bool tensor the size of g (Adam-mini helper's edit)
-        flags.append(torch.isfinite(torch.stack(torch.aminmax(g_local))).all() if g_local.numel()
-                     else torch.ones((), dtype=torch.bool, device=g_local.device))
-    out = [True] * len(grads)
+def nonfinite_flags(grads: Sequence[Tensor]) -> Tensor:
+    """One flag per gradient, on the gradients' device, True where it holds a NaN or an inf; no host sync.
+
+    The gradients share one device and dtype. One multi-tensor l2 norm (``torch._foreach_norm``: NaN and
+    inf propagate into it) covers them all; a norm that overflows (finite entries above ~1.8e19 in fp32 or
+    bf16) counts as non-finite too, which callers that must be exact check again on the host
+    (:func:`exactly_finite`). Sharded gradients are completed across the ranks of their mesh by one
+    all-reduce (MAX) of their flags, so that every rank decides alike for every tensor.
+    """
+    if not grads:
+        raise ValueError("nonfinite_flags: no gradients")
+    norms = torch.stack(torch._foreach_norm([local(g) for g in grads], 2))
+    bad = torch.sub(norms, norms).ne(0)  # x - x is NaN exactly for NaN and inf: 2 launches (isfinite takes 4)
     meshes: dict[int, tuple[Tensor, list[int]]] = {}
     for i, g in enumerate(grads):
         if is_sharded(g):
             meshes.setdefault(id(g.device_mesh), (g, []))[1].append(i)
-    stacked: dict[torch.device, Tensor] = {d: torch.stack(f) for d, (_, f) in per_device.items()}
-    position = {i: (d, k) for d, (where, _) in per_device.items() for k, i in enumerate(where)}
-    for example, indices in meshes.values():  # sharded grads: agree across the ranks of their mesh
-        flags = torch.stack([stacked[position[i][0]][position[i][1]] for i in indices]).to(torch.int32)
-        _all_reduce(flags, example, shard_mesh_dims(example), dist.ReduceOp.MIN, "finite")
-        for i, ok in zip(indices, flags.tolist()):
-            stacked[position[i][0]][position[i][1]] = bool(ok)
-    for device, (where, _) in per_device.items():  # one sync per device
-        for i, ok in zip(where, stacked[device].tolist()):
-            out[i] = bool(ok)
+    for example, indices in meshes.values():
+        flags = bad[indices].to(torch.int32)
+        _all_reduce(flags, example, shard_mesh_dims(example), dist.ReduceOp.MAX, "finite")
+        bad[indices] = flags.bool()
+    return bad
+
+
+def exactly_finite(grads: Sequence[Tensor]) -> list[bool]:
+    """Whether each gradient holds no NaN and no inf, exactly, read on the host (a sync on a GPU): min and
+    max are finite iff every element is (exact, and much cheaper on CPU than ``isfinite(g).all()``).
+    Sharded gradients agree across their ranks (one all-reduce, MIN): every rank must call this for the
+    same tensors."""
+    out = []
+    for g in grads:
+        part = local(g)
+        ok = (torch.isfinite(torch.stack(torch.aminmax(part))).all() if part.numel()
+              else torch.ones((), dtype=torch.bool, device=part.device)).to(torch.int32).reshape(1)
+        if is_sharded(g):
+            _all_reduce(ok, g, shard_mesh_dims(g), dist.ReduceOp.MIN, "finite")
+        out.append(bool(ok.item()))
+    return out
+
+
+def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """Whether each gradient is free of NaN and inf, everywhere, read on the host: :func:`nonfinite_flags`
+    per device and dtype (one sync per device), and an exact look (:func:`exactly_finite`) at the ones
+    flagged, whose norm may only have overflowed. Ranks holding shards of one tensor agree."""
+    out = [True] * len(grads)
+    subsets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, g in enumerate(grads):
+        subsets.setdefault((local(g).device, g.dtype), []).append(i)
+    flagged = []
+    for indices in subsets.values():
+        flagged += [i for i, bad in zip(indices, nonfinite_flags([grads[i] for i in indices]).tolist()) if bad]
+    for i, ok in zip(sorted(flagged), exactly_finite([grads[i] for i in sorted(flagged)])):
+        out[i] = ok
     return out
 
 

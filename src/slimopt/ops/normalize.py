@@ -195,8 +195,9 @@ def sinkgd_update_stacked_(params: Sequence[Tensor], grads: Sequence[Tensor], it
                            scale: float = 1.0, decay: float | Tensor | None = None, eps: float = 1e-8, *,
                            stack: Tensor, gram: Tensor, gram_t: Tensor | None = None,
                            updates: Sequence[Tensor] | None = None, gram_rows: Sequence[Tensor] | None = None,
-                           grads_finite: bool = False) -> None:
+                           grads_finite: bool = False) -> Tensor:
     """SinkGD on k same-shaped matrices: ``W <- W * decay - lr scale SR-Sinkhorn(G, iters)``, in place.
+    Returns which matrices were left alone (bool, (k, 1, 1), on the device: see below).
 
     ``decay`` is the weight-decay factor 1 - lr scale wd (None: no decay). ``lr`` (and ``decay``) may be
     0-d tensors (a scheduled lr: never read on the host); ``lr`` and ``scale`` are applied as two
@@ -247,6 +248,7 @@ def sinkgd_update_stacked_(params: Sequence[Tensor], grads: Sequence[Tensor], it
         stack.nan_to_num_(0.0, 0.0, 0.0)  # a non-finite G times its zeroed scales
     factors = None if decay is None else decay_factors(total, decay, bad)
     add_stacked_(params, stack, factors, work=gram, updates=updates, work_rows=gram_rows)
+    return bad
 
 
 def decay_factors(like: Tensor, decay: float | Tensor, skip: Tensor) -> Tensor:

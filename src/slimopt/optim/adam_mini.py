@@ -31,7 +31,6 @@ all-reduce per tensor).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -41,6 +40,7 @@ from torch import Tensor
 
 from ..core.base import (
     STEP_BYTES,
+    GradFlags,
     SlimOptimizer,
     as_param_groups,
     check_betas,
@@ -49,8 +49,14 @@ from ..core.base import (
     check_positive,
     placeholder_names,
 )
-from ..core.distributed import finite_flags, is_sharded, local, local_offset, sq_sum, sq_sums_along
-from ..ops.blockstats import adam_mini_foreach, adam_mini_step, block_mean_sq, block_sq_sums, block_state_shape
+from ..core.distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
+from ..ops.blockstats import (
+    adam_mini_foreach,
+    adam_mini_step,
+    block_mean_sq,
+    block_sq_sums,
+    block_state_shape,
+)
 from ..plans.param_plan import ROLES, BlockFacts, ParamInfo, ParamPlan, RuleSet
 
 __all__ = ["ADAM_MINI", "AdamMini", "adam_mini_layout", "comm_bytes", "state_bytes_formula"]
@@ -186,7 +192,8 @@ class AdamMini(SlimOptimizer):
             are decayed, as upstream).
         exp_avg_dtype: dtype of ``m``; ``None`` keeps the parameter's dtype, ``torch.bfloat16`` halves
             it for fp32 parameters. ``v`` is always float32 (``mean(g²)`` underflows in bf16).
-        nonfinite: ``"raise"`` or ``"skip"`` for NaN/inf gradients (see ``SlimOptimizer``).
+        nonfinite: ``"skip"`` (default) or ``"raise"`` (a host sync per step) for NaN/inf gradients (see
+            ``SlimOptimizer``).
         foreach: ``True`` or ``None`` (default): step the tensors of a group together, a fixed number of
             launches per step (``torch._foreach_*`` ops; step counters live on the tensors' device).
             ``False``: the per-tensor reference path (step counters on the CPU, as torch's for-loop AdamW).
@@ -200,7 +207,7 @@ class AdamMini(SlimOptimizer):
                  num_kv_heads: int | None = None, head_dim: int | None = None, hidden_size: int | None = None,
                  config: Any = None, overrides: Mapping[str, str] | None = None,
                  no_decay_roles: tuple[str, ...] = ("norm", "bias"), exp_avg_dtype: Any = None,
-                 nonfinite: str = "raise", foreach: bool | None = None, _plan: ParamPlan | None = None) -> None:
+                 nonfinite: str = "skip", foreach: bool | None = None, _plan: ParamPlan | None = None) -> None:
         check_lr(lr)
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
@@ -312,7 +319,7 @@ class AdamMini(SlimOptimizer):
             if state["step"].device != local(p).device:  # a loaded state dict, or one from the reference path
                 state["step"] = state["step"].to(local(p).device)
             steps.append(state["step"])
-        prepared = getattr(self, "_sq_sums", {}).pop((id(group), key), None)
+        prepared = self.__dict__.get("_sq_sums", {}).pop((id(group), key), None)
         adam_mini_foreach([local(p) for _, p, _ in items], [local(g) for _, _, g in items],
                           [local(self.state[p]["exp_avg"]) for _, p, _ in items],
                           [local(self.state[p]["exp_avg_sq"]) for _, p, _ in items], steps,
@@ -339,42 +346,31 @@ class AdamMini(SlimOptimizer):
                        mean_sq=mean_sq, offset=offset, full_shape=full_shape)
 
     # -- the non-finite check, from the block sums the step needs anyway --------------------------------
-    def _check_finite(self) -> set[tuple[int, int]]:
-        """As ``SlimOptimizer._check_finite`` (same policies, same errors), but for the multi-tensor path
-        from the block sums of g² (``block_sq_sums``), computed here once for the step to use: one flag per
-        group and device, one device sync for all of them. A sum is non-finite when a gradient holds NaN or
-        inf (or squares beyond float32's range); only then are that group's tensors checked one by one.
-        FSDP2 shards and the per-tensor path are checked as the base class does."""
-        self._sq_sums: dict[Any, tuple[tuple[int, ...], Tensor]] = {}
+    def nonfinite_flags(self, group: dict[str, Any]) -> list[GradFlags]:
+        """The non-finite check (``SlimOptimizer``), for the multi-tensor path from the block sums of g²
+        (``block_sq_sums``), computed here once for the step to use: a tensor's total is non-finite exactly
+        when its gradient holds NaN or inf (or squares beyond float32's range). FSDP2 shards and the
+        per-tensor path: the default check."""
+        sq_sums = self.__dict__.setdefault("_sq_sums", {})  # taken by the update (stale ones: replaced)
+        indices = self.checked_indices(group)
         if not getattr(self, "foreach", True):
-            return super()._check_finite()
-        where, grads = [], []  # checked per tensor
-        pending: dict[torch.device, list[tuple[Tensor, int, list[int], list[Tensor]]]] = {}
-        for gi, group in enumerate(self.param_groups):
-            subgroups: dict[Any, tuple[list[int], list[Tensor]]] = {}
-            for index, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None or grad.layout != torch.strided or grad.is_complex() or p.is_complex():
-                    continue
-                if self._together(p):
-                    indices, gs = subgroups.setdefault(_subgroup(grad), ([], []))
-                    indices.append(index)
-                    gs.append(local(grad))
-                else:
-                    where.append((gi, index))
-                    grads.append(grad)
-            for key, (indices, gs) in subgroups.items():
-                sq = block_sq_sums(gs, [group["param_layouts"][i] for i in indices])
-                self._sq_sums[(id(group), key)] = (tuple(indices), sq)
-                pending.setdefault(gs[0].device, []).append((sq.sum(), gi, indices, gs))
-        bad = [w for w, ok in zip(where, finite_flags(grads)) if not ok] if grads else []
-        for items in pending.values():
-            # the step's one device sync: the groups' totals of g² (a 0-d .tolist() dispatches no op)
-            totals = [items[0][0].tolist()] if len(items) == 1 else torch.stack([it[0] for it in items]).tolist()
-            for (_, gi, indices, gs), total in zip(items, totals):
-                if not math.isfinite(total):  # which tensors, exactly
-                    bad += [(gi, i) for i, fine in zip(indices, finite_flags(gs)) if not fine]
-        return self.refuse_nonfinite(bad)
+            return self.default_flags(group, indices)
+        alone, subgroups = [], {}
+        for index in indices:
+            p = group["params"][index]
+            if p.is_complex() or not self._together(p):
+                alone.append(index)
+            else:
+                subgroups.setdefault(_subgroup(p.grad), []).append(index)
+        out = self.default_flags(group, alone) if alone else []
+        for key, idx in subgroups.items():
+            grads = [local(group["params"][i].grad) for i in idx]
+            layouts = [group["param_layouts"][i] for i in idx]
+            sq = block_sq_sums(grads, layouts)
+            sq_sums[(id(group), key)] = (tuple(idx), sq)
+            # one value for the subgroup (not gated), non-finite iff some gradient is: the base looks closer then
+            out.append(GradFlags(idx, sq.sum(), False))
+        return out
 
 
 def _subgroup(grad: Tensor) -> tuple[torch.device, torch.dtype]:

@@ -34,14 +34,13 @@ A step in few launches, and no host sync in the update:
 * the AdamW tensors of a group and device go through one fused multi-tensor kernel
   (``slimopt.ops.adamw.adamw_multi``), their step counters through one multi-tensor add; a counter lives
   on its parameter's accelerator (as torch's fused AdamW keeps it), on the CPU for CPU parameters;
-* the non-finite check (``_check_finite``) is one multi-tensor reduction per param group and device.
-  ``nonfinite="raise"`` reads the result back once per step (it must raise before anything changes);
-  ``"skip"`` reads nothing back: a matrix whose gradient or update is non-finite is left unchanged by
-  the matrix update itself, branch-free, and the AdamW tensors of a "skip" group and device skip the
-  step together when any of their gradients is non-finite (fused AdamW's ``found_inf``; telling them
-  apart would need the flags on the host or a launch per tensor). With every group on "skip", a step
-  has no host sync and can be captured in a CUDA graph (with a tensor lr on the device). Sharded
-  (DTensor) gradients take the base class's per-tensor check, whose ranks agree (one sync).
+* the non-finite policy is the base class's (``SlimOptimizer``); this class's hook needs no check at all for a
+  "skip" matrix group: a matrix whose gradient or update is non-finite is left unchanged by the matrix update
+  itself, branch-free, and the AdamW tensors of a "skip" group and device skip the step together when any of
+  their gradients is non-finite (its flags, on the device, become fused AdamW's ``found_inf``; telling them
+  apart would need the flags on the host or a launch per tensor). With every group on "skip" (the default), a
+  step has no host sync and can be captured in a CUDA graph (with a tensor lr on the device). A "raise" group's
+  flags are read back once per step (it must raise before anything changes).
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ import torch
 from torch import Tensor
 
 from ..core.base import (
+    GradFlags,
     SlimOptimizer,
     check_betas,
     check_choice,
@@ -62,7 +62,6 @@ from ..core.base import (
     check_nonnegative,
     placeholder_names,
 )
-from ..core.distributed import is_dtensor
 from ..ops.adamw import adamw_multi
 from ..plans.param_plan import BlockFacts, ParamInfo, ParamPlan, RuleSet
 from .adamw import adamw_state_bytes
@@ -169,13 +168,6 @@ def _as_matrix(t: Tensor, out_dim: int) -> Tensor:
     return t.view(t.shape[0], -1)
 
 
-def _norms(tensors: list[Tensor]) -> list[Tensor]:
-    """The l2 norm of each tensor (same device and dtype), one multi-tensor launch. Non-finite exactly
-    when the tensor has a NaN or inf, or when its squares overflow (a norm above ~1.8e19 in fp32/bf16).
-    (max |g| would be exact, but torch's CPU kernel for it is ~20x slower than the l2 norm's.)"""
-    return list(torch._foreach_norm(tensors, 2))
-
-
 def _step_device(p: Tensor) -> torch.device:
     """Where a tensor's AdamW step counter lives: on its accelerator (as torch's fused AdamW keeps it: no
     copy per step, capturable), on the CPU for CPU (and shape-only "meta") tensors."""
@@ -214,8 +206,6 @@ class HybridStatelessOptimizer(SlimOptimizer):
         self.plan: ParamPlan | None = None
         self._scratch: dict[torch.device, Tensor] = {}
         self._workspaces: dict[tuple[Any, ...], Any] = {}  # (device, key) -> views into _scratch[device]
-        self._found_inf: dict[tuple[int, torch.device], Tensor] = {}  # this step's "skip" AdamW flags
-        self._grads_checked = False  # this step's gradients were all checked finite on the host
         self._views: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # id(p) -> (p, its matrix view)
         super().__init__(params, defaults)
 
@@ -334,11 +324,6 @@ class HybridStatelessOptimizer(SlimOptimizer):
         device. A method that handles a tall matrix as its transpose may key on the sorted shape."""
         return tuple(view.param.shape), view.param.dtype, str(view.param.device)
 
-    def grads_checked(self, group: dict[str, Any]) -> bool:
-        """Whether every gradient this step hands to ``update_matrices`` for ``group`` was checked finite
-        on the host ("raise" groups, and any group when the base class's per-tensor check ran)."""
-        return self._grads_checked or group.get("nonfinite", "raise") != "skip"
-
     def _matrix_view(self, group: dict[str, Any], index: int, p: Tensor, grad: Tensor) -> MatrixView:
         """The (rows, cols) view of ``p`` (rows: output neurons) and of its gradient, with the tensor's state.
 
@@ -440,8 +425,13 @@ class HybridStatelessOptimizer(SlimOptimizer):
             for target, value in zip(lists, (p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
                 target.append(value)
         beta1, beta2 = group["adamw_betas"]
+        found: dict[torch.device, Tensor] = {}  # "skip": any gradient of the group on that device non-finite
+        for flags in self.device_flags(group):
+            device = flags.bad.device
+            seen = flags.bad.any()
+            found[device] = seen if device not in found else found[device].logical_or_(seen)
         for device, (params, grads, exp_avgs, exp_avg_sqs, steps) in per_device.items():
-            found_inf = self._found_inf.get((id(group), device))
+            found_inf = found[device].to(torch.float32) if device in found else None
             if found_inf is None:
                 torch._foreach_add_(steps, 1)
             else:  # a skipped step leaves the counters as they were
@@ -451,61 +441,23 @@ class HybridStatelessOptimizer(SlimOptimizer):
                         found_inf=found_inf)
 
     # -- the non-finite check -------------------------------------------------------------------------
-    def _check_finite(self) -> set[tuple[int, int]]:
-        """The non-finite policy with one multi-tensor reduction per param group and device (the l2 norm
-        of every gradient, ``torch._foreach_norm``, in which NaN and inf propagate).
+    def nonfinite_flags(self, group: dict[str, Any]) -> list[GradFlags]:
+        """The non-finite check (``SlimOptimizer``): a "skip" matrix group needs none (the matrix update leaves a
+        matrix whose update comes out non-finite unchanged, per matrix, on the device); a "skip" AdamW group's
+        flags stay on the device, where they become fused AdamW's ``found_inf`` (its tensors on that device skip
+        the step together: telling them apart would need the flags on the host or a launch per tensor). A
+        "raise" group's flags are read back by the base class (the one host sync of such a step)."""
+        if not self.checks_nonfinite(group):
+            return []
+        return self.default_flags(group, self.checked_indices(group), gated=group.get("nonfinite", "skip") == "skip")
 
-        "raise" groups: the norms of all of them are read back once (the one host sync of a step); a
-        non-finite norm is looked at again (max and min, exact: a norm can overflow on finite values),
-        and a non-finite gradient raises naming the parameter, before anything changes. "skip" AdamW
-        groups: the flag stays on the device, as fused AdamW's ``found_inf`` (the group's AdamW tensors on
-        that device skip the step together; a gradient norm overflowing fp32, above ~1.8e19, counts as
-        non-finite there: its square would overflow AdamW's second moment anyway). "skip" matrix groups:
-        nothing here; the stacked matrix update leaves a matrix whose update is non-finite (as a
-        non-finite gradient makes it) unchanged, per matrix. A DTensor gradient anywhere: the base class's
-        per-tensor check (ranks agree; one sync).
-        """
-        self._found_inf = {}
-        self._grads_checked = False
-        if any(p.grad is not None and is_dtensor(p.grad) for g in self.param_groups for p in g["params"]):
-            self._grads_checked = True
-            return super()._check_finite()
-        Lists = dict[tuple[torch.device, torch.dtype], tuple[list[tuple[int, int]], list[Tensor]]]
-        checked: Lists = {}  # every "raise" group's gradients together: one reduction per device and dtype
-        for gi, group in enumerate(self.param_groups):
-            skip = group.get("nonfinite", "raise") == "skip"
-            if skip and group.get("update") == STATELESS:
-                continue
-            lists: Lists = {} if skip else checked
-            for index, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None or grad.layout != torch.strided or grad.is_complex() or grad.numel() == 0:
-                    continue  # sparse and complex gradients are refused by name in the update
-                where, tensors = lists.setdefault((grad.device, grad.dtype), ([], []))
-                where.append((gi, index))
-                tensors.append(grad)
-            if skip:
-                for (device, _), (_, tensors) in lists.items():
-                    total = torch.stack(_norms(tensors)).amax()  # finite iff every norm is (NaN propagates)
-                    bad = torch.sub(total, total).ne_(0)  # x - x is NaN for NaN and inf: 1.0 there, else 0.0
-                    previous = self._found_inf.get((id(group), device))
-                    self._found_inf[(id(group), device)] = bad if previous is None else previous.maximum(bad)
-        per_device: dict[torch.device, tuple[list[tuple[int, int]], list[Tensor]]] = {}
-        for (device, _), (where, tensors) in checked.items():
-            entry = per_device.setdefault(device, ([], []))
-            entry[0].extend(where)
-            entry[1].extend(_norms(tensors))
-        for where, norms in per_device.values():
-            for (gi, index), norm in zip(where, torch.stack(norms).tolist()):  # the one host read
-                group = self.param_groups[gi]
-                grad = group["params"][index].grad
-                # an overflowing norm of finite values is no reason to raise: look again, exactly
-                if not math.isfinite(norm) and not torch.isfinite(torch.stack(torch.aminmax(grad))).all():
-                    raise FloatingPointError(
-                        f"{type(self).__name__}: non-finite gradient (NaN or inf) for parameter "
-                        f"{self.param_name(group, index)}; nothing was updated. Pass nonfinite='skip' to skip "
-                        "such tensors instead")
-        return set()
+    def checks_nonfinite(self, group: dict[str, Any]) -> bool:
+        return not (group.get("nonfinite", "skip") == "skip" and group.get("update") == STATELESS)
+
+    def grads_checked(self, group: dict[str, Any]) -> bool:
+        """Whether every gradient this step hands to ``update_matrices`` for ``group`` was checked finite on the
+        host (a "raise" group's): else a non-finite one may come, which the update must leave alone itself."""
+        return group.get("nonfinite", "skip") == "raise"
 
     # -- reporting --------------------------------------------------------------------------------------
     def routing_table(self) -> str:

@@ -37,11 +37,13 @@ import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..core.base import (
     STEP_BYTES,
+    GradFlags,
     SlimOptimizer,
     check_betas,
     check_choice,
@@ -50,9 +52,10 @@ from ..core.base import (
     check_positive_int,
     check_range,
 )
-from ..core.distributed import finite_flags, is_dtensor, local, padded_local, shard_state
+from ..core.distributed import is_dtensor, local, padded_local, shard_state
 from ..ops.microadam_window import BIAS_CORRECTIONS, apply_window_update_, window_weights
 from ..ops.quant import bucket_ranges, dequantize_4bit, num_buckets, quantize_4bit, quantize_scratch_size
+from ..ops.tables import upload
 from ..ops.topk import MAX_BLOCK_SIZE, BlockLayout, block_layout, block_starts, block_topk_fast, k_for
 from ..plans.param_plan import ParamInfo
 
@@ -103,13 +106,14 @@ class MicroAdam(SlimOptimizer):
             than ``"paper"`` at the end of either committed comparison (pre-training 1.434x vs 1.412x AdamW,
             within the seeds' spread; fine-tuning 1.048x vs 1.044x), better only in the middle of the
             fine-tuning, so ``"paper"`` is the default.
-        nonfinite: ``"raise"`` or ``"skip"`` a tensor whose gradient has NaN/inf (see SlimOptimizer).
+        nonfinite: ``"skip"`` (default: on the device, no host sync) or ``"raise"`` (a host sync per step) on a
+            tensor whose gradient has NaN/inf (see ``SlimOptimizer``).
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, m: int = 10, k_init: float = 0.01,
                  quant_block_size: int = 64, *, topk_block_size: int = 4096, backend: str = "auto",
-                 bias_correction: str = "paper", nonfinite: str = "raise") -> None:
+                 bias_correction: str = "paper", nonfinite: str = "skip") -> None:
         # backend is a group setting, not an attribute, so that it survives pickling and deepcopy
         # (torch's Optimizer.__getstate__ keeps only defaults, state and param groups)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m, k_init=k_init,
@@ -187,33 +191,19 @@ class MicroAdam(SlimOptimizer):
                 and p.is_contiguous() and not is_dtensor(p) and self._use_triton(p, group))
 
     @torch.compiler.disable  # launches Triton kernels and reads tables on the host, as update_group
-    def _check_finite(self) -> set[tuple[int, int]]:
-        """SlimOptimizer's check, except for the tensors of the group launches: their first launch checks them
-        on the device, and a "skip" group's launches then leave a bad tensor and its state alone by
-        themselves (no host sync); a "raise" group reads the flags back once per batch, before any update."""
-        where: list[tuple[int, int]] = []
-        grads: list[Tensor] = []
-        on_device = []
-        for gi, group in enumerate(self.param_groups):
-            batches = self._group_batches(group)
-            for index, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None or grad.layout != torch.strided or grad.is_complex():
-                    continue
-                if batches is not None and batches.takes(p, grad):
-                    continue
-                where.append((gi, index))
-                grads.append(grad)
-            if batches is not None:
-                for batch in batches.batches:
-                    flags = batch.check(self.state)
-                    if group.get("nonfinite", "raise") != "skip" and flags is not None:
-                        on_device.append((gi, batch, flags))
-        bad = [w for w, ok in zip(where, finite_flags(grads)) if not ok]
-        for gi, batch, flags in on_device:  # one sync per batch, as finite_flags per device
-            ok = flags.tolist()
-            bad += [(gi, batch.indices[i]) for i, present in enumerate(batch.present) if present and not ok[i]]
-        return self.refuse_nonfinite(bad)
+    def nonfinite_flags(self, group: dict[str, Any]) -> list[GradFlags]:
+        """The non-finite check (``SlimOptimizer``): the tensors of the group launches are checked by their first
+        launch, on the device, and those launches leave a bad tensor and its state alone by themselves (gated:
+        no host sync under "skip"); the others by the default multi-tensor norm."""
+        batches = self._group_batches(group)
+        alone = [i for i in self.checked_indices(group)
+                 if batches is None or not batches.takes(group["params"][i], group["params"][i].grad)]
+        out = self.default_flags(group, alone) if alone else []
+        for batch in batches.batches if batches is not None else ():
+            ok = batch.check(self.state)
+            if ok is not None:
+                out.append(GradFlags(batch.indices, batch.skipped(ok), True))
+        return out
 
     # -- the step -------------------------------------------------------------------------------------
     # Not traced by torch.compile: the step is data-dependent Top-K over chunk loops with integer ages,
@@ -292,6 +282,7 @@ class _TritonBatch:
         self.known_steps: dict[int, Tensor] = {}  # step counters whose values are <= runner.bound
         self.present: list[bool] = [False] * len(params)
         self._floats: dict[int, tuple[Tensor, int, float]] = {}
+        self._present_masks: dict[tuple[bool, ...], Tensor] = {}
 
     def _stale(self, optimizer_state: Any) -> bool:
         for i, p in enumerate(self.params):
@@ -349,6 +340,19 @@ class _TritonBatch:
             self.runner.discard_check()
             return None
         return self.runner.check(grads)
+
+    def skipped(self, ok: Tensor) -> Tensor:
+        """The tensors a "skip" step leaves alone, from ``check``'s flags (0: no gradient or a NaN/inf): those
+        with a gradient and a flag of 0 (bool, on the device; the mask of present ones is uploaded without a
+        sync, once per pattern)."""
+        bad = ok.eq(0)
+        if all(self.present):
+            return bad
+        key = tuple(self.present)
+        mask = self._present_masks.get(key)
+        if mask is None:
+            mask = self._present_masks[key] = upload(np.array(key, dtype=np.bool_), self.runner.device)
+        return bad.logical_and_(mask)
 
     def _float(self, x: Any) -> float:
         """A hyperparameter as a Python float; a tensor is read once per value (its version), not per step."""

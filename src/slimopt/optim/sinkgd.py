@@ -62,7 +62,7 @@ class SinkGD(HybridStatelessOptimizer):
         conv_as_matrix: update 3-D+ weights (convolutions) as (out, in*kh*kw) matrices instead of AdamW.
         triton: deprecated and ignored (a ``FutureWarning``): the Triton twin of the per-matrix kernel was
             2.3x slower than the torch path on an H200, and the stacked torch path is the fast one now.
-        nonfinite: ``"raise"`` (default) or ``"skip"`` tensors whose gradient has a NaN/inf (see
+        nonfinite: ``"skip"`` (default) or ``"raise"`` on tensors whose gradient has a NaN/inf (see
             ``slimopt.optim.hybrid`` for what "skip" does without a host sync).
     """
 
@@ -70,7 +70,7 @@ class SinkGD(HybridStatelessOptimizer):
                  weight_decay: float = 0.0, eps: float = 1e-8, *, adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float | None = None, conv_as_matrix: bool = False, triton: bool | None = None,
-                 nonfinite: str = "raise") -> None:
+                 nonfinite: str = "skip") -> None:
         check_positive_int("iters", iters)
         check_positive("scale", scale)
         check_positive("eps", eps)
@@ -101,9 +101,11 @@ class SinkGD(HybridStatelessOptimizer):
             k = len(chunk)
             stack, gram, gram_t, stack_rows, gram_rows = self.workspace(
                 device, ("sinkgd", k, m, n), 2 * k * m * n, _stacks(k, m, n))
-            sinkgd_update_stacked_([v.param for v in chunk], [v.grad for v in chunk], group["iters"], group["lr"],
-                                   group["scale"], decay, group["eps"], stack=stack, gram=gram, gram_t=gram_t,
-                                   updates=stack_rows, gram_rows=gram_rows, grads_finite=self.grads_checked(group))
+            left_alone = sinkgd_update_stacked_(
+                [v.param for v in chunk], [v.grad for v in chunk], group["iters"], group["lr"], group["scale"], decay,
+                group["eps"], stack=stack, gram=gram, gram_t=gram_t, updates=stack_rows, gram_rows=gram_rows,
+                grads_finite=self.grads_checked(group))
+            self._count_skips(left_alone)
 
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: None) -> None:
         """The reference: one matrix, ``sinkhorn_scales`` + ``add_scaled_``; a non-finite result (its
@@ -117,6 +119,7 @@ class SinkGD(HybridStatelessOptimizer):
                                shape=global_shape(grad), out=scratch)  # SR-Sinkhorn(G, L) = diag(r) G diag(c)
         # c is the whole column vector on every rank (the same there), and a NaN in r reaches it
         ok = torch.isfinite(c.sum())
+        self._count_skips(ok.logical_not())
         if group["weight_decay"] != 0:
             param_local.mul_(torch.where(ok, 1 - step_size * group["weight_decay"], 1.0))
         if not self.grads_checked(group):  # a non-finite G times the zeroed scales would still be NaN

@@ -89,14 +89,14 @@ class SWAN(HybridStatelessOptimizer):
         eps: guards the row standard deviations and norms (zero rows stay zero).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW fallback's hyper-parameters.
         conv_as_matrix: update 3-D+ weights (convolutions) as (out, in*kh*kw) matrices instead of AdamW.
-        nonfinite: ``"raise"`` (default) or ``"skip"`` tensors whose gradient has a NaN/inf.
+        nonfinite: ``"skip"`` (default) or ``"raise"`` on tensors whose gradient has a NaN/inf (see ``SlimOptimizer``).
     """
 
     def __init__(self, params: Any, lr: float | Tensor = 0.02, ns_iters: int = DEFAULT_ITERS, scale: float = 0.05,
                  rescale: bool = True, weight_decay: float = 0.0, eps: float = 1e-8, *,
                  adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.999),
                  adamw_eps: float = 1e-8, adamw_weight_decay: float | None = None,
-                 conv_as_matrix: bool = False, nonfinite: str = "raise") -> None:
+                 conv_as_matrix: bool = False, nonfinite: str = "skip") -> None:
         check_positive_int("ns_iters", ns_iters)
         check_positive("scale", scale)
         check_positive("eps", eps)
@@ -149,7 +149,8 @@ class SWAN(HybridStatelessOptimizer):
         # the per-matrix factor: -lr scale sqrt(hw) / ||X||_F (rescale) or -lr scale; NaN for a matrix whose
         # update has a NaN or inf (its norm is then NaN or inf), which nan_to_num turns into a zero update
         norm = torch.linalg.vector_norm(out, dim=(1, 2), keepdim=True)
-        bad = None if decay is None else torch.sub(norm, norm).ne(0)  # NaN or inf: no decay either
+        bad = torch.sub(norm, norm).ne(0)  # NaN or inf: left alone, no decay either
+        self._count_skips(bad)
         # (lr and scale multiply separately: a tensor lr and the same float give the same bits)
         if group["rescale"]:  # X <- sqrt(hw) X / ||X||_F, folded into the step
             factor = norm.clamp_min_(group["eps"]).reciprocal_().mul_(-group["scale"] * math.sqrt(h * w))
@@ -161,7 +162,7 @@ class SWAN(HybridStatelessOptimizer):
         if tall:
             v.copy_(x_tall_t)  # the tall matrices' updates in their own (rows, cols) layout
         params = [view.param for view in chunk]
-        factors = None if bad is None else decay_factors(factor, decay, bad)
+        factors = None if decay is None else decay_factors(factor, decay, bad)
         if sharded:  # each rank its own rows (FSDP2 shards the stored tensor's first dimension)
             for j, (view, update) in enumerate(zip(chunk, [*v_rows, *x_wide_rows])):
                 param = local_tensor(view.param)
@@ -169,7 +170,7 @@ class SWAN(HybridStatelessOptimizer):
                     param.mul_(factors[j])
                 param.add_(local_part(update, view.grad))
             return
-        if bad is None and all(p.dtype == torch.float32 for p in params):  # tall and wide in one launch
+        if factors is None and all(p.dtype == torch.float32 for p in params):  # tall and wide in one launch
             torch._foreach_add_(params, [*v_rows, *x_wide_rows])
             return
         if tall:
@@ -188,6 +189,7 @@ class SWAN(HybridStatelessOptimizer):
         param = local_tensor(param)
         update = swan_direction(full(grad), group["ns_iters"], group["rescale"], group["eps"])
         ok = torch.isfinite(update).all()  # the whole update, the same on every rank
+        self._count_skips(ok.logical_not())
         if group["weight_decay"] != 0:
             param.mul_(torch.where(ok, 1 - step_size * group["weight_decay"], 1.0))
         param.sub_(torch.where(ok, local_part(update, grad), 0.0).mul_(step_size))
