@@ -16,8 +16,8 @@ foreach AdamW, the baselines) with weight decay 0.01, takes two warm-up steps an
   arguments its schema marks as mutated; ``zero_``/``fill_``/``copy_`` write without reading). A Triton kernel
   reads each tensor argument once and writes it once more if its source stores through that argument (found in
   the kernel's AST, through local names and ``@triton.jit`` helpers). Tensors a kernel reaches through int64
-  address tables (``torch.from_numpy``/``torch.tensor`` of host integers, copied to the device, e.g. MicroAdam's
-  ``MultiTensorStep``) are found again from the addresses (FakeTensors get synthetic ``data_ptr()`` values) and
+  address tables (host integers copied to the device, e.g. MicroAdam's ``MultiTensorStep``) are found again
+  from the addresses (FakeTensors get synthetic ``data_ptr()`` values) and
   costed by ``TABLE_TRAFFIC`` for the kernels it lists, else generically (parameters and optimizer state read
   and written, gradients and anything else read).
 * **matmul FLOPs**, each matmul at fp32, TF32 (when ``torch.get_float32_matmul_precision()`` or the cuBLAS
@@ -84,7 +84,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
 )
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = ["H200", "BASELINES", "Calibration", "FakeCuda", "ForeachLimits", "FOREACH_4KB", "FOREACH_32KB",
@@ -512,6 +512,10 @@ class _Ledger:
         r.line_bytes[where] += nbytes
 
     def contents(self, t: torch.Tensor) -> np.ndarray | None:
+        """The values of an int64 host tensor (a real one), or of a fake copy made of one."""
+        if not isinstance(t, FakeTensor) and t.device.type == "cpu" and t.dtype == torch.int64:
+            with _disable_current_modes():  # else reading it dispatches to the fake mode
+                return np.array(t.numpy(), copy=True)
         entry = self.host_ints.get(id(t))
         return entry[1] if entry is not None and entry[0] is t else None
 
@@ -531,15 +535,19 @@ class _Dispatch(TorchDispatchMode):
         ledger = self.ledger
         op = func.overloadpacket.__name__
         frame = sys._getframe(1)
-        if op == "_pin_memory":  # fake mode has no pinned memory: an alias that remembers it is pinned
-            out = torch.empty_like(args[0])
+        if op == "_pin_memory":  # no pinned memory without CUDA: a copy that remembers it is pinned
+            if isinstance(args[0], FakeTensor):
+                out = torch.empty_like(args[0])
+            else:
+                with _disable_current_modes():
+                    out = args[0].clone()
             ledger.pinned[id(out)] = out
-            contents = ledger.contents(args[0])
-            if contents is not None:
-                ledger.keep_contents(out, contents)
             return out
         if op == "is_pinned":
             return id(args[0]) in ledger.pinned and ledger.pinned[id(args[0])] is args[0]
+        if _runs_on_host(op, args, kwargs):  # host-side work runs for real: its values are the real ones
+            with _disable_current_modes():
+                return func(*args, **kwargs)
         if op == "_local_scalar_dense":
             t = args[0]
             if t.device.type == "cuda":
@@ -765,8 +773,6 @@ class _PythonBindings(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if func in (torch.tensor, torch.as_tensor, torch.asarray) and args:
-            return _from_host(self.ledger, func, args, kwargs)
         if not (args and _is_fake_cuda(args[0])):
             return _on_cuda_zero(func, args, kwargs)
         t = args[0]
@@ -793,17 +799,6 @@ class _PythonBindings(TorchFunctionMode):
         return _on_cuda_zero(func, args, kwargs)
 
 
-def _from_host(ledger: _Ledger, func, args, kwargs) -> Any:
-    """A tensor made from host data (``torch.tensor``, ``torch.from_numpy`` ...): integers keep their values,
-    which may be the addresses of an address table (the fake tensor has no data to read them from)."""
-    out = _on_cuda_zero(func, args, kwargs)
-    data = args[0]
-    if isinstance(out, torch.Tensor) and out.dtype == torch.int64 and not isinstance(data, torch.Tensor):
-        with contextlib.suppress(TypeError, ValueError, OverflowError):
-            ledger.keep_contents(out, np.array(data, dtype=np.int64, copy=True))
-    return out
-
-
 def _on_cuda_zero(func, args, kwargs):
     """``func``; if its binding asked the (absent) CUDA runtime for the current device, again with ``cuda:0``
     named (the only fake device)."""
@@ -818,6 +813,26 @@ def _on_cuda_zero(func, args, kwargs):
             return torch.device("cuda", 0)
         return "cuda:0" if x == "cuda" else x
     return func(*tree_map(explicit, args), **tree_map(explicit, kwargs))
+
+
+_HOST_FACTORY_LIMIT = 1 << 24  # elements: a larger host allocation stays fake (no real memory)
+
+
+def _runs_on_host(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether an op only involves real host tensors (step counters, lr tensors, tables being built), so that
+    it may run for real: no fake tensor, no device other than the CPU, no large new tensor."""
+    leaves = tree_leaves((args, kwargs))
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    if any(isinstance(x, FakeTensor) or x.device.type != "cpu" for x in tensors):
+        return False
+    devices = [x for x in leaves if isinstance(x, (torch.device, str)) and x not in ("cpu",)]
+    if any(isinstance(d, torch.device) and d.type != "cpu" or isinstance(d, str) and d.split(":")[0] in
+           ("cuda", "meta") for d in devices):
+        return False
+    if not tensors:  # a factory: its size is the first list of ints
+        size = next((a for a in args if isinstance(a, (list, tuple, torch.Size))), ())
+        return all(isinstance(n, int) for n in size) and math.prod(size) <= _HOST_FACTORY_LIMIT
+    return True
 
 
 def _read_list(ledger: _Ledger, t: torch.Tensor, frame) -> Any:
@@ -1050,9 +1065,6 @@ class FakeCuda:
                     setattr(FakeTensor, k, v)
 
         FakeTensor.data_ptr = lambda t: book.address(t)
-        from_numpy = torch.from_numpy  # a torch function no mode sees: wrapped while the session lasts
-        torch.from_numpy = lambda array: _from_host(ledger, from_numpy, (array,), {})
-        stack.callback(setattr, torch, "from_numpy", from_numpy)
         FakeTensor.tolist = lambda t: (_read_list(ledger, t, sys._getframe(1)) if t.device.type == "cuda"
                                        else saved["tolist"](t))
         stack.callback(restore)
