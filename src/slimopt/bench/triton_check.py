@@ -3,9 +3,10 @@
 ``python -m slimopt.bench.triton_check`` (or ``slimopt bench triton-check``):
 
 1. **Record.** The optimizer steps of ``bench.gpu_estimate`` run on fake CUDA tensors (every registered optimizer
-   and dtype at the ``1b`` preset, and once more on one layer of it whose parameters are all non-contiguous, so
-   the one-tensor paths run too). At each Triton launch, Triton's own ``JITFunction.run`` binds the arguments
-   for each target (a stand-in driver names the GPU: ``GPUTarget("cuda", arch, 32)``) and hands its compile
+   and dtype at the ``1b`` preset, and once more on one layer of it whose matrices are transposed, so the
+   one-tensor paths for non-contiguous tensors run too). At each Triton launch, Triton's own
+   ``JITFunction.run`` binds the arguments for each target (a stand-in driver names the GPU:
+   ``GPUTarget("cuda", arch, 32)``) and hands its compile
    request (signature, constexprs, pointer and integer specialisation, options: ``specialization_data``) to
    ``knobs.runtime.jit_cache_hook``, which keeps it and stops the compile: nothing runs. The wrappers take their
    CUDA branches by themselves (the tensors are on ``cuda``).
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import io
 import json
 import multiprocessing
@@ -170,11 +172,11 @@ class Specialisations:
         key = f"{kernel.fn.__module__}:{name}:{arch}:{data}"
         job = self.found.get(key)
         if job is None:
-            job = self.found[key] = {"module": kernel.fn.__module__, "kernel": name, "arch": arch, "data": data,
-                                     "label": _label(data), "cases": []}
+            job = self.found[key] = {"key": key, "module": kernel.fn.__module__, "kernel": name, "arch": arch,
+                                     "data": data, "label": _label(data), "cases": [self.case]}
             if self.on_new is not None:
                 self.on_new(job)
-        if self.case not in job["cases"]:
+        elif self.case not in job["cases"]:
             job["cases"].append(self.case)
 
 
@@ -184,16 +186,16 @@ def _label(data: str) -> str:
     names = list(d["signature"])
     parts = [f"{names[k[0]]}={v['constexpr'] if isinstance(v, dict) and 'constexpr' in v else v}"
              for k, v in zip(d["constant_keys"], d["constant_vals"]) if len(k) == 1]
-    pointers = sorted({t[1:] for t in d["signature"].values() if isinstance(t, str) and t.startswith("*")})
+    pointers = [t[1:] for t in d["signature"].values() if isinstance(t, str) and t.startswith("*")]
     divisible = [names[k[0]] for k, v in zip(d["attrs_keys"], d["attrs_vals"])
                  if len(k) == 1 and v and not str(d["signature"][names[k[0]]]).startswith("*")]
-    return " ".join(parts + ["*" + "/".join(pointers), f"d16:{','.join(divisible) or '-'}",
+    return " ".join(parts + ["*" + ",".join(pointers), f"d16:{','.join(divisible) or '-'}",
                              f"w{d['options']['num_warps']}"])
 
 
 def _strided_layer(preset: str = "1b") -> torch.nn.Module:
-    """One layer of ``preset`` on the meta device whose every parameter is non-contiguous (matrices transposed,
-    vectors every other element): the path of DTensor shards and transposed views."""
+    """One layer of ``preset`` on the meta device whose matrices are transposed (non-contiguous: the path of
+    transposed views and of shards); its vectors stay contiguous, a group of their own in effect."""
     import dataclasses as dc
 
     from .model import PRESETS, LlamaDecoder
@@ -203,29 +205,29 @@ def _strided_layer(preset: str = "1b") -> torch.nn.Module:
     for module in model.modules():
         for pname, p in list(module.named_parameters(recurse=False)):
             if p.dim() == 2:
-                strided = torch.empty(p.shape[1], p.shape[0], device="meta").t()
-            else:
-                strided = torch.empty(2 * p.numel(), device="meta")[::2].view(p.shape)
-            setattr(module, pname, torch.nn.Parameter(strided))
+                setattr(module, pname, torch.nn.Parameter(torch.empty(p.shape[1], p.shape[0], device="meta").t()))
     return model
 
 
 def record(names: Sequence[str] | None = None, dtypes: Sequence[str] = ("fp32", "bf16"), *,
            archs: Sequence[int] = ARCHS, on_new: Callable[[dict], None] | None = None,
-           log: Callable[[str], None] | None = None) -> tuple[Specialisations, dict[str, Any]]:
-    """Run ``gpu_estimate``'s steps (1b, and one strided layer of it) with a ``Specialisations`` observer.
-    Returns it and the estimates (``"name/dtype"`` and ``"name/dtype strided"``)."""
+           log: Callable[[str], None] | None = None,
+           specialisations: bool = True) -> tuple[Specialisations | None, dict[str, Any]]:
+    """Run ``gpu_estimate``'s steps (1b, and one strided layer of it) with a ``Specialisations`` observer (none
+    if ``specialisations`` is off: no Triton here). Returns it and the estimates (``"name/dtype"`` and
+    ``"name/dtype strided"``)."""
     from .gpu_estimate import StepEstimate, default_names, estimate_step
 
-    observer = Specialisations(archs, on_new)
+    observer = Specialisations(archs, on_new) if specialisations else None
     estimates: dict[str, StepEstimate] = {}
     for dtype in dtypes:
         for name in names or default_names():
             for key, model in ((f"{name}/{dtype}", None), (f"{name}/{dtype} strided", _strided_layer())):
-                observer.case = key
+                if observer is not None:
+                    observer.case = key
                 t0 = time.perf_counter()
                 try:
-                    estimates[key] = estimate_step(name, dtype, observers=[observer], model=model,
+                    estimates[key] = estimate_step(name, dtype, observers=[observer] if observer else [], model=model,
                                                    warmup_steps=2 if model is None else 1)
                 except Exception as exc:  # noqa: BLE001 - reported as the case's problem
                     failed = StepEstimate(key)
@@ -303,7 +305,7 @@ def compile_one(job: dict) -> dict:
 
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
-    out = {k: job[k] for k in ("module", "kernel", "arch", "label", "cases")}
+    out = {k: job[k] for k in ("key", "module", "kernel", "arch", "label")}
     t0 = time.perf_counter()
     try:
         data = json.loads(job["data"])
@@ -352,7 +354,7 @@ class CompilePool:
                 try:
                     out.append(pending.get(self.timeout))
                 except multiprocessing.TimeoutError:
-                    failed = {k: job[k] for k in ("module", "kernel", "arch", "label", "cases")}
+                    failed = {k: job[k] for k in ("key", "module", "kernel", "arch", "label")}
                     out.append({**failed, "status": "error", "seconds": self.timeout,
                                 "error": f"timeout: no result after {self.timeout:.0f} s"})
                     self._restart([j for j, p in self._pending if not p.ready() and j is not job])
@@ -435,18 +437,26 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     names = [n for n in args.optimizers.split(",") if n] if args.optimizers else None
     archs = [int(a) for a in args.archs.split(",") if a]
-    pool = CompilePool(args.jobs, args.timeout)  # workers start while the steps are recorded
-    observer, estimates = record(names, [d for d in args.dtypes.split(",") if d], archs=archs, on_new=pool.submit,
+    have_triton = importlib.util.find_spec("triton") is not None
+    pool = CompilePool(args.jobs, args.timeout) if have_triton else None  # workers start while steps are recorded
+    observer, estimates = record(names, [d for d in args.dtypes.split(",") if d], archs=archs,
+                                 on_new=pool.submit if pool else None, specialisations=have_triton,
                                  log=lambda s: print(s, file=sys.stderr, flush=True))
     t_record = time.perf_counter() - t0
-    results = pool.results()
-    sites = launch_sites()
-    launched = {j["kernel"] for j in observer.found.values()} | observer.not_compiled
-    unchecked = sorted(set(sites) - launched)
-    bit_exact = bit_exact_kernels()
-    failures = check(results, bit_exact=bit_exact, unchecked=unchecked)
-    failures += [f"{k}: declared bit-exact in {m} but no such kernel there" for k, m in bit_exact.items()
-                 if k not in sites]
+    results, sites, unchecked, bit_exact, failures = [], {}, [], {}, []
+    if pool is not None and observer is not None:
+        results = pool.results()
+        for r in results:  # the cases that launched it (known once recording is over)
+            r["cases"] = observer.found[r["key"]]["cases"]
+        sites = launch_sites()
+        launched = {j["kernel"] for j in observer.found.values()} | observer.not_compiled
+        unchecked = sorted(set(sites) - launched)
+        bit_exact = bit_exact_kernels()
+        failures = check(results, bit_exact=bit_exact, unchecked=unchecked)
+        failures += [f"{k}: declared bit-exact in {m} but no such kernel there" for k, m in bit_exact.items()
+                     if k not in sites]
+    else:
+        print("triton is not installed: the steps are estimated, nothing is compiled", file=sys.stderr)
     if args.estimate:
         print(format_table({k: v for k, v in estimates.items() if not k.endswith("strided")}))
         print()
@@ -459,11 +469,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"FAIL {f}")
     if args.json:
         ratio = ratios_to({k: v for k, v in estimates.items() if not k.endswith("strided")})
-        payload = {"triton": importlib.import_module("triton").__version__, "torch": torch.__version__,
+        payload = {"triton": importlib.import_module("triton").__version__ if have_triton else None,
+                   "torch": torch.__version__,
                    "seconds": {"record": t_record, "total": seconds},
                    "estimates": {k: {**v.to_json(), "x_fused_adamw": ratio.get(k)} for k, v in estimates.items()},
                    "results": results, "launch_sites": sites, "bit_exact": bit_exact, "unchecked": unchecked,
-                   "not_compiled": sorted(observer.not_compiled), "failures": failures,
+                   "not_compiled": sorted(observer.not_compiled) if observer else [], "failures": failures,
                    "limits": {"max_spill": MAX_SPILL_BYTES, "min_warps_per_sm": MIN_WARPS_PER_SM}}
         Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
     return 1 if failures else 0
