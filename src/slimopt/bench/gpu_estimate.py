@@ -235,20 +235,20 @@ _LIBRARIES = (str(Path(torch.__file__).parent), "/triton/", "/contextlib.py", "/
 
 
 def _where(frame) -> str:
-    """The innermost frame of slimopt (not this module), else of torch.optim, else of the caller's code, as
-    ``path:line (function)``."""
-    optim, caller = None, None
+    """The innermost frame of slimopt (not this module) as ``path:line (function)``; without one, the innermost of
+    torch.optim or of the caller's own code."""
+    other = None
     while frame is not None:
         name = frame.f_code.co_filename
         if name not in _OWN:
             if name.startswith(str(_PACKAGE)):
                 return f"slimopt/{Path(name).relative_to(_PACKAGE)}:{frame.f_lineno} ({frame.f_code.co_name})"
-            if optim is None and "/torch/optim/" in name:
-                optim = f"torch/optim/{Path(name).name}:{frame.f_lineno} ({frame.f_code.co_name})"
-            if caller is None and not any(part in name for part in _LIBRARIES) and not name.startswith("<"):
-                caller = f"{Path(name).name}:{frame.f_lineno} ({frame.f_code.co_name})"
+            if other is None and "/torch/optim/" in name:
+                other = f"torch/optim/{Path(name).name}:{frame.f_lineno} ({frame.f_code.co_name})"
+            elif other is None and not any(part in name for part in _LIBRARIES) and not name.startswith("<"):
+                other = f"{Path(name).name}:{frame.f_lineno} ({frame.f_code.co_name})"
         frame = frame.f_back
-    return optim or caller or "?"
+    return other or "?"
 
 
 # -- addresses of fake tensors, and the way back ---------------------------------------------------------------
@@ -565,8 +565,13 @@ class _Dispatch(TorchDispatchMode):
                 ledger.result.copies += 1  # the count read back
         except FakeTensorDeviceMismatchError as exc:
             ledger.problem(f"{op}: tensors on different devices ({str(exc).splitlines()[0][:100]})", frame)
-            moved = tree_map(lambda x: x.to("cuda") if isinstance(x, torch.Tensor) and x.dim() else x, (args, kwargs))
-            out = func(*moved[0], **moved[1])
+            cuda = torch.device("cuda", 0)  # go on as if the host tensors had been on the device
+
+            def moved(x):
+                if isinstance(x, torch.Tensor) and x.dim() and x.device.type != "cuda":
+                    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=cuda)
+                return x
+            out = func(*tree_map(moved, args), **tree_map(moved, kwargs))
         self._follow_host_ints(op, args, kwargs, out)
         if op in ("_to_copy", "copy_", "_copy_from") and self._transfer(op, args, kwargs, out, frame):
             return out
@@ -899,10 +904,14 @@ def _basic_view(t: torch.Tensor, index: Any) -> tuple[torch.Tensor, list[torch.T
             dim += 1
         else:  # a tensor or a sequence: advanced indexing of this dimension (a mask: of as many as it has)
             idx = item if isinstance(item, torch.Tensor) else torch.tensor(item, device=t.device)
-            span = idx.dim() if idx.dtype in (torch.bool, torch.uint8) else 1
+            if idx.dtype in (torch.bool, torch.uint8):  # as torch does: the mask's nonzero positions
+                span = idx.dim()
+                indices += list(torch.ops.aten.nonzero.default(idx).unbind(1))
+            else:
+                span = 1
+                indices.append(idx)
             out_shape += shape[dim:dim + span]
             out_stride += stride[dim:dim + span]
-            indices.append(idx)
             dim += span
     out_shape += shape[dim:]
     out_stride += stride[dim:]
