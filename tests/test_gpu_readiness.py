@@ -65,17 +65,29 @@ MIN_WARPS_PER_SM = {90: (("^_group_", 16),)}
 # -- the recorded steps and the compiles (one subprocess for the module) -----------------------------------------
 @pytest.fixture(scope="module")
 def readiness(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("readiness") / "readiness.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-m", "slimopt.bench.triton_check", "--jobs", "2", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if not out.exists():
-        pytest.fail(f"triton_check wrote nothing (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
-                    f"{done.stderr[-3000:]}")
-    data = json.loads(out.read_text())
-    data["log"] = done.stdout
-    return data
+    """The run's results; under pytest-xdist the first worker to get here runs it, the others wait and read it
+    (a file of this pytest session: nothing is kept from one session to the next)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "gpu_readiness.json"
+    with open(shared / "gpu_readiness.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        failed = shared / "gpu_readiness.failed"
+        if failed.exists():  # another worker's run failed: say so, do not run it again
+            pytest.fail(failed.read_text())
+        if not out.exists():
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+            done = subprocess.run([sys.executable, "-m", "slimopt.bench.triton_check", "--jobs", "2", "--json",
+                                   str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            (shared / "gpu_readiness.log").write_text(done.stdout + done.stderr)
+            if not out.exists():
+                failed.write_text(f"triton_check wrote nothing (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
+                                  f"{done.stderr[-3000:]}")
+                pytest.fail(failed.read_text())
+    return json.loads(out.read_text())
 
 
 def _cases() -> list[str]:

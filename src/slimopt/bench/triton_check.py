@@ -306,7 +306,7 @@ def compile_one(job: dict) -> dict:
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
     out = {k: job[k] for k in ("key", "module", "kernel", "arch", "label")}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     try:
         data = json.loads(job["data"])
         fn = getattr(importlib.import_module(job["module"]), job["kernel"])
@@ -328,7 +328,17 @@ def compile_one(job: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - a compile error is a result
         out.update(status="error", error=f"{type(exc).__name__}: {str(exc).strip()[:1500]}")
     out["seconds"] = round(time.perf_counter() - t0, 2)
+    out["cpu_seconds"] = round(_cpu_seconds() - cpu0, 2)
     return out
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (ptxas)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 class CompilePool:
@@ -434,7 +444,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .gpu_estimate import format_table, ratios_to
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     names = [n for n in args.optimizers.split(",") if n] if args.optimizers else None
     archs = [int(a) for a in args.archs.split(",") if a]
     have_triton = importlib.util.find_spec("triton") is not None
@@ -442,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
     observer, estimates = record(names, [d for d in args.dtypes.split(",") if d], archs=archs,
                                  on_new=pool.submit if pool else None, specialisations=have_triton,
                                  log=lambda s: print(s, file=sys.stderr, flush=True))
-    t_record = time.perf_counter() - t0
+    t_record, cpu_record = time.perf_counter() - t0, _cpu_seconds() - cpu0
     results, sites, unchecked, bit_exact, failures = [], {}, [], {}, []
     if pool is not None and observer is not None:
         results = pool.results()
@@ -463,15 +473,18 @@ def run(args: argparse.Namespace) -> int:
     print(format_results(results, bit_exact))
     seconds = time.perf_counter() - t0
     targets = "/".join(f"sm_{a}" for a in archs)
+    cpu_compile = sum(r.get("cpu_seconds", 0.0) for r in results)
     print(f"\n{len(results)} compiles of {len({r['kernel'] for r in results})} kernels for {targets}; recorded in "
-          f"{t_record:.0f} s, {seconds:.0f} s in all; {len(failures)} failure(s)")
+          f"{t_record:.0f} s ({cpu_record:.0f} CPU-s), compiled in {cpu_compile:.0f} CPU-s, {seconds:.0f} s in all; "
+          f"{len(failures)} failure(s)")
     for f in failures:
         print(f"FAIL {f}")
     if args.json:
         ratio = ratios_to({k: v for k, v in estimates.items() if not k.endswith("strided")})
         payload = {"triton": importlib.import_module("triton").__version__ if have_triton else None,
                    "torch": torch.__version__,
-                   "seconds": {"record": t_record, "total": seconds},
+                   "seconds": {"record": t_record, "total": seconds, "record_cpu": cpu_record,
+                               "compile_cpu": cpu_compile},
                    "estimates": {k: {**v.to_json(), "x_fused_adamw": ratio.get(k)} for k, v in estimates.items()},
                    "results": results, "launch_sites": sites, "bit_exact": bit_exact, "unchecked": unchecked,
                    "not_compiled": sorted(observer.not_compiled) if observer else [], "failures": failures,
