@@ -415,3 +415,21 @@ def test_the_verdicts_hold_the_limits():
     assert len(check([{**ok, "fp_fusion": True}], bit_exact={"_group_x": "m"})) == 1
     assert len(check([{**ok, "status": "error", "error": "boom"}], bit_exact={})) == 1
     assert len(check([], bit_exact={}, unchecked=["_never"])) == 1
+
+
+def test_the_gpu_suite_writes_the_prediction_beside_each_measured_step(tmp_path):
+    """``benchmarks/gpu_suite.py``'s timing section (its dry run: tiny preset, CPU): every row has the model's
+    prediction, in results.json and in report.md, so the first GPU run checks the model."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_suite
+
+    assert gpu_suite.main(["--dry-run", "--only", "timing", "--out", str(tmp_path)]) == 0
+    timing = json.loads((tmp_path / "results.json").read_text())["results"]["timing"]["result"]
+    assert timing["model"]["calibration"] == gpu_estimate.H200.name
+    for key, row in timing["rows"].items():
+        assert row["predicted_ms"] > 0 and row["predicted_launches"] > 0, (key, row)
+        assert row["measured_over_predicted"] == row["ms"] / row["predicted_ms"]
+    assert timing["rows"]["adamw-fused/fp32"]["predicted_x_fused_adamw"] == 1.0
+    assert timing["rows"]["adamw-fused/bf16"]["predicted_syncs"] == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| predicted ms |" in report and "gpu_estimate" in report
