@@ -417,19 +417,39 @@ def test_the_verdicts_hold_the_limits():
     assert len(check([], bit_exact={}, unchecked=["_never"])) == 1
 
 
-def test_the_gpu_suite_writes_the_prediction_beside_each_measured_step(tmp_path):
-    """``benchmarks/gpu_suite.py``'s timing section (its dry run: tiny preset, CPU): every row has the model's
-    prediction, in results.json and in report.md, so the first GPU run checks the model."""
+def test_the_gpu_suite_writes_the_prediction_beside_each_measured_step(tmp_path, monkeypatch):
+    """``benchmarks/gpu_suite.py``'s timing section (as its dry run: tiny preset, CPU; one of our optimizers, to
+    keep it short): every row has the model's prediction, in the results and in report.md, so the first GPU
+    run checks the model."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_suite
 
-    assert gpu_suite.main(["--dry-run", "--only", "timing", "--out", str(tmp_path)]) == 0
-    timing = json.loads((tmp_path / "results.json").read_text())["results"]["timing"]["result"]
+    monkeypatch.setattr(gpu_suite, "OURS", ("adammini",))
+    timing = gpu_suite.Suite(torch.device("cpu"), True, tmp_path, log=lambda _: None).timing()
     assert timing["model"]["calibration"] == gpu_estimate.H200.name
+    assert set(timing["rows"]) == {f"{n}/{d}" for n in ("adamw-fused", "adamw-foreach", "adammini") for d in DTYPES}
     for key, row in timing["rows"].items():
         assert row["predicted_ms"] > 0 and row["predicted_launches"] > 0, (key, row)
         assert row["measured_over_predicted"] == row["ms"] / row["predicted_ms"]
     assert timing["rows"]["adamw-fused/fp32"]["predicted_x_fused_adamw"] == 1.0
-    assert timing["rows"]["adamw-fused/bf16"]["predicted_syncs"] == 0
-    report = (tmp_path / "report.md").read_text()
-    assert "| predicted ms |" in report and "gpu_estimate" in report
+    syncs = estimate_step("adammini", "fp32", preset="tiny").n_syncs
+    assert timing["rows"]["adammini/fp32"]["predicted_syncs"] == syncs
+    report = gpu_suite.report({"timing": {"result": timing}}, {"versions": {}, "machine": {}})
+    assert "| predicted ms |" in report and "gpu_estimate" in report and "| adammini | bf16 |" in report
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--dtypes", "fp16"], "--dtypes fp16"),
+    (["--optimizers", "adamw-fused,nope"], "--optimizers adamw-fused,nope"),
+    (["--preset", "huge"], "--preset huge"),
+])
+def test_the_estimators_command_line_names_a_bad_argument(capsys, argv, says):
+    assert gpu_estimate.main(argv) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_the_aot_checks_command_line_names_a_bad_arch(capsys):
+    from slimopt.bench import triton_check
+
+    assert triton_check.main(["--archs", "75"]) == 2
+    assert "--archs 75" in capsys.readouterr().err

@@ -1225,22 +1225,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
 
 
+def check_arguments(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
+    """The optimizer names and dtypes asked for; ``UsageError`` naming the argument and value if one is unknown."""
+    from .args import UsageError
+    from .baselines import known_names
+    from .model import PRESETS
+
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        raise UsageError("--dtypes", args.dtypes, f"expected a comma-separated list of {', '.join(DTYPES)}")
+    names = [n for n in args.optimizers.split(",") if n] if args.optimizers else None
+    unknown = [n for n in names or () if n.split("@")[0] not in known_names()]
+    if unknown:
+        raise UsageError("--optimizers", args.optimizers, f"unknown {', '.join(unknown)}")
+    if getattr(args, "preset", "1b") not in PRESETS:
+        raise UsageError("--preset", args.preset, f"expected one of {', '.join(PRESETS)}")
+    return names, dtypes
+
+
 def run(args: argparse.Namespace) -> int:
     from .args import UsageError
 
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad:
-        print(f"--dtypes {args.dtypes!r}: unknown {', '.join(bad)} (choose from {', '.join(DTYPES)})",
-              file=sys.stderr)
+    try:
+        names, dtypes = check_arguments(args)
+    except UsageError as exc:
+        print(f"gpu-estimate: {exc}", file=sys.stderr)
         return 2
-    names = [n for n in args.optimizers.split(",") if n] if args.optimizers else None
-    if names:
-        from .baselines import known_names
-        unknown = [n for n in names if n.split("@")[0] not in known_names()]
-        if unknown:
-            print(str(UsageError("--optimizers", args.optimizers, f"unknown {', '.join(unknown)}")), file=sys.stderr)
-            return 2
     fitted = (args.bw, args.t_launch) == (H200.bytes_per_s, H200.launch_s)
     cal = Calibration("command line", args.bw, args.t_launch, H200.fp32_flops, H200.tf32_flops, H200.half_flops,
                       H200.source if fitted else "--bw/--t-launch")

@@ -348,11 +348,21 @@ class CompilePool:
     def __init__(self, jobs: int = 2, timeout: float = 300.0) -> None:
         self.jobs, self.timeout = max(1, jobs), timeout
         self._cache = tempfile.TemporaryDirectory(prefix="slimopt-triton-check-")
+        self._context = multiprocessing.get_context("spawn")
+        self._pool = self._new_pool()
+        self._pending: list[tuple[dict, Any]] = []
+
+    def _new_pool(self):
+        """Workers that see a fresh Triton cache and compile for real (no TRITON_INTERPRET); this process's
+        environment is left as it was."""
+        saved = dict(os.environ)
         os.environ["TRITON_CACHE_DIR"] = self._cache.name
         os.environ.pop("TRITON_INTERPRET", None)
-        self._context = multiprocessing.get_context("spawn")
-        self._pool = self._context.Pool(self.jobs)
-        self._pending: list[tuple[dict, Any]] = []
+        try:
+            return self._context.Pool(self.jobs)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
     def submit(self, job: dict) -> None:
         self._pending.append((job, self._pool.apply_async(compile_one, (job,))))
@@ -376,7 +386,7 @@ class CompilePool:
     def _restart(self, remaining: list[dict]) -> None:
         """A hung compile: a new pool for the jobs still waiting."""
         self._pool.terminate()
-        self._pool = self._context.Pool(self.jobs)
+        self._pool = self._new_pool()
         again = {id(j) for j in remaining}
         self._pending = [(j, self._pool.apply_async(compile_one, (j,)) if id(j) in again else p)
                          for j, p in self._pending]
@@ -442,14 +452,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .gpu_estimate import format_table, ratios_to
+    from .args import UsageError
+    from .gpu_estimate import check_arguments, format_table, ratios_to
 
+    try:
+        names, dtypes = check_arguments(args)
+        archs = [int(a) for a in args.archs.split(",") if a]
+        if not archs or any(a not in SHARED_PER_SM for a in archs):
+            raise ValueError
+    except ValueError as exc:
+        why = exc if isinstance(exc, UsageError) else UsageError(
+            "--archs", args.archs, f"expected a comma-separated list of {', '.join(map(str, SHARED_PER_SM))}")
+        print(f"triton-check: {why}", file=sys.stderr)
+        return 2
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    names = [n for n in args.optimizers.split(",") if n] if args.optimizers else None
-    archs = [int(a) for a in args.archs.split(",") if a]
     have_triton = importlib.util.find_spec("triton") is not None
     pool = CompilePool(args.jobs, args.timeout) if have_triton else None  # workers start while steps are recorded
-    observer, estimates = record(names, [d for d in args.dtypes.split(",") if d], archs=archs,
+    observer, estimates = record(names, dtypes, archs=archs,
                                  on_new=pool.submit if pool else None, specialisations=have_triton,
                                  log=lambda s: print(s, file=sys.stderr, flush=True))
     t_record, cpu_record = time.perf_counter() - t0, _cpu_seconds() - cpu0
