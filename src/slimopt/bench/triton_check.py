@@ -132,19 +132,19 @@ class Specialisations:
     kept once per distinct request (``found``: key -> job). ``on_new(job)`` is called for each new one."""
 
     def __init__(self, archs: Sequence[int] = ARCHS, on_new: Callable[[dict], None] | None = None) -> None:
-        from triton.runtime.jit import JITFunction
-
         self.archs, self.on_new = tuple(archs), on_new
         self.found: dict[str, dict] = {}
         self.case = ""
         self.not_compiled: set[str] = set()  # launched kernels that are not JITFunctions (TRITON_INTERPRET)
-        self._run = JITFunction.run          # Triton's own, before any session replaces it
         self._driver = _StandInDriver()
 
     def __call__(self, kernel, args, kwargs, grid) -> None:
         from triton import knobs
         from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
 
+        triton_run = JITFunction.run
+        triton_run = getattr(triton_run, "__wrapped__", triton_run)  # Triton's own, under a FakeCuda session
         name = kernel.fn.__name__
         if type(kernel).__name__ != "JITFunction":
             self.not_compiled.add(name)
@@ -162,7 +162,7 @@ class Specialisations:
             for arch in self.archs:
                 self._driver.arch = arch
                 requests.clear()
-                self._run(kernel, *args, grid=grid, warmup=False, **kwargs)
+                triton_run(kernel, *args, grid=grid, warmup=False, **kwargs)
                 for data in requests:
                     self._keep(kernel, name, arch, data)
         finally:
