@@ -554,14 +554,12 @@ class _Dispatch(TorchDispatchMode):
         if _runs_on_host(op, args, kwargs):  # host-side work runs for real: its values are the real ones
             with _disable_current_modes():
                 return func(*args, **kwargs)
-        if op == "_local_scalar_dense":
-            t = args[0]
-            if t.device.type == "cuda":
+        if op == "_local_scalar_dense":  # a fake tensor's value: a stub (read from the device: a sync)
+            if args[0].device.type == "cuda":
                 ledger.sync(".item()/float()/bool() of CUDA data (D2H copy + sync)", frame)
                 if ledger.recording:
                     ledger.result.copies += 1
-                return _stub(t)
-            return _stub(t)
+            return _stub(args[0])
         try:
             out = func(*args, **kwargs)
         except (DynamicOutputShapeException, DataDependentOutputException):
