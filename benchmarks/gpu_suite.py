@@ -13,7 +13,9 @@ Sections, each timed and recorded even when it fails (the suite goes on):
 ``resume``       save after 3 steps, load into a fresh model and optimizer, 3 more: bitwise equal to 6 straight
 ``timing``       one step at 1.34B params (``1b`` preset) for every optimizer against torch fused AdamW, fp32 and
                  bf16 parameters: CUDA events, median of 7, launches per step, peak memory above the model,
-                 state bytes per parameter, achieved GB/s for the bytes a step must move
+                 state bytes per parameter, achieved GB/s for the bytes a step must move; beside each, the step
+                 the model of ``slimopt.bench.gpu_estimate`` predicts (fake CUDA tensors, the H200 run's constants):
+                 its time, kernels and ratio to fused AdamW, so that each GPU run also checks the model
 ``profile``      torch.profiler's top-10 CUDA kernels of one step per optimizer (1b, fp32)
 ``pretrain``     ``slimopt bench pretrain`` at 60M params (GPT-2 BPE): AdamW, adamw-split and every
                  optimizer, every lr swept (x0.25, 1, 4 and past an edge), 3 seeds (needs the text and
@@ -168,6 +170,19 @@ class Suite:
     def count_launches(self, opt) -> int:
         return count_launches(opt, self.device)
 
+    @staticmethod
+    def predict(name: str, dtype_name: str, preset: str, weight_decay: float) -> dict[str, Any]:
+        """The modelled step (bench.gpu_estimate: fake CUDA tensors on the host, no GPU time), for the row beside
+        the measured one."""
+        from slimopt.bench.gpu_estimate import H200, estimate_step
+
+        try:
+            estimate = estimate_step(name, dtype_name, preset=preset, weight_decay=weight_decay)
+        except Exception as exc:  # the measurement stands without its prediction
+            return {"predicted_error": f"{type(exc).__name__}: {exc}"}
+        return {"predicted_ms": estimate.predict_s(H200) * 1e3, "predicted_launches": estimate.launches,
+                "predicted_bytes_per_param": estimate.bytes_per_param, "predicted_syncs": estimate.n_syncs}
+
     def timing(self) -> dict[str, Any]:
         preset = "tiny" if self.dry_run else "1b"
         names = ["adamw-fused", "adamw-foreach", *OURS]
@@ -217,14 +232,26 @@ class Suite:
                     opt = None
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-                self.log(f"  timing {key}: {rows[key]}")
-            reference = rows.get(f"adamw-fused/{dtype_name}", {}).get("ms")
+                rows[key].update(self.predict(name, dtype_name, preset, 0.01 if name in OURS else 0.0))
+                measured = f"{rows[key]['ms']:.2f} ms" if "ms" in rows[key] else "error"
+                predicted = (f"{rows[key]['predicted_ms']:.2f} ms predicted" if "predicted_ms" in rows[key]
+                             else rows[key].get("predicted_error", ""))
+                self.log(f"  timing {key}: {measured} measured, {predicted}: {rows[key]}")
+            reference = rows.get(f"adamw-fused/{dtype_name}", {})
             for name in names:
                 row = rows[f"{name}/{dtype_name}"]
-                if reference and "ms" in row:
-                    row["x_fused_adamw"] = row["ms"] / reference
+                if reference.get("ms") and "ms" in row:
+                    row["x_fused_adamw"] = row["ms"] / reference["ms"]
+                if reference.get("predicted_ms") and "predicted_ms" in row:
+                    row["predicted_x_fused_adamw"] = row["predicted_ms"] / reference["predicted_ms"]
+                if "ms" in row and "predicted_ms" in row:
+                    row["measured_over_predicted"] = row["ms"] / row["predicted_ms"]
             del model, grads
-        return {"preset": preset, "rows": rows}
+        from slimopt.bench.gpu_estimate import H200
+
+        return {"preset": preset, "rows": rows,
+                "model": {"calibration": H200.name, "bytes_per_s": H200.bytes_per_s, "launch_s": H200.launch_s,
+                          "source": H200.source}}
 
     def profile(self) -> dict[str, Any]:
         from torch.profiler import ProfilerActivity, profile
@@ -335,17 +362,31 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
              f"CUDA {meta['machine'].get('cuda')}; `{meta.get('command')}`", ""]
     timing = results.get("timing", {}).get("result")
     if timing:
+        model = timing.get("model", {})
         lines += [f"## Step time ({timing['preset']} preset)", "",
-                  "| optimizer | params | ms | x fused AdamW | launches | state B/param | peak transient MiB |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"Predicted: the model of `slimopt.bench.gpu_estimate` ({model.get('calibration', '?')} constants: "
+                  f"{model.get('bytes_per_s', 0) / 1e12:.2f} TB/s, {model.get('launch_s', 0) * 1e6:.2f} us per "
+                  "launch), from fake CUDA tensors on the host.", "",
+                  "| optimizer | params | ms | predicted ms | measured / predicted | x fused AdamW | predicted x fused "
+                  "| launches | predicted launches | state B/param | peak transient MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def number(row, key, fmt):
+            return format(row[key], fmt) if row.get(key) is not None else ""
         for key, row in timing["rows"].items():
             name, dtype = key.split("/")
             if "error" in row:
-                lines.append(f"| {name} | {dtype} | error: {row['error'][:80]} | | | | |")
+                lines.append(f"| {name} | {dtype} | error: {row['error'][:80]} | {number(row, 'predicted_ms', '.2f')} "
+                             f"| | | {number(row, 'predicted_x_fused_adamw', '.2f')} | | "
+                             f"{number(row, 'predicted_launches', 'd')} | | |")
                 continue
             peak = "" if row["peak_transient_MiB"] is None else f"{row['peak_transient_MiB']:.1f}"
-            lines.append(f"| {name} | {dtype} | {row['ms']:.2f} | {row.get('x_fused_adamw', float('nan')):.2f} | "
-                         f"{row['launches']} | {row['state_bytes_per_param']:.3f} | {peak} |")
+            lines.append(f"| {name} | {dtype} | {row['ms']:.2f} | {number(row, 'predicted_ms', '.2f')} | "
+                         f"{number(row, 'measured_over_predicted', '.2f')} | "
+                         f"{row.get('x_fused_adamw', float('nan')):.2f} | "
+                         f"{number(row, 'predicted_x_fused_adamw', '.2f')} | {row['launches']} | "
+                         f"{number(row, 'predicted_launches', 'd')} | "
+                         f"{row['state_bytes_per_param']:.3f} | {peak} |")
         lines.append("")
     for section in ("tests", "parity", "determinism", "resume", "pretrain", "finetune"):
         entry = results.get(section)

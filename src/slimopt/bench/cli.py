@@ -1,8 +1,10 @@
 """``slimopt bench <task>``: the papers' experiments against the baselines.
 
 Tasks: ``pretrain`` (LLaMA-style decoder on real text), ``finetune`` (MiniLM on labelled text), ``memory``
-(analytic vs measured optimizer state), ``throughput`` (optimizer step time vs torch AdamW) and
-``rosenbrock`` (MicroAdam's Figure 1: Top-K with and without error feedback).
+(analytic vs measured optimizer state), ``throughput`` (optimizer step time vs torch AdamW),
+``rosenbrock`` (MicroAdam's Figure 1: Top-K with and without error feedback), and the GPU-readiness checks
+that need no GPU: ``gpu-estimate`` (each step at 1.34B on fake CUDA tensors) and ``triton-check`` (every
+Triton specialisation compiled for sm_80/sm_90).
 Each task module provides ``add_arguments(parser)`` and ``run(args)``; it is imported only when it runs.
 """
 
@@ -23,6 +25,8 @@ _TASKS = {
     "memory": ("slimopt.bench.memory_check", "analytic optimizer-state bytes beside the measured ones"),
     "throughput": ("slimopt.bench.throughput", "optimizer step time against torch AdamW in the same run"),
     "rosenbrock": ("slimopt.bench.rosenbrock", "Adam vs Top-K Adam with and without error feedback"),
+    "gpu-estimate": ("slimopt.bench.gpu_estimate", "the GPU step at 1.34B params, modelled on CPU (fake CUDA tensors)"),
+    "triton-check": ("slimopt.bench.triton_check", "compile every Triton kernel the steps launch for sm_80/sm_90"),
 }
 
 

@@ -146,6 +146,11 @@ _WINDOW_ENTRIES = 128
 _WINDOW_ENTRIES_INTERPRETED = 1024
 # Every launch: no mul + add -> FMA contraction, so each operation rounds as in the torch reference.
 _EXACT = {"enable_fp_fusion": False}
+# The kernels whose results tests/test_microadam_triton.py holds bit-equal to the torch reference (torch.equal):
+# compiled for a GPU they must contain no FMA and no approximate instruction (bench/triton_check.py checks the PTX)
+BIT_EXACT_KERNELS = ("_dequant_add_kernel", "_block_topk_kernel", "_bucket_ranges_kernel", "_quantize_pack_kernel",
+                     "_window_entries_kernel", "_decay_kernel", "_window_scatter_kernel", "_group_check_kernel",
+                     "_group_compress_kernel", "_group_window_kernel")
 
 
 if triton is not None:
