@@ -235,6 +235,39 @@ def check_helpers(rank: int, world: int) -> dict[str, Any]:
     return {"ranks": everyone}
 
 
+# SWAN on a float32 model whose matrices see fewer tokens than their width (issue 23): every hidden
+# matrix's gradient has rank <= 32 of 64, so its null directions hold only fp32 rounding, which the
+# reduce-scatter rounds differently from one process's backward. The whitening must not amplify that.
+SWAN_FP32_MODEL = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=SEQ)
+SWAN_FP32_STEPS = 4
+SWAN_FP32_BATCH = 4  # x SEQ = 32 tokens < hidden_size; splits evenly over 1, 2 and 4 ranks
+
+
+def train_swan_fp32(rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """SWAN (its defaults, lr 0.05, weight decay 0.1) on the float32 model; FSDP2 when ``world`` > 1."""
+    torch.manual_seed(4321)
+    model = build_model("tiny", **SWAN_FP32_MODEL)
+    if world > 1:
+        shard(model)
+    opt = slimopt.create_optimizer(model, "swan", lr=0.05, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(77)
+    per_rank = SWAN_FP32_BATCH // world
+    for _ in range(SWAN_FP32_STEPS):
+        tokens = torch.randint(0, SWAN_FP32_MODEL["vocab_size"], (SWAN_FP32_BATCH, SEQ + 1), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, tokens[rank * per_rank:(rank + 1) * per_rank]).backward()
+        opt.step()
+    return full_params(model)
+
+
+def run_swan_fp32(rank: int, world: int) -> dict[str, Any]:
+    try:
+        return train_swan_fp32(rank, world)
+    except Exception:
+        return {"error": traceback.format_exc()}
+
+
 def main() -> None:
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(1)
@@ -243,7 +276,8 @@ def main() -> None:
     try:
         results = {"helpers": check_helpers(rank, world), "uneven": train_uneven(rank, world),
                    "parity": run_parity(rank, world),
-                   "checkpoint": run_checkpoint(rank, world, os.path.join(out_dir, "ckpt"))}
+                   "checkpoint": run_checkpoint(rank, world, os.path.join(out_dir, "ckpt")),
+                   "swan_fp32": run_swan_fp32(rank, world)}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, f"results_{world}.pt"))
     finally:
