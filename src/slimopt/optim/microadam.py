@@ -275,8 +275,9 @@ _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class _TritonBatch:
     """The tensors of one group, device and dtype that one ``MultiTensorStep`` steps. Remembers which state
-    tensors its tables point at and binds them again when they change (first step, load_state_dict);
-    their step counters are moved to the device there (the kernels advance them)."""
+    tensors its tables point at and binds them again when they change (first step, load_state_dict). Their
+    step counters live on the device (the kernels advance them): new ones are made there (``new_counter``),
+    loaded ones are moved there when bound (``sync_state``)."""
 
     def __init__(self, params: list[Tensor], indices: list[int], group: dict[str, Any]) -> None:
         from ..ops.microadam_triton import MultiTensorStep
