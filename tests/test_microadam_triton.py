@@ -365,6 +365,51 @@ def test_group_mixed_dtypes_and_missing_gradients(ieee_sqrt):
     assert _uses_group_launches(tri_opt) == len(shapes)
 
 
+@pytest.mark.parametrize("bucket", [64, 1, 2, 1024])
+def test_group_sub_tiles_ties_and_bucket_sizes(bucket, ieee_sqrt):
+    """Top-K blocks of 2048 (keys ranked in registers) whose selection and requantisation run over sub-tiles
+    of kernels.SUB_MAX entries, with ties at the threshold across sub-tiles (integer gradients: at the first
+    step a = g) and k_init 0.3 (many chosen entries per sub-tile); buckets of one entry, two (one code
+    byte), 64, and 1024 (longer than a sub-tile: the sub-tile takes one whole bucket). Tensors of one partial
+    block, two full blocks and a partial one, and of an odd size: bit-equal to the torch path."""
+    assert 2 * kernels.SUB_MAX < 2048  # several sub-tiles per block
+    hp = dict(lr=1e-2, m=2, k_init=0.3, topk_block_size=2048, quant_block_size=bucket, weight_decay=0.01)
+    shapes = [(1500,), (2 * 2048 + 700,), (333,)]
+    ref, ref_opt, tri, tri_opt = _twins(shapes, [torch.float32] * len(shapes), hp, seed=21)
+    g = torch.Generator().manual_seed(22)
+    for step in range(3):
+        if step == 1:
+            _set_grads(ref, tri, g)
+        else:  # integers in [-3, 3]: most |a| tie
+            for a, b in zip(ref, tri):
+                grad = torch.randint(-3, 4, a.shape, generator=g).float()
+                a.grad, b.grad = grad.clone(), grad.to(DEVICE, copy=True)
+        ref_opt.step()
+        tri_opt.step()
+        _assert_twins(ref, ref_opt, tri, tri_opt, step)
+    assert _uses_group_launches(tri_opt) == len(shapes)
+
+
+def test_fifteenth_is_the_ieee_quotient():
+    """The group launches compute (hi - lo) / 15 as fp32(fp64(d) * fp64(1 / 15)) (no division subroutine on
+    the GPU): equal, bit for bit, to the correctly rounded fp32 quotient (numpy's, as torch's CPU division),
+    for 2**22 random fp32 bit patterns, subnormals, the largest values, zeros and infinities. (All 2**32
+    inputs were checked once.)"""
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([rng.integers(0, 2**32, 2**22, dtype=np.uint64).astype(np.uint32),
+                           np.arange(0, 2**16, dtype=np.uint32),  # subnormals near 0
+                           np.uint32(0x7F7FFFFF) - np.arange(2**12, dtype=np.uint32),  # the largest
+                           np.array([0x80000000, 0x7F800000, 0xFF800000, 0x00800000], dtype=np.uint32)])
+    bits = np.concatenate([bits, bits ^ np.uint32(0x80000000)])  # both signs
+    d = bits.view(np.float32)
+    finite = np.isfinite(d)
+    d = d[finite | np.isinf(d)]
+    with np.errstate(all="ignore"):
+        expected = d / np.float32(15.0)
+        got = (d.astype(np.float64) * (1.0 / 15.0)).astype(np.float32)
+    assert np.array_equal(expected.view(np.uint32), got.view(np.uint32))
+
+
 class _HostSyncs:
     """Counts reads of tensor values into Python (item, tolist), while in use (a context of its own)."""
 
@@ -407,6 +452,55 @@ def test_group_skip_masks_on_the_device(ieee_sqrt):
         for i, (p, state) in frozen.items():
             assert torch.equal(tri[i], p)
             assert all(torch.equal(tri_opt.state[tri[i]][k], v) for k, v in state.items())
+
+
+def test_group_first_step_makes_counters_on_the_device_without_reads():
+    """A fresh optimizer's first step (nonfinite="skip", so the check needs no read either) creates every step
+    counter on the tensors' device, a 0-d fp32 tensor of its own, and reads nothing back to the host: before,
+    each new counter was read (``.item()``) and copied to the device one by one (219 blocking copies at 1b)."""
+    shapes = GROUP_SHAPES
+    _, _, tri, tri_opt = _twins(shapes, [torch.float32] * len(shapes), GROUP_HP, seed=23, nonfinite="skip")
+    g = torch.Generator().manual_seed(24)
+    for p in tri:
+        p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+    with _HostSyncs() as syncs:
+        tri_opt.step()
+    assert syncs.count == 0
+    counters = [tri_opt.state[p]["step"] for p in tri]
+    assert all(c.device == tri[0].device and c.dtype == torch.float32 and c.dim() == 0 for c in counters)
+    assert len({c.data_ptr() for c in counters}) == len(counters)
+    assert [float(c) for c in counters] == [1.0] * len(counters)
+    assert _uses_group_launches(tri_opt) == len(shapes)
+
+
+def test_group_loaded_counters_are_read_once(ieee_sqrt):
+    """After load_state_dict the counters come from elsewhere: the first step reads them back once for all
+    tensors (one ``.item()``, not one per tensor), and the run continues as the uninterrupted one."""
+    hp = dict(GROUP_HP, m=2)
+    shapes = GROUP_SHAPES
+    _, _, tri, tri_opt = _twins(shapes, [torch.float32] * len(shapes), hp, seed=25, nonfinite="skip")
+    g = torch.Generator().manual_seed(26)
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    for step in range(2):
+        for p, grad in zip(tri, grads[step]):
+            p.grad = grad.to(DEVICE)
+        tri_opt.step()
+    saved = copy.deepcopy(tri_opt.state_dict())
+    resumed = [p.detach().clone().requires_grad_() for p in tri]
+    resumed_opt = MicroAdam(resumed, backend="triton", nonfinite="skip", **hp)
+    resumed_opt.load_state_dict(saved)
+    for step in range(2, 4):
+        for params in (tri, resumed):
+            for p, grad in zip(params, grads[step]):
+                p.grad = grad.to(DEVICE)
+        tri_opt.step()
+        with _HostSyncs() as syncs:
+            resumed_opt.step()
+        assert syncs.count == (1 if step == 2 else 0), step
+        for a, b in zip(tri, resumed):
+            assert torch.equal(a, b), step
+            assert all(torch.equal(tri_opt.state[a][k], resumed_opt.state[b][k]) for k in tri_opt.state[a])
+    assert [float(resumed_opt.state[p]["step"]) for p in resumed] == [4.0] * len(shapes)
 
 
 def test_group_raise_changes_nothing():
@@ -539,24 +633,55 @@ def test_gpu_group_follows_torch_path_at_scale(dtype, block, weight_decay, ieee_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_group_step_has_no_host_sync_and_is_deterministic():
-    """nonfinite="skip", tensor lr: after the first step no CUDA sync at all (torch's sync debug mode raises
-    on one); bf16 with weight decay, two runs bit-equal."""
+    """nonfinite="skip", tensor lr: no CUDA sync at all, the first step (which makes the state and the step
+    counters) included (torch's sync debug mode raises on one); bf16 with weight decay, two runs bit-equal."""
     runs = []
     for _ in range(2):
         torch.manual_seed(15)
         params = [torch.randn(s, device="cuda").to(torch.bfloat16).requires_grad_() for s in [(1_000_003,), (513, 77)]]
         opt = MicroAdam(params, lr=torch.tensor(1e-3, device="cuda"), weight_decay=0.01, nonfinite="skip")
-        for step in range(4):
+        for _ in range(4):
             for p in params:
                 p.grad = torch.randn_like(p) * 1e-2
-            if step:
-                torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("error")
             try:
                 opt.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         runs.append([p.detach().cpu() for p in params] + [v.cpu() for p in params for v in opt.state[p].values()])
     assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_counters_loaded_on_the_host_reach_the_device_without_a_sync():
+    """A state dict saved to the host (torch.save's usual map_location="cpu") loaded into a CUDA optimizer:
+    its step counters are read on the host and uploaded in one pinned non-blocking copy, so the first step
+    after loading syncs nothing either; the run continues as the uninterrupted one."""
+    torch.manual_seed(27)
+    params = [torch.randn(s, device="cuda").requires_grad_() for s in [(300_001,), (257, 33)]]
+    opt = MicroAdam(params, lr=1e-3, nonfinite="skip")
+    grads = [[torch.randn_like(p) * 1e-2 for p in params] for _ in range(3)]
+    for step in range(2):
+        for p, grad in zip(params, grads[step]):
+            p.grad = grad
+        opt.step()
+    on_host = {"state": {i: {k: v.cpu() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()},
+               "param_groups": copy.deepcopy(opt.state_dict()["param_groups"])}
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    resumed_opt = MicroAdam(resumed, lr=1e-3, nonfinite="skip")
+    resumed_opt.load_state_dict(on_host)
+    for ps in (params, resumed):
+        for p, grad in zip(ps, grads[2]):
+            p.grad = grad
+    opt.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        resumed_opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed))
+    assert all(resumed_opt.state[p]["step"].is_cuda for p in resumed)
 
 
 @pytest.mark.parametrize("tensors", [1, 3], ids=["one-tensor", "group"])

@@ -18,11 +18,13 @@ launch                      does, per (tensor, block) program
 ``_group_check_kernel``     flag = the tensor has a gradient and it is finite (stores of 0 from any program
                             of a bad tensor; the other flag row, next step's, set back to 1); copies the step
                             counter to ``old``
-``_group_compress_kernel``  one pass over the block, on chip: a = g + Q^-1(e) (as ``dequant_add``), Top-K of
-                            |a| (as ``block_topk``: ranked in registers for blocks <= TILE_MAX, else 7
-                            histogram passes over tiles that recompute a), the window row (t - 1) % m, a[I] = 0,
-                            bucket ranges and 4-bit codes (as ``bucket_ranges``, ``quantize_pack``: a bucket is
-                            a row of the tile seen as (TILE / bucket, bucket)). Flag 0: everything masked
+``_group_compress_kernel``  on chip, per block: a = g + Q^-1(e) (as ``dequant_add``) and the Top-K threshold
+                            of |a| (as ``block_topk``: the keys of a block <= TILE_MAX in registers, 31 one-bit
+                            passes; a longer block in 7 histogram passes over sub-tiles that recompute a); then
+                            sub-tiles of SUB_MAX entries recompute a (from L1/L2) and write the window row
+                            (t - 1) % m, a[I] = 0, bucket ranges and 4-bit codes (as ``bucket_ranges``,
+                            ``quantize_pack``: a bucket is a row of the sub-tile seen as (SUB / bucket,
+                            bucket)). Flag 0: everything masked
 ``_group_window_kernel``    the block's window entries (as ``window_update``): moments in row order, owners
                             write p; with weight decay, the block's other positions (those no row holds, found
                             by a histogram of the entries) get p * (1 - lr wd): one launch, no scratch; then
@@ -39,8 +41,11 @@ Bytes per parameter of global memory, for s_g bytes of gradient, s_p of paramete
 E = m * k_init window entries per parameter (0.1 at the defaults m = 10, k_init = 0.01; 4 B each):
 
 * check: reads s_g.
-* compress: reads s_g + 0.5 (codes) + 4 / B (ranges), writes 0.5 + 4 / B + 4 k_init (the new row). Blocks
-  longer than TILE_MAX re-read g and e 8 times, from L1/L2 (<= 147 KB per program).
+* compress: reads s_g + 0.5 (codes) + 4 / B (ranges), writes 0.5 + 4 / B + 4 k_init (the new row). It reads
+  g and e of a block twice, the second time from L1/L2 (18 KB for a 4096-entry fp32 block; a block longer
+  than TILE_MAX 8 times, <= 147 KB per program): what a thread holds at once stays small (sm_90 at 8 warps:
+  <= 72 registers, 24 resident warps per SM; holding the whole 4096-entry tile through the selection and
+  requantisation needed 152-192 registers, 8 warps per SM).
 * window: reads the window, 4 E (its binary searches hit L1/L2), and reads and writes p where a row holds a
   position, 2 s_p E' (E' <= E distinct positions). With weight decay also the rest of p, read and written,
   2 s_p (1 - E'), and the block's entries once more per tile (L1/L2).
@@ -76,12 +81,12 @@ entries are 2 B of index + 2 B of value:
 
 * ``dequant_add``: reads s_g + 0.5 (codes) + 4 / bucket (bf16 min/max), writes 4 (a, fp32).
 * ``block_topk``: reads 4 (a) and writes 4 k_init (the new window row) + 4 k_init (a = 0 where chosen). One
-  program per block. A block of up to 4096 entries is one tile held in registers and ranked by a radix
-  select on the int32 bits of |a| (31 one-bit passes, as before). A longer block (up to ops.topk.MAX_BLOCK_SIZE
-  = 32768) is walked in tiles of 4096 inside the kernel: 7 passes over the block build 32-bin histograms of
-  5-bit digits of the key (the threshold's digits, high to low), then one pass writes the selection. Those 8
-  passes re-read the block from L1/L2 (128 KB at 32768), not from DRAM. Registers and compile time depend on
-  the tile only, not on the block size.
+  program per block. The keys (int32 bits of |a|) of a block of up to 4096 entries are held in registers and
+  ranked by a radix select (31 one-bit passes). A longer block (up to ops.topk.MAX_BLOCK_SIZE = 32768) is
+  walked in sub-tiles inside the kernel: 7 passes over the block build 32-bin histograms of 5-bit digits of
+  the key (the threshold's digits, high to low). Then one pass over sub-tiles of SUB_MAX entries writes the
+  selection. The passes after the first re-read the block from L1/L2 (16 KB at 4096, 128 KB at 32768), not
+  from DRAM. Registers and compile time depend on the tile only, not on the block size.
 * ``bucket_ranges``: reads 4, writes 4 / bucket. ``quantize_pack``: reads 4 + 4 / bucket, writes 0.5.
 * ``window_update``, sparse: one lane per window entry of the rows written so far (min(step, m) rows). The
   lane finds its position in every row by binary search (rows are ascending per block), sums the moments in
@@ -113,7 +118,9 @@ read, so the read has happened whichever threads hold the lanes; the window kern
 
 Arithmetic: every launch passes ``enable_fp_fusion=False``, so the compiler keeps ``a * b + c`` as two
 roundings (no FMA contraction; ptxas ``--fmad=false``), and division and square root are ``tl.div_rn`` /
-``tl.sqrt_rn`` (Triton's ``/`` and ``tl.sqrt`` are approximate on NVIDIA GPUs). Each kernel then performs
+``tl.sqrt_rn`` (Triton's ``/`` and ``tl.sqrt`` are approximate on NVIDIA GPUs), except the group launches'
+(hi - lo) / 15, an fp64 product rounded once to fp32 that equals the IEEE quotient for every fp32 input
+(``_fifteenth``). Each kernel then performs
 the same IEEE fp32 operations, in the same order, as its torch reference does on CPU, so the results are
 bit-equal. Where torch itself is not IEEE, the kernels follow IEEE: torch's vectorised CPU ``sqrt`` is 1 ulp
 off for ~17% of inputs (torch 2.13, AVX-512), so tests give the window update's reference an IEEE sqrt; and
@@ -138,6 +145,7 @@ from .triton_support import tl, triton, triton_available
 __all__ = ["MultiTensorStep", "group_layout_supported", "microadam_step_triton", "triton_available"]
 
 TILE_MAX = 4096  # entries of a block that one Top-K tile holds in registers
+SUB_MAX = 512  # entries a Top-K kernel's selection pass (and its histogram passes) takes at a time
 _ELEMENTWISE_BLOCK = 1024
 # window entries per program of the window update: 128 on a GPU (one per thread, many programs to hide the
 # searches' load latency); under the interpreter (CPU tensors) each operation costs ~50 us whatever its
@@ -170,15 +178,14 @@ if triton is not None:
         tl.store(out_ptr + offs, (code * step + lo) + grad, mask=mask)  # three roundings, as the reference
 
     @triton.jit
-    def _topk_keys(a_ptr, start, cols, length):
-        """a over ``cols`` of the block at ``start`` and its keys, the int32 bits of |a| (which order like |a|)."""
+    def _topk_keys(a, cols, length):
+        """a over ``cols`` of the block at ``a`` and its keys, the int32 bits of |a| (which order like |a|)."""
         valid = cols < length
-        x = tl.load(a_ptr + start + cols, mask=valid, other=0.0)
+        x = tl.load(a + cols, mask=valid, other=0.0)
         return x, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, valid
 
     @triton.jit
-    def _digit_pass(a_ptr, start, length, k, prefix, above, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
-                    TILE: tl.constexpr):
+    def _digit_pass(a, length, k, prefix, above, SHIFT: tl.constexpr, WIDTH: tl.constexpr, TILE: tl.constexpr):
         """One radix pass over the block's tiles: the next WIDTH bits (from bit SHIFT) of the k-th largest key.
 
         ``prefix``: its bits above SHIFT + WIDTH found so far; ``above``: keys known to be larger (their high
@@ -187,7 +194,7 @@ if triton is not None:
         bins = tl.arange(0, 32)
         hist = tl.zeros((32,), dtype=tl.int32)
         for t0 in range(0, length, TILE):
-            x, key, valid = _topk_keys(a_ptr, start, t0 + tl.arange(0, TILE), length)
+            x, key, valid = _topk_keys(a, t0 + tl.arange(0, TILE), length)
             match = valid & ((key >> (SHIFT + WIDTH)) == prefix)
             digit = tl.where(match, (key >> SHIFT) & ((1 << WIDTH) - 1), 0)
             # the lanes that do not match were counted in bin 0 (histogram's mask= needs Triton >= 3.4)
@@ -200,47 +207,56 @@ if triton is not None:
 
     @triton.jit
     def _block_topk_kernel(a_ptr, idx_ptr, val_ptr, n, block_size, k_block, k_tail, TILE: tl.constexpr,
-                           SINGLE_TILE: tl.constexpr):
+                           SUB: tl.constexpr, SINGLE_TILE: tl.constexpr):
         block = tl.program_id(0).to(tl.int64)
         start = block * block_size
+        a = a_ptr + start  # the block's own pointers: int32 offsets per lane from here
+        idx = idx_ptr + block * k_block
+        val = val_ptr + block * k_block
         length = tl.minimum(block_size, n - start).to(tl.int32)
         k = tl.where(length == block_size, k_block, k_tail)
         # 1. the threshold: the k-th largest key of the block, and how many keys lie above it
-        if SINGLE_TILE:  # the block is one tile: keep it in registers, one bit per pass
-            x, key, valid = _topk_keys(a_ptr, start, tl.arange(0, TILE), length)
-            key = tl.where(valid, key, -1)  # lanes past the block are never counted
+        if SINGLE_TILE:  # the block is one tile: its keys stay in registers, one bit per pass
+            _, keys, in_block = _topk_keys(a, tl.arange(0, TILE), length)
+            keys = tl.where(in_block, keys, -1)  # lanes past the block are never counted
             threshold = tl.zeros((), dtype=tl.int32)
             for bit in tl.static_range(30, -1, -1):
                 candidate = threshold | (1 << bit)
-                threshold = tl.where(tl.sum((key >= candidate).to(tl.int32), axis=0) >= k, candidate, threshold)
-            above = tl.sum((key > threshold).to(tl.int32), axis=0)
+                threshold = tl.where(tl.sum((keys >= candidate).to(tl.int32), axis=0) >= k, candidate, threshold)
+            above = tl.sum((keys > threshold).to(tl.int32), axis=0)
         else:  # 31 key bits as 5-bit digits, high to low, each one histogram pass over the tiles
             threshold = tl.zeros((), dtype=tl.int32)
             above = tl.zeros((), dtype=tl.int32)
-            threshold, above = _digit_pass(a_ptr, start, length, k, threshold, above, 26, 5, TILE)
-            threshold, above = _digit_pass(a_ptr, start, length, k, threshold, above, 21, 5, TILE)
-            threshold, above = _digit_pass(a_ptr, start, length, k, threshold, above, 16, 5, TILE)
-            threshold, above = _digit_pass(a_ptr, start, length, k, threshold, above, 11, 5, TILE)
-            threshold, above = _digit_pass(a_ptr, start, length, k, threshold, above, 6, 5, TILE)
-            threshold, above = _digit_pass(a_ptr, start, length, k, threshold, above, 1, 5, TILE)
-            threshold, above = _digit_pass(a_ptr, start, length, k, threshold, above, 0, 1, TILE)
+            threshold, above = _digit_pass(a, length, k, threshold, above, 26, 5, SUB)
+            threshold, above = _digit_pass(a, length, k, threshold, above, 21, 5, SUB)
+            threshold, above = _digit_pass(a, length, k, threshold, above, 16, 5, SUB)
+            threshold, above = _digit_pass(a, length, k, threshold, above, 11, 5, SUB)
+            threshold, above = _digit_pass(a, length, k, threshold, above, 6, 5, SUB)
+            threshold, above = _digit_pass(a, length, k, threshold, above, 1, 5, SUB)
+            threshold, above = _digit_pass(a, length, k, threshold, above, 0, 1, SUB)
         # 2. every key above the threshold, and of the keys equal to it the first k - above by index (the
-        # reference's tie rule), in index order: ties and slots are counted across the tiles in order
+        # reference's tie rule), in index order: ties and slots are counted across the sub-tiles in order (a
+        # sub-tile of SUB lanes at a time, re-read from L1/L2: fewer values per thread than a whole tile)
         need = k - above
         tied_before = tl.zeros((), dtype=tl.int32)
-        chosen_before = tl.zeros((), dtype=tl.int32)
-        for t0 in range(0, length, TILE):
-            cols = t0 + tl.arange(0, TILE)
-            x, key, valid = _topk_keys(a_ptr, start, cols, length)
+        above_before = tl.zeros((), dtype=tl.int32)
+        for t0 in range(0, length, SUB):
+            cols = t0 + tl.arange(0, SUB)
+            x, key, valid = _topk_keys(a, cols, length)
+            higher = valid & (key > threshold)
             tied = valid & (key == threshold)
-            tie_rank = tied_before + tl.cumsum(tied.to(tl.int32), axis=0)
-            chosen = (valid & (key > threshold)) | (tied & (tie_rank <= need))
-            out = block * k_block + (chosen_before + tl.cumsum(chosen.to(tl.int32), axis=0) - 1)
-            tl.store(idx_ptr + out, cols.to(tl.int16), mask=chosen)
-            tl.store(val_ptr + out, _bf16_nearest(x).to(tl.bfloat16), mask=chosen)
-            tl.store(a_ptr + start + cols, tl.zeros_like(x), mask=chosen)  # after this lane's last read of it
-            tied_before += tl.sum(tied.to(tl.int32), axis=0)
-            chosen_before += tl.sum(chosen.to(tl.int32), axis=0)
+            # one scan for both ranks: a sub-tile has < 2**16 lanes, so the two counts never carry into each other
+            packed = higher.to(tl.int32) + (tied.to(tl.int32) << 16)
+            rank = tl.cumsum(packed, axis=0)
+            ties_upto = tied_before + (rank >> 16)  # ties of the block up to this lane
+            chosen = higher | (tied & (ties_upto <= need))
+            slot = above_before + (rank & 65535) + tl.minimum(ties_upto, need) - 1
+            tl.store(idx + slot, cols.to(tl.int16), mask=chosen)
+            tl.store(val + slot, _bf16_nearest(x).to(tl.bfloat16), mask=chosen)
+            tl.store(a + cols, tl.zeros_like(x), mask=chosen)  # after this lane's last read of it
+            counts = tl.sum(packed, axis=0)
+            tied_before += counts >> 16
+            above_before += counts & 65535
 
     @triton.jit
     def _round_bf16(x, down: tl.constexpr):
@@ -431,69 +447,114 @@ if triton is not None:
         tl.store(old_ptr + t, old, mask=first)
 
     @triton.jit
-    def _fused_a(g, codes, lo, hi, start, cols, length, BUCKET: tl.constexpr):
-        """a = g + Q^-1(e) over ``cols`` of the block at ``start`` (three roundings, as the reference)."""
-        valid = cols < length
-        offs = start + cols
-        byte = tl.load(codes + offs // 2, mask=valid, other=0).to(tl.int32)
-        code = tl.where(offs % 2 == 0, byte >> 4, byte & 15).to(tl.float32)
-        bucket = offs // BUCKET
-        lo_v = tl.load(lo + bucket, mask=valid, other=0.0).to(tl.float32)
-        hi_v = tl.load(hi + bucket, mask=valid, other=0.0).to(tl.float32)
-        grad = tl.load(g + offs, mask=valid, other=0.0).to(tl.float32)
-        step = tl.div_rn(hi_v - lo_v, 15.0)
-        return (code * step + lo_v) + grad, valid
+    def _fifteenth(d):
+        """fp32 d / 15, correctly rounded (as tl.div_rn(d, 15.0) and IEEE division on CPU), without a division:
+        fp64(d) * fp64(1 / 15), rounded once to fp32. The fp64 product is within 2**-52 (relative) of d / 15,
+        and d / 15 is never that close to a point where fp32 rounding changes: its binary digits repeat with
+        period 4 (1 / 15 = 0.000100010001...), never a long run of 0s or 1s, unless it is exact. (Checked for
+        every fp32 d.) tl.div_rn calls a slow-path subroutine per value, which cost registers around it."""
+        return (d.to(tl.float64) * (1.0 / 15.0)).to(tl.float32)
 
     @triton.jit
-    def _fused_digit_pass(g, codes, lo, hi, start, length, k, prefix, above, SHIFT: tl.constexpr,
-                          WIDTH: tl.constexpr, TILE: tl.constexpr, BUCKET: tl.constexpr):
+    def _count(flags):
+        """How many lanes of a 2-D tile are set (summed as one row: one in-thread sum, one shuffle tree)."""
+        return tl.sum(tl.reshape(flags.to(tl.int32), (flags.shape[0] * flags.shape[1],)), axis=0)
+
+    @triton.jit
+    def _inclusive_cumsum(x):
+        """Per lane of a 2-D tile, the sum of x over the lanes up to and including it, in row-major order."""
+        return tl.reshape(tl.cumsum(tl.reshape(x, (x.shape[0] * x.shape[1],)), axis=0), x.shape)
+
+    @triton.jit
+    def _fused_tile(g, codes, lo, hi, t0, length, NB: tl.constexpr, BUCKET: tl.constexpr):
+        """a = g + Q^-1(e) over the tile of NB buckets at ``t0`` of a block, as an (NB, BUCKET) tensor (a bucket
+        per row; three roundings, as the reference), with each lane's block-relative column and whether it lies
+        in the block. ``g``, ``codes``, ``lo``, ``hi`` point at the block's first entry, byte and bucket: the
+        offsets here are int32 and the range of a bucket is loaded once, not per lane."""
+        rows = tl.arange(0, NB)
+        cols = t0 + rows[:, None] * BUCKET + tl.arange(0, BUCKET)[None, :]
+        valid = cols < length
+        pair = t0 // 2 + tl.arange(0, NB * BUCKET // 2)
+        byte = tl.load(codes + pair, mask=2 * pair < length, other=0).to(tl.int32)
+        code = tl.reshape(tl.join(byte >> 4, byte & 15), (NB, BUCKET)).to(tl.float32)  # high nibble first
+        bucket = t0 // BUCKET + rows
+        held = bucket * BUCKET < length
+        lo_b = tl.load(lo + bucket, mask=held, other=0.0).to(tl.float32)
+        hi_b = tl.load(hi + bucket, mask=held, other=0.0).to(tl.float32)
+        step = _fifteenth(hi_b - lo_b)  # ops.quant._grid: (hi - lo) / LEVELS
+        even = 2 * pair
+        g_even = tl.load(g + even, mask=even < length, other=0.0).to(tl.float32)
+        g_odd = tl.load(g + even + 1, mask=even + 1 < length, other=0.0).to(tl.float32)
+        grad = tl.reshape(tl.join(g_even, g_odd), (NB, BUCKET))  # pairs, as the codes: no layout conversion
+        return (code * step[:, None] + lo_b[:, None]) + grad, cols, valid
+
+    @triton.jit
+    def _fused_digit_pass(g, codes, lo, hi, length, k, prefix, above, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+                          NB: tl.constexpr, BUCKET: tl.constexpr):
         """_digit_pass over a block that is not held anywhere: each tile's a is recomputed from g and e."""
+        TILE: tl.constexpr = NB * BUCKET
         bins = tl.arange(0, 32)
         hist = tl.zeros((32,), dtype=tl.int32)
         for t0 in range(0, length, TILE):
-            x, valid = _fused_a(g, codes, lo, hi, start, t0 + tl.arange(0, TILE), length, BUCKET)
+            x, cols, valid = _fused_tile(g, codes, lo, hi, t0, length, NB, BUCKET)
             key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
             match = valid & ((key >> (SHIFT + WIDTH)) == prefix)
             digit = tl.where(match, (key >> SHIFT) & ((1 << WIDTH) - 1), 0)
-            unmatched = TILE - tl.sum(match.to(tl.int32), axis=0)
-            hist += tl.histogram(digit, 32) - tl.where(bins == 0, unmatched, 0)
+            unmatched = TILE - _count(match)  # counted in bin 0 below
+            hist += tl.histogram(tl.reshape(digit, (TILE,)), 32) - tl.where(bins == 0, unmatched, 0)
         at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
         digit = tl.max(tl.where(at_least >= k - above, bins, 0), axis=0)
         above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
         return (prefix << WIDTH) | digit, above
 
     @triton.jit
-    def _requantize(az, codes, lo, hi, base, length, TILE: tl.constexpr, BUCKET: tl.constexpr):
-        """Bucket ranges and 4-bit codes of the tile ``az`` (a with the chosen entries zeroed) starting at
-        ``base`` (a multiple of BUCKET and of 2), ``length`` entries of it valid: the buckets are whole rows of
-        the tile seen as (TILE / BUCKET, BUCKET), so min/max and codes never leave registers."""
-        NB: tl.constexpr = TILE // BUCKET
-        buckets = tl.arange(0, NB)
-        lanes = buckets[:, None] * BUCKET + tl.arange(0, BUCKET)[None, :]
-        valid = lanes < length
-        a2 = tl.reshape(az, (NB, BUCKET))
-        whole = buckets * BUCKET < length
-        lo_b = tl.where(whole, _round_bf16(tl.min(tl.where(valid, a2, float("inf")), axis=1), True), 0.0)
-        hi_b = tl.where(whole, _round_bf16(tl.max(tl.where(valid, a2, float("-inf")), axis=1), False), 0.0)
-        tl.store(lo + base // BUCKET + buckets, lo_b.to(tl.bfloat16), mask=whole)
-        tl.store(hi + base // BUCKET + buckets, hi_b.to(tl.bfloat16), mask=whole)
-        step = tl.div_rn(hi_b - lo_b, 15.0)  # as _code
+    def _select_requantize(x, cols, valid, key, threshold, need, tied_before, above_before, idx, val, codes, lo,
+                           hi, t0, length, NB: tl.constexpr, BUCKET: tl.constexpr):
+        """One tile of the last pass: the chosen lanes (keys above the threshold, and of the keys equal to it the
+        first ``need`` by index, ``tied_before`` of them in earlier tiles) into the window row, in index order
+        after the ``above_before`` keys above the threshold of earlier tiles and the chosen ties; then the
+        tile's bucket ranges and 4-bit codes of a with the chosen lanes zeroed (the buckets are the tile's rows,
+        so min/max and codes never leave registers). Every store depends on the loads of the same addresses in
+        ``_fused_tile``. Returns the tile's ties and keys above the threshold, packed as ties * 2**16 + above."""
+        above = valid & (key > threshold)
+        tied = valid & (key == threshold)
+        # one scan for both ranks: a tile has < 2**16 lanes, so the two counts never carry into each other
+        packed = above.to(tl.int32) + (tied.to(tl.int32) << 16)
+        rank = _inclusive_cumsum(packed)
+        ties_upto = tied_before + (rank >> 16)  # ties of the block up to this lane
+        chosen = above | (tied & (ties_upto <= need))
+        slot = above_before + (rank & 65535) + tl.minimum(ties_upto, need) - 1
+        tl.store(idx + slot, cols.to(tl.int16), mask=chosen)
+        tl.store(val + slot, _bf16_nearest(x).to(tl.bfloat16), mask=chosen)
+        az = tl.where(chosen, 0.0, x)
+        bucket = t0 // BUCKET + tl.arange(0, NB)
+        held = bucket * BUCKET < length
+        lo_b = tl.where(held, _round_bf16(tl.min(tl.where(valid, az, float("inf")), axis=1), True), 0.0)
+        hi_b = tl.where(held, _round_bf16(tl.max(tl.where(valid, az, float("-inf")), axis=1), False), 0.0)
+        tl.store(lo + bucket, lo_b.to(tl.bfloat16), mask=held)
+        tl.store(hi + bucket, hi_b.to(tl.bfloat16), mask=held)
+        step = _fifteenth(hi_b - lo_b)  # as _code
         quantised = step >= 1.1754943508222875e-38
         inv_step = tl.where(quantised, tl.div_rn(1.0, tl.where(quantised, step, 1.0)), 0.0)
-        y = tl.floor((a2 - lo_b[:, None]) * inv_step[:, None] + 0.5)
+        y = tl.floor((az - lo_b[:, None]) * inv_step[:, None] + 0.5)  # three roundings, as the reference
         code = tl.where(valid, tl.minimum(tl.maximum(y, 0.0), 15.0).to(tl.int32), 0)  # an odd end's low nibble: 0
-        pairs = tl.reshape(code, (TILE // 2, 2))
-        byte = tl.sum(pairs * tl.where(tl.arange(0, 2) == 0, 16, 1)[None, :], axis=1)
-        pair = tl.arange(0, TILE // 2)
-        tl.store(codes + base // 2 + pair, byte.to(tl.uint8), mask=2 * pair < length)
+        high, low = tl.split(tl.reshape(code, (NB * BUCKET // 2, 2)))
+        pair = t0 // 2 + tl.arange(0, NB * BUCKET // 2)
+        tl.store(codes + pair, ((high << 4) | low).to(tl.uint8), mask=2 * pair < length)
+        return tl.sum(tl.reshape(packed, (NB * BUCKET,)), axis=0)
 
     @triton.jit(do_not_specialize=["flag_now"])
     def _group_compress_kernel(meta_ptr, gptr_ptr, block_tensor_ptr, flags_ptr, flag_now, old_ptr, block_size,
                                k_block, m, G_KIND: tl.constexpr, BUCKET: tl.constexpr, TILE: tl.constexpr,
-                               SINGLE_TILE: tl.constexpr, META: tl.constexpr):
-        """Stage 1, one pass over a block of one tensor: a = g + Q^-1(e); its Top-K into the window row of this
-        step; a[chosen] = 0; new bucket ranges and codes. A block of <= TILE entries stays in registers; a
-        longer one is walked in tiles (8 passes recompute a from g and e, which L1/L2 hold)."""
+                               SUB: tl.constexpr, SINGLE_TILE: tl.constexpr, META: tl.constexpr):
+        """Stage 1, one block of one tensor: a = g + Q^-1(e); its Top-K into the window row of this step;
+        a[chosen] = 0; new bucket ranges and codes. The threshold of the Top-K first: a block of <= TILE entries
+        is read once and its keys stay in registers for the 31 one-bit passes; a longer one is walked in 7
+        histogram passes over sub-tiles. Then a last pass over sub-tiles recomputes a (from L1/L2), writes the
+        chosen entries and requantises. Sub-tiles of SUB entries ((SUB / BUCKET, BUCKET): a bucket per row)
+        keep what a thread holds small: a whole 4096-entry tile of a, its keys, ranks and ranges at once needed
+        ~140-190 registers (8 resident warps per SM on sm_90)."""
+        NB: tl.constexpr = SUB // BUCKET
         pid = tl.program_id(0)
         t = tl.load(block_tensor_ptr + pid).to(tl.int64)
         row = meta_ptr + t * META
@@ -507,62 +568,43 @@ if triton is not None:
         length = tl.where(active, whole, 0).to(tl.int32)  # an inactive tensor: every load and store masked
         k = tl.where(whole == block_size, k_block, k_tail).to(tl.int32)
         ring = tl.load(old_ptr + t).to(tl.int32) % m  # (step - 1) % m of this step
-        g = _ptr(tl.load(gptr_ptr + t), G_KIND)
+        # the block's own pointers (int64 arithmetic once; per lane int32 offsets from them)
+        g = _ptr(tl.load(gptr_ptr + t), G_KIND) + start
         out = ring * k_total + b * k_block
         idx = _ptr(tl.load(row + 6), 3) + out
         val = _ptr(tl.load(row + 7), 1) + out
-        codes = _ptr(tl.load(row + 8), 4)
-        lo = _ptr(tl.load(row + 9), 1)
-        hi = _ptr(tl.load(row + 10), 1)
+        codes = _ptr(tl.load(row + 8), 4) + start // 2  # block_size is even and a multiple of BUCKET
+        lo = _ptr(tl.load(row + 9), 1) + start // BUCKET
+        hi = _ptr(tl.load(row + 10), 1) + start // BUCKET
+        zero = tl.zeros((), dtype=tl.int32)
+        # 1. the threshold: the k-th largest key of the block, and how many keys lie above it
         if SINGLE_TILE:
-            cols = tl.arange(0, TILE)
-            x, valid = _fused_a(g, codes, lo, hi, start, cols, length, BUCKET)
-            key = tl.where(valid, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
-            threshold = tl.zeros((), dtype=tl.int32)
+            whole_a, _, in_block = _fused_tile(g, codes, lo, hi, 0, length, TILE // BUCKET, BUCKET)
+            keys = tl.where(in_block, whole_a.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)  # past it: never counted
+            threshold = zero
             for bit in tl.static_range(30, -1, -1):
                 candidate = threshold | (1 << bit)
-                threshold = tl.where(tl.sum((key >= candidate).to(tl.int32), axis=0) >= k, candidate, threshold)
-            above = tl.sum((key > threshold).to(tl.int32), axis=0)
-            tied = valid & (key == threshold)
-            chosen = (valid & (key > threshold)) | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= k - above))
-            slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-            tl.store(idx + slot, cols.to(tl.int16), mask=chosen)
-            tl.store(val + slot, _bf16_nearest(x).to(tl.bfloat16), mask=chosen)
-            _requantize(tl.where(chosen, 0.0, x), codes, lo, hi, start, length, TILE, BUCKET)
+                threshold = tl.where(_count(keys >= candidate) >= k, candidate, threshold)
+            above = _count(keys > threshold)
         else:
-            threshold = tl.zeros((), dtype=tl.int32)
-            above = tl.zeros((), dtype=tl.int32)
-            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
-                                                 26, 5, TILE, BUCKET)
-            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
-                                                 21, 5, TILE, BUCKET)
-            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
-                                                 16, 5, TILE, BUCKET)
-            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
-                                                 11, 5, TILE, BUCKET)
-            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
-                                                 6, 5, TILE, BUCKET)
-            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
-                                                 1, 5, TILE, BUCKET)
-            threshold, above = _fused_digit_pass(g, codes, lo, hi, start, length, k, threshold, above,
-                                                 0, 1, TILE, BUCKET)
-            need = k - above
-            tied_before = tl.zeros((), dtype=tl.int32)
-            chosen_before = tl.zeros((), dtype=tl.int32)
-            for t0 in range(0, length, TILE):
-                cols = t0 + tl.arange(0, TILE)
-                x, valid = _fused_a(g, codes, lo, hi, start, cols, length, BUCKET)
-                key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-                tied = valid & (key == threshold)
-                tie_rank = tied_before + tl.cumsum(tied.to(tl.int32), axis=0)
-                chosen = (valid & (key > threshold)) | (tied & (tie_rank <= need))
-                slot = chosen_before + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-                tl.store(idx + slot, cols.to(tl.int16), mask=chosen)
-                tl.store(val + slot, _bf16_nearest(x).to(tl.bfloat16), mask=chosen)
-                # this tile's codes and ranges: every store depends on the loads of the same addresses above
-                _requantize(tl.where(chosen, 0.0, x), codes, lo, hi, start + t0, length - t0, TILE, BUCKET)
-                tied_before += tl.sum(tied.to(tl.int32), axis=0)
-                chosen_before += tl.sum(chosen.to(tl.int32), axis=0)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, length, k, zero, zero, 26, 5, NB, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, length, k, threshold, above, 21, 5, NB, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, length, k, threshold, above, 16, 5, NB, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, length, k, threshold, above, 11, 5, NB, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, length, k, threshold, above, 6, 5, NB, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, length, k, threshold, above, 1, 5, NB, BUCKET)
+            threshold, above = _fused_digit_pass(g, codes, lo, hi, length, k, threshold, above, 0, 1, NB, BUCKET)
+        # 2. every key above the threshold, and of the keys equal to it the first k - above by index (the
+        # reference's tie rule), in index order: ties and slots are counted across the sub-tiles in order
+        tied_before = zero
+        above_before = zero
+        for t0 in range(0, length, SUB):
+            x, cols, valid = _fused_tile(g, codes, lo, hi, t0, length, NB, BUCKET)
+            key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            counts = _select_requantize(x, cols, valid, key, threshold, k - above, tied_before, above_before, idx,
+                                        val, codes, lo, hi, t0, length, NB, BUCKET)
+            tied_before += counts >> 16
+            above_before += counts & 65535
 
     @triton.jit
     def _window_entry_chunk(idx, k_total, col0, count, total, e0, ENTRIES: tl.constexpr):
@@ -682,7 +724,8 @@ def block_topk_into(a: Tensor, indices: Tensor, values: Tensor, block_size: int,
     tile = min(_pow2(longest), TILE_MAX)
     grid = (layout.full_blocks + (1 if layout.tail else 0),)
     _block_topk_kernel[grid](a, indices, values, n, block_size, layout.k_block, layout.k_tail, TILE=tile,
-                             SINGLE_TILE=longest <= tile, **_EXACT)
+                             SUB=min(tile, SUB_MAX), SINGLE_TILE=longest <= tile, num_warps=8 if tile >= 2048 else 4,
+                             **_EXACT)
 
 
 def bucket_ranges(a: Tensor, bucket_size: int, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -860,6 +903,7 @@ class MultiTensorStep:
         longest = max(min(topk_block_size, n) for n in numels)
         self.single_tile = longest <= TILE_MAX
         self.tile = max(min(_pow2(longest), TILE_MAX), quant_block_size, 32)
+        self.sub = max(min(self.tile, SUB_MAX), quant_block_size)  # whole buckets
         self.k_block = layouts[0].k_block
         k_max = max(max((lay.k_block for lay in layouts if lay.full_blocks), default=0),
                     max(lay.k_tail for lay in layouts))
@@ -977,7 +1021,7 @@ class MultiTensorStep:
         gpu = self.device.type == "cuda"
         _group_compress_kernel[(self.blocks,)](
             self.meta, self._gdev, self.block_tensor, self.flags, now, self.old, self.block_size, self.k_block,
-            self.m, G_KIND=self._g_kind, BUCKET=self.bucket, TILE=self.tile, SINGLE_TILE=self.single_tile,
+            self.m, G_KIND=self._g_kind, BUCKET=self.bucket, TILE=self.tile, SUB=self.sub, SINGLE_TILE=self.single_tile,
             META=_META, num_warps=8 if gpu and self.tile >= 2048 else 4, **_EXACT)
         _group_window_kernel[(self.blocks,)](
             self.meta, self.block_tensor, self.flags, now, self.old, table, self.m, c_last, self.block_size,

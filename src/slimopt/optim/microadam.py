@@ -222,7 +222,7 @@ class MicroAdam(SlimOptimizer):
             if batches is not None and batches.takes(param, full_grad):
                 if not state:
                     self._init_state(state, param, group)
-                    state["step"] = torch.zeros((), dtype=torch.float32)  # moved to the device by the batch
+                    state["step"] = batches.new_counter(param)  # on the device: a fill, no copy, no read
                 continue
             if batches is not None:
                 batches.stepped_alone(param)
@@ -265,8 +265,9 @@ _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class _TritonBatch:
     """The tensors of one group, device and dtype that one ``MultiTensorStep`` steps. Remembers which state
-    tensors its tables point at and binds them again when they change (first step, load_state_dict);
-    their step counters are moved to the device there (the kernels advance them)."""
+    tensors its tables point at and binds them again when they change (first step, load_state_dict). Their
+    step counters live on the device (the kernels advance them): new ones are made there (``new_counter``),
+    loaded ones are moved there when bound (``sync_state``)."""
 
     def __init__(self, params: list[Tensor], indices: list[int], group: dict[str, Any]) -> None:
         from ..ops.microadam_triton import MultiTensorStep
@@ -294,12 +295,28 @@ class _TritonBatch:
                 return True
         return False
 
+    def new_counter(self) -> Tensor:
+        """A step counter of 0 for a tensor that gets its state now: made on the device (a fill: no host copy)
+        and known to lie below the runner's bound (no read-back when it is bound)."""
+        counter = torch.zeros((), dtype=torch.float32, device=self.runner.device)
+        self.known_steps[id(counter)] = counter
+        return counter
+
     def sync_state(self, optimizer_state: Any) -> None:
-        """Bind the runner's tables to the current state tensors if they are not the ones bound."""
+        """Bind the runner's tables to the current state tensors if they are not the ones bound.
+
+        Step counters must be 0-d fp32 tensors on the device (the kernels advance them). Those this batch made
+        (``new_counter``) or bound before are known to lie below the runner's bound. Any other (a loaded state
+        dict's) is read once, all together: counters on the host (tensors or numbers, as torch's optimizers
+        keep them) are stacked on the host, read there, and uploaded in one pinned non-blocking copy (no
+        blocking copy per tensor); counters already on the device take one read-back for all of them."""
         if not self._stale(optimizer_state):
             return
         known = self.known_steps
-        bound, states = 0, []
+        device = self.runner.device
+        states: list[dict[str, Tensor] | None] = []
+        host: list[tuple[dict[str, Any], Tensor]] = []  # counters to upload
+        foreign: list[Tensor] = []  # counters on the device that this batch did not make: read once
         for p in self.params:
             state = optimizer_state.get(p) or None
             if state is None or any(k not in state for k in _STATE_KEYS):
@@ -307,21 +324,33 @@ class _TritonBatch:
                 continue
             step = state["step"]
             if not isinstance(step, Tensor):
-                step = torch.tensor(float(step), dtype=torch.float32)
-            if known.get(id(step)) is not step:  # a counter from elsewhere (new, loaded): read it once
-                bound = max(bound, int(step.item()))
-            if step.device != p.device or step.dtype != torch.float32 or step.dim():
-                step = step.to(device=p.device, dtype=torch.float32).reshape(())
-            state["step"] = step
+                host.append((state, torch.tensor(float(step), dtype=torch.float32)))
+            elif step.device != device and step.device.type == "cpu":
+                host.append((state, step.detach().reshape(()).to(torch.float32)))
+            elif known.get(id(step)) is not step:
+                if step.device != device or step.dtype != torch.float32 or step.dim():  # device to device
+                    state["step"] = step = step.detach().to(device=device, dtype=torch.float32).reshape(())
+                foreign.append(step)
             for key in _STATE_KEYS[:-1]:
                 t = state[key]
                 if t.device != p.device or not t.is_contiguous():
                     state[key] = t.to(p.device).contiguous()
-            states.append(tuple(state[k] for k in _STATE_KEYS))
-        self.runner.bind(self.params, states, bound)
+            states.append(state)
+        bound = 0
+        if host:
+            values = torch.stack([value for _, value in host])  # host tensors: no device involved
+            bound = int(values.max().item())
+            if device.type != "cpu":
+                values = values.pin_memory().to(device, non_blocking=True)  # one copy for all of them
+            for i, (state, _) in enumerate(host):
+                state["step"] = values[i]
+        if foreign:
+            bound = max(bound, int(torch.stack(foreign).max().item()))  # one read for all of them
+        bound_states = [None if state is None else tuple(state[k] for k in _STATE_KEYS) for state in states]
+        self.runner.bind(self.params, bound_states, bound)
         self.bound_dicts = [optimizer_state.get(p) or None for p in self.params]
-        self.bound_tensors = states
-        self.known_steps = {id(t[-1]): t[-1] for t in states if t is not None}
+        self.bound_tensors = bound_states
+        self.known_steps = {id(t[-1]): t[-1] for t in bound_states if t is not None}
 
     def grads(self) -> list[Tensor | None]:
         out = []
@@ -402,6 +431,10 @@ class _GroupBatches:
     def takes(self, p: Tensor, grad: Tensor) -> bool:
         """Whether ``p`` is stepped by the group launches at this step (its gradient's dtype permitting)."""
         return id(p) in self.where and grad.dtype in _GRAD_DTYPES
+
+    def new_counter(self, p: Tensor) -> Tensor:
+        """A step counter of 0 on ``p``'s device for ``p`` (of a batch), which gets its state now."""
+        return self.where[id(p)][0].new_counter()
 
     def stepped_alone(self, p: Tensor) -> None:
         """``p`` (of a batch) takes the one-tensor path at this step: its counter may pass the batch's bound."""
