@@ -4,10 +4,11 @@ They run on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py), and on a G
 
 Tolerances: the kernels compute the same fp32 quantities as ``sinkhorn_scales`` in another order (tiles of
 partial sums, not ``mv``) and add the floors where it clamps with them; the scale vectors differ by a few ulps
-per round, the update (unit RMS) by ~1e-6 relative. On a GPU the compiler may also contract the squares'
-multiply-adds and W * decay + U into FMAs (one rounding fewer each): another ulp or two, inside the same
-bounds. atol: 2e-6 of the step size (the update's RMS is the step size); rtol: 4 fp32 ulps of W (W rounded
-once, the decay factor rounded from another expression, an FMA).
+per round, the update (unit RMS) by ~1e-6 relative. The kernels never contract a multiply-add into an FMA
+(``enable_fp_fusion=False``), so on a GPU they differ from the interpreter only in the order of the tiles'
+reductions (a few ulps more of the same kind); the torch reference's ``addcmul`` may contract (CPU and CUDA).
+atol: 2e-6 of the step size (the update's RMS is the step size); rtol: 4 fp32 ulps of W (W rounded once,
+the decay factor rounded from another expression, an FMA in the reference).
 """
 
 from __future__ import annotations

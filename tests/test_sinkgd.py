@@ -395,13 +395,19 @@ def test_the_check_reads_one_norm_per_gradient_and_looks_again_before_raising():
 # SinkGD steps the matrices the kernels take (fp32/bf16 views whose storage rows are contiguous) with
 # ops.sinkhorn_triton.SinkhornScaledAdd: 2 iters + 1 launches per group, dtype and layout. The same lockstep
 # against the per-matrix reference, with the same tolerances as the stacked path: the kernels sum the same fp32
-# quantities in another order (tiles of partial sums), add the floors where the reference clamps with them, and
-# on a GPU may contract multiply-adds into FMAs: a few ulps of the scales, <= 2e-6 of the step size in the
-# update; W within 4 fp32 ulps (one rounding, the decay factor rounded from another expression, an FMA).
+# quantities in another order (tiles of partial sums; on a GPU the tiles reduce in yet another order) and add
+# the floors where the reference clamps with them: a few ulps of the scales, <= 2e-6 of the step size in the
+# update; W within 4 fp32 ulps (one rounding, the decay factor rounded from another expression, an FMA that
+# the reference's addcmul may take; the kernels take none: enable_fp_fusion=False).
+
+import os  # noqa: E402
 
 from slimopt.ops.triton_support import triton_available  # noqa: E402
 
-needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
+# CPU tensors through the Triton interpreter (on a GPU machine the kernels run on CUDA tensors instead: the
+# tests of ops.sinkhorn_triton and the gpu-marked test below)
+needs_triton = pytest.mark.skipif(not triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="needs triton and TRITON_INTERPRET=1 (CPU tensors)")
 
 
 # several shapes, a single row and column, an empty matrix: each program of the interpreter costs ~50 ms
@@ -605,3 +611,35 @@ def test_backend_is_checked_and_auto_keeps_cpu_tensors_on_the_torch_path():
     w.grad = torch.randn(6, 8)
     opt.step()
     assert not kernel_steps(opt)  # CPU tensors: the stacked torch path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_auto_takes_the_kernels_and_equals_the_per_matrix_reference(dtype):
+    torch.manual_seed(0)
+    shapes = [(256, 320), (320, 256), (256, 320), (64, 64)]
+    values = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+    a = [nn.Parameter(v.clone()) for v in values] + [nn.Parameter(torch.randn(96, 40, device="cuda").to(dtype).t())]
+    b = [nn.Parameter(p.detach().clone()) for p in a[:-1]] + [nn.Parameter(a[-1].detach().t().clone().t())]
+    opt_a = SinkGD([{"params": a, "update": "stateless"}], lr=0.1, scale=0.5, weight_decay=0.1)
+    opt_b = per_matrix(SinkGD([{"params": b, "update": "stateless"}], lr=0.1, scale=0.5, weight_decay=0.1))
+    for seed in range(2):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        for x, y in zip(a, b):
+            grad = torch.randn(x.shape, generator=g, device="cuda") * torch.rand(x.shape[0], 1, generator=g,
+                                                                                   device="cuda") * 10
+            x.grad = grad.to(dtype) if x.is_contiguous() else grad.to(dtype).t().contiguous().t()
+            y.grad = x.grad.clone()
+        with torch.no_grad():
+            for x, y in zip(a, b):
+                y.copy_(x)
+        opt_a.step()
+        opt_b.step()
+        for x, y in zip(a, b):
+            if dtype == torch.float32:
+                torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=2e-6 * 0.05)
+            else:  # W rounded once here, twice by the reference (W * decay, then + U): see the bf16 tests above
+                bound = 2.0**-8 * (y.float().abs() + x.float().abs()) * 2 + 1e-6
+                assert ((x.float() - y.float()).abs() <= bound).all()
+    assert sorted(key[3] for key in kernel_steps(opt_a)) == [False, True]

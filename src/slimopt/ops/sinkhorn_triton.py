@@ -27,32 +27,37 @@ program owns them and loops over the columns) and blocks of storage columns (it 
 the rows). Every sum has one owner, which adds its tile's partial sums in a fixed order: no atomics, the same
 result every run.
 
-=============================  ======================================================================  ========
-kernel                         per element of G (s_g bytes: 4 fp32, 2 bf16), per launch                 launches
-=============================  ======================================================================  ========
-``_sinkhorn_half_step_kernel``  reads G (s_g); reads the other scale vector and writes its own          2L
-                                (4 B per row or column, from L2), per matrix 1 int8 flag and 1 floor
-``_scaled_add_kernel``          reads G (s_g) and W (s_p), writes W (s_p); the two scale vectors        1
-=============================  ======================================================================  ========
+==============================  ==================================================================  ========
+kernel                          reads and writes, per element of G (s_g bytes: 4 fp32, 2 bf16)      launches
+==============================  ==================================================================  ========
+``_sinkhorn_half_step_kernel``  reads G (s_g); per row or column, reads the other scale vector and    2L
+                                writes its own (4 B each, L2); per matrix a floor and an int8 flag
+``_scaled_add_kernel``          reads G (s_g) and W (s_p), writes W (s_p); reads R and C (L2)         1
+==============================  ==================================================================  ========
 
 Bytes per element at L = 5: 10 s_g + s_g + 2 s_p = 52 B for fp32 G and W, 26 B for bf16 (the torch stacked
 path: 84 B and ~41 launches per stack). What would cut them further, and why it is not done:
 
-* the cache. The 2L passes re-read G; an H100's L2 (50 MB; H200 60 MB) holds one 2048 x 5461 fp32 gradient
-  (45 MB) but not the model's. Running the passes over L2-sized groups of matrices (each group's 2L + 1 passes
-  before the next group's) would serve all but the first read from L2: ~s_g + 2 s_p + s_g = 16 B fp32 from
-  HBM, i.e. under fused AdamW's 28 B. It costs 2L + 1 launches per group (~11 x 30 groups of 40 MB at 1.34B:
-  ~330 launches, 2 ms of launch overhead eagerly, nothing under a CUDA graph) and relies on L2 residency,
-  which the hardware does not promise (other streams, the set-associative replacement). Not done here: the
-  launch budget of the step (150) rules it out eagerly, and there is no GPU to measure the hit rate; the
-  tables already allow it (one ``SinkhornScaledAdd`` per group of matrices).
-* fewer passes. L = 5 is the paper's; each round needs the previous round's complete sums, so a round is at
-  least one pass over G (rows and columns of one round cannot share a pass: the column sums need the new R).
+* the cache. The 2L passes re-read G. Run over groups of matrices whose gradients fit in L2 (H100 50 MB, H200
+  60 MB; one 2048 x 5461 fp32 gradient is 45 MB), each group's 2L + 1 passes before the next group's, all but
+  the first pass would read G from L2: s_g + 2 s_p + s_g from HBM, 16 B fp32 (8 B bf16), under fused AdamW's
+  28 (14): a real GPU within 1x. At 1.34B (1.2B in matrices) that is ~120 groups of 40 MB of fp32 gradients,
+  ~1,300 launches: ~8 ms of launch overhead eagerly against ~13 ms of HBM reads saved (if every re-read hits
+  L2, which the hardware does not promise: two L2 partitions, other traffic, replacement), and 10x the step's
+  launch budget (150). Not done: it pays only under a CUDA graph (which this step allows: no host sync, fixed
+  tables and buffers) and needs a GPU to measure the hit rate. The code allows it: one ``SinkhornScaledAdd``
+  per group of matrices, launched group after group.
+* fewer passes. L = 5 is the paper's. A round could be one pass if a program computed its rows' R and then
+  added those rows' column partial sums (reduced in a fixed order by a small launch), but that reads its rows
+  twice, and they do not stay on chip between the two reads (16 rows of 5461 fp32 are 350 KB): the second
+  read would come from HBM again at these widths.
 
 Arithmetic: fp32 throughout (squares of bf16 G widened first), division and square root correctly rounded
-(``div_rn``, ``sqrt_rn``); the compiler may contract ``a * b + c`` into an FMA (the default), so results
-match the torch paths to a few ulps, not bit for bit. A bf16 W is computed in fp32 and rounded to nearest
-once (on the bits: the interpreter's cast truncates).
+(``div_rn``, ``sqrt_rn``), and no FMA contraction (``enable_fp_fusion=False``): every operation rounds as
+written, on a GPU as under the interpreter, so a GPU and the interpreter differ only in the order of the
+tiles' reductions (``tl.sum``). The sums run in another order than the torch paths' (``mv``, batched
+products), so results match those to a few ulps, not bit for bit. A bf16 W is computed in fp32 and rounded to
+nearest once (on the bits: the interpreter's cast truncates).
 
 Non-finite: a NaN/inf in G, or squares that overflow fp32, makes that matrix's C non-finite (a NaN in f or R
 reaches every column). The last column pass sets the matrix's flag (stores of one value, reset by the first
@@ -74,14 +79,17 @@ from .triton_support import tl, triton
 __all__ = ["SinkhornScaledAdd", "sinkhorn_layout"]
 
 _META = 8  # int64 per matrix: a, b, row stride, R offset, C offset, first row-block program, first column-block one
-# Tiles on a GPU: blocks of 16 storage rows read 256 columns at a time (1 KB per row and load); blocks of 128
-# storage columns read 32 rows at a time. 4096 fp32 accumulators per program, 32 per thread at 4 warps.
-_ROW_TILE = (16, 256)
+# Tiles on a GPU (4 warps): blocks of 8 storage rows read 256 columns at a time (1 KB per row and load); blocks
+# of 128 storage columns read 32 rows at a time. 16 to 32 fp32 accumulators per thread.
+_ROW_TILE = (8, 256)
 _COL_TILE = (32, 128)
 # Under the interpreter (CPU tensors, tests) each program costs ~50 ms whatever its tile: fewer, taller ones.
 _ROW_TILE_INTERPRETED = (64, 128)
 _COL_TILE_INTERPRETED = (64, 128)
-_VECTOR_BLOCK = 1024  # lanes of the first column pass's sum of S
+_VECTOR_BLOCK = 256  # lanes of the first column pass's sum of S
+# No contraction of a * b + c into an FMA: each operation rounds as written, on a GPU as under the interpreter
+# (the kernels are memory-bound: the extra instructions cost nothing measurable)
+_EXACT = {"enable_fp_fusion": False}
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -137,7 +145,8 @@ if triton is not None:
         Per element of G: reads G once (s_g bytes). Per row/column: reads the other scale vector (4 B, the
         same values for every block: L2) and writes its own (4 B). FIRST (row pass): C = 1, stores the raw
         sums S and resets the matrix's flag. FIRST (column pass): derives f from sum(S) (m more reads per
-        program, L2) and R = n / (S + f), stores f. LAST: flags the matrix when a C is not finite."""
+        program, L2) and R = n / (S + f), stores f. LAST (column pass of the last round): stores c = sqrt(C)
+        and flags the matrix when a c is not finite."""
         pid = tl.program_id(0)
         mat = tl.load(programs_ptr + pid).to(tl.int64)
         row = meta_ptr + mat * META
@@ -214,10 +223,12 @@ if triton is not None:
             tl.store(flags_ptr + mat, 0, mask=block == 0)  # read by the update; set by the last column pass
         else:
             out = tl.div_rn(target, sums + floor)
+            if LAST and not ROWS:  # the column scales the update applies, c = sqrt(C) (no pass reads C after)
+                out = tl.sqrt_rn(out)
         tl.store(scales_ptr + out_off + idx, out, mask=idx_ok)
         if FIRST and not ROWS:
             tl.store(floors_ptr + mat, row_floor, mask=block == 0)
-        if LAST:
+        if LAST and not ROWS:
             bad = tl.sum((idx_ok & ~(tl.abs(out) < float("inf"))).to(tl.int32), axis=0)  # NaN fails < too
             tl.store(flags_ptr + mat, 1, mask=bad > 0)
 
@@ -227,11 +238,12 @@ if triton is not None:
                            G_KIND: tl.constexpr, TRANSPOSED: tl.constexpr, RAW_ROWS: tl.constexpr,
                            DECAY: tl.constexpr, LR_FROM_PTR: tl.constexpr, BLOCK_A: tl.constexpr,
                            BLOCK_B: tl.constexpr, META: tl.constexpr):
-        """W <- W * decay + alpha * (G_ij r_i) c_j for a block of storage rows of one matrix, r = sqrt(R),
-        c = sqrt(C), alpha = -lr * scale; a flagged matrix is left alone (every load and store masked).
+        """W <- W * decay + alpha * (G_ij r_i) c_j for a block of storage rows of one matrix, r = sqrt(R) (R as
+        the last row pass stored it), c as the last column pass stored it, alpha = -lr * scale; a flagged
+        matrix is left alone (every load and store masked).
 
-        Per element: reads G (s_g) and W (s_p), writes W (s_p). Per row and column: reads R and C (4 B each,
-        C again for every row block: L2). RAW_ROWS (L = 1): R holds the raw sums S, R = n / (S + f) here.
+        Per element: reads G (s_g) and W (s_p), writes W (s_p). Per row and column: reads r and c (4 B each,
+        c again for every row block: L2). RAW_ROWS (L = 1): R holds the raw sums S, r = sqrt(n / (S + f)).
         LR_FROM_PTR: the lr is a 0-d fp32 tensor read here (alpha = -(lr * scale), decay = 1 - alpha' wd in
         fp32, as torch computes them from a tensor lr); else ``neg_step`` and ``decay`` come from the host."""
         pid = tl.program_id(0)
@@ -262,9 +274,10 @@ if triton is not None:
         idx = block * BLOCK_A + tl.arange(0, BLOCK_A)
         idx_ok = idx < live_rows
         su = tl.load(scales_ptr + u_off + idx, mask=idx_ok, other=0.0)
-        if RAW_ROWS and not TRANSPOSED:
-            su = tl.div_rn(n_f, su + row_floor)
-        su = tl.sqrt_rn(su)
+        if not TRANSPOSED:  # storage rows carry R: once per program
+            if RAW_ROWS:
+                su = tl.div_rn(n_f, su + row_floor)
+            su = tl.sqrt_rn(su)
         if TRANSPOSED:
             su = su * alpha  # the columns' scale carries the step, as in add_scaled_
         p = _typed_ptr(tl.load(param_ptrs + mat), P_KIND)
@@ -274,9 +287,10 @@ if triton is not None:
             cols = j0 + tl.arange(0, BLOCK_B)
             cols_ok = cols < b
             sv = tl.load(scales_ptr + v_off + cols, mask=cols_ok, other=0.0)
-            if RAW_ROWS and TRANSPOSED:
-                sv = tl.div_rn(n_f, sv + row_floor)
-            sv = tl.sqrt_rn(sv)
+            if TRANSPOSED:  # storage columns carry R: per tile
+                if RAW_ROWS:
+                    sv = tl.div_rn(n_f, sv + row_floor)
+                sv = tl.sqrt_rn(sv)
             if not TRANSPOSED:
                 sv = sv * alpha
             ok = idx_ok[:, None] & cols_ok[None, :]
@@ -365,8 +379,8 @@ class SinkhornScaledAdd:
                 _sinkhorn_half_step_kernel[self.row_grid if contiguous else self.col_grid](
                     self.meta, grad_table, self.row_programs if contiguous else self.col_programs, self.scales,
                     self.floors, self.flags, eps_sq, G_KIND=self.g_kind, ROWS=rows, TRANSPOSED=self.transposed,
-                    FIRST=i == 0, LAST=(not rows) and i == iters - 1, BLOCK_A=tile[0], BLOCK_B=tile[1],
-                    BLOCK_V=self.vector_block, META=_META)
+                    FIRST=i == 0, LAST=i == iters - 1, BLOCK_A=tile[0], BLOCK_B=tile[1],
+                    BLOCK_V=self.vector_block, META=_META, **_EXACT)
         lr_from_ptr = isinstance(lr, Tensor) and lr.device == self.device
         if lr_from_ptr:
             lr_ptr, neg_step, decay = lr, 0.0, 1.0
@@ -377,5 +391,5 @@ class SinkhornScaledAdd:
             self.meta, self._params(params), grad_table, self.row_programs, self.scales, self.floors, self.flags,
             neg_step, decay, lr_ptr, float(scale), float(weight_decay), P_KIND=self.p_kind, G_KIND=self.g_kind,
             TRANSPOSED=self.transposed, RAW_ROWS=iters == 1, DECAY=weight_decay != 0,
-            LR_FROM_PTR=lr_from_ptr, BLOCK_A=self.row_tile[0], BLOCK_B=self.row_tile[1], META=_META)
+            LR_FROM_PTR=lr_from_ptr, BLOCK_A=self.row_tile[0], BLOCK_B=self.row_tile[1], META=_META, **_EXACT)
         return self.left_alone
