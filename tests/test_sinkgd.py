@@ -602,6 +602,22 @@ def test_triton_path_reads_nothing_back_and_launches_per_group_not_per_matrix(mo
     assert len([n for n in ops.names if n not in ("aten.detach.default", "prim.device.default")]) <= 4
 
 
+def test_a_state_dict_saved_before_the_backend_option_loads():
+    w, bias = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(6))
+    opt = SinkGD([("q_proj.weight", w), ("norm.weight", bias)], lr=0.1, backend="torch")
+    w.grad, bias.grad = torch.randn(4, 6), torch.randn(6)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["backend"]
+    opt.load_state_dict(saved)
+    assert [g["backend"] for g in opt.param_groups] == ["torch", "torch"]
+    assert len(opt.state) == 1  # the norm's AdamW state came back
+    del saved["param_groups"][0]["scale"]
+    with pytest.raises(ValueError, match="lacks scale"):  # the other keys are still checked
+        opt.load_state_dict(saved)
+
+
 def test_backend_is_checked_and_auto_keeps_cpu_tensors_on_the_torch_path():
     w = nn.Parameter(torch.randn(6, 8))
     with pytest.raises(ValueError, match="backend"):
@@ -643,3 +659,33 @@ def test_cuda_auto_takes_the_kernels_and_equals_the_per_matrix_reference(dtype):
                 bound = 2.0**-8 * (y.float().abs() + x.float().abs()) * 2 + 1e-6
                 assert ((x.float() - y.float()).abs() <= bound).all()
     assert sorted(key[3] for key in kernel_steps(opt_a)) == [False, True]
+
+
+@needs_triton
+@pytest.mark.parametrize("layers", [4, 24])
+def test_triton_path_launches_at_the_1b_layout(layers, monkeypatch):
+    """The 1b preset's layout (219 tensors at 24 layers, tiny widths; tests/test_launches_hybrid.py): a step on
+    the Triton path is 2 iters + 1 kernel launches for all 7 * layers matrices (one dtype, one layout), whatever
+    the depth, and the rest of the step (AdamW for embeddings, head and norms, the skip count) stays within the
+    launch budget. The kernels are counted, not run (the interpreter would take minutes at this size)."""
+    from slimopt.ops import sinkhorn_triton
+    from test_launches_hybrid import BUDGET, NOT_LAUNCHES, Ops, model
+
+    launches = []
+    for name in ("_sinkhorn_half_step_kernel", "_scaled_add_kernel"):
+        monkeypatch.setattr(getattr(sinkhorn_triton, name), "run",
+                            lambda *args, _name=name, **kwargs: launches.append(_name))
+    m = model(layers)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = slimopt.create_optimizer(m, "sinkgd", lr=1e-3, backend="triton")
+    opt.step()
+    launches.clear()
+    counter = Ops()
+    with counter:
+        opt.step()
+    aten = [n for n in counter.names if n not in map(str, NOT_LAUNCHES)]
+    assert launches == ["_sinkhorn_half_step_kernel"] * 10 + ["_scaled_add_kernel"]
+    assert [s.count for s in kernel_steps(opt).values()] == [7 * layers]
+    assert len(aten) + len(launches) <= BUDGET
+    assert not [n for n in aten if n.startswith(("aten._local_scalar_dense", "aten.item"))]

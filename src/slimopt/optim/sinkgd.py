@@ -109,6 +109,17 @@ class SinkGD(HybridStatelessOptimizer):
         _check_backend(param_group.get("backend", "auto"))
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``SlimOptimizer``'s; a state dict saved before ``backend`` existed loads too (its groups take this
+        optimizer's backend, as torch fills in ``foreach``/``fused`` for older state dicts)."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, (list, tuple)) and len(groups) == len(self.param_groups):
+            state_dict = {**state_dict, "param_groups": [
+                {**saved, "backend": mine.get("backend", "auto")}
+                if isinstance(saved, dict) and "backend" not in saved else saved
+                for saved, mine in zip(groups, self.param_groups)]}
+        super().load_state_dict(state_dict)
+
     def update_group(self, group: dict[str, Any]) -> None:
         """A matrix group: the matrices the Triton kernels take, per (device, dtypes, layout), in one
         ``SinkhornScaledAdd`` step each; the rest by ``update_matrices`` per bucket of same-shaped matrices
