@@ -79,13 +79,14 @@ from .triton_support import tl, triton
 __all__ = ["SinkhornScaledAdd", "sinkhorn_layout"]
 
 _META = 8  # int64 per matrix: a, b, row stride, R offset, C offset, first row-block program, first column-block one
-# Tiles on a GPU (4 warps): blocks of 8 storage rows read 256 columns at a time (1 KB per row and load); blocks
-# of 128 storage columns read 32 rows at a time. 16 to 32 fp32 accumulators per thread.
-_ROW_TILE = (8, 256)
-_COL_TILE = (32, 128)
+# Tiles on a GPU (4 warps): programs that own blocks of 8 storage rows read 256 columns at a time (1 KB per row
+# and load); programs that own blocks of 128 storage columns read 32 rows at a time. 16 to 32 fp32 accumulators
+# per thread.
+_OWN_ROWS, _ROW_STEP = 8, 256
+_WALK_ROWS, _OWN_COLS = 32, 128
 # Under the interpreter (CPU tensors, tests) each program costs ~50 ms whatever its tile: fewer, taller ones.
-_ROW_TILE_INTERPRETED = (64, 128)
-_COL_TILE_INTERPRETED = (64, 128)
+_OWN_ROWS_INTERPRETED, _ROW_STEP_INTERPRETED = 64, 128
+_WALK_ROWS_INTERPRETED, _OWN_COLS_INTERPRETED = 64, 128
 _VECTOR_BLOCK = 256  # lanes of the first column pass's sum of S
 # No contraction of a * b + c into an FMA: each operation rounds as written, on a GPU as under the interpreter
 # (the kernels are memory-bound: the extra instructions cost nothing measurable)
@@ -330,9 +331,11 @@ class SinkhornScaledAdd:
         self.device = torch.device(device)
         self.count, self.transposed = len(layouts), bool(transposed)
         self.p_kind, self.g_kind = _KINDS[param_dtype], _KINDS[grad_dtype]
-        gpu = self.device.type == "cuda"
-        self.row_tile = _ROW_TILE if gpu else _ROW_TILE_INTERPRETED
-        self.col_tile = _COL_TILE if gpu else _COL_TILE_INTERPRETED
+        if self.device.type == "cuda":
+            self.row_tile, self.col_tile = (_OWN_ROWS, _ROW_STEP), (_WALK_ROWS, _OWN_COLS)
+        else:
+            self.row_tile = (_OWN_ROWS_INTERPRETED, _ROW_STEP_INTERPRETED)
+            self.col_tile = (_WALK_ROWS_INTERPRETED, _OWN_COLS_INTERPRETED)
         dims = np.array([(n, m) if transposed else (m, n) for m, n, _ in layouts], dtype=np.int64)  # storage a, b
         sizes = np.array([(m, n) for m, n, _ in layouts], dtype=np.int64)
         a_max, b_max = int(dims[:, 0].max()), int(dims[:, 1].max())
