@@ -388,3 +388,304 @@ def test_the_check_reads_one_norm_per_gradient_and_looks_again_before_raising():
     bias.grad[3] = -float("inf")
     with pytest.raises(FloatingPointError, match="non-finite gradient"):
         opt.step()
+
+
+# -- the Triton path (backend="triton": CPU tensors under the interpreter here) ---------------------------
+#
+# SinkGD steps the matrices the kernels take (fp32/bf16 views whose storage rows are contiguous) with
+# ops.sinkhorn_triton.SinkhornScaledAdd: 2 iters + 1 launches per group, dtype and layout. The same lockstep
+# against the per-matrix reference, with the same tolerances as the stacked path: the kernels sum the same fp32
+# quantities in another order (tiles of partial sums; on a GPU the tiles reduce in yet another order) and add
+# the floors where the reference clamps with them: a few ulps of the scales, <= 2e-6 of the step size in the
+# update; W within 4 fp32 ulps (one rounding, the decay factor rounded from another expression, an FMA that
+# the reference's addcmul may take; the kernels take none: enable_fp_fusion=False).
+
+import os  # noqa: E402
+
+from slimopt.ops.triton_support import triton_available  # noqa: E402
+
+# CPU tensors through the Triton interpreter (on a GPU machine the kernels run on CUDA tensors instead: the
+# tests of ops.sinkhorn_triton and the gpu-marked test below)
+needs_triton = pytest.mark.skipif(not triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="needs triton and TRITON_INTERPRET=1 (CPU tensors)")
+
+
+# several shapes, a single row and column, an empty matrix: each program of the interpreter costs ~50 ms
+TRITON_ODD = [(37, 53), (53, 37), (53, 37), (1, 9), (9, 1), (0, 5), (33, 33)]
+
+
+def kernel_steps(opt):
+    """The SinkhornScaledAdd objects the Triton path built, by (device, param dtype, grad dtype, transposed)."""
+    return {key: entry[1] for (_, key), entry in getattr(opt, "_sinkhorn_steps", {}).items()}
+
+
+@needs_triton
+@pytest.mark.parametrize("weight_decay, tensor_lr", [(0.0, False), (0.1, True)], ids=["float_lr", "tensor_lr_wd"])
+def test_triton_path_equals_the_per_matrix_reference_fp32(weight_decay, tensor_lr):
+    lr = torch.tensor(0.1) if tensor_lr else 0.1
+    a, opt_a, b, opt_b = twins(TRITON_ODD, lr=lr, scale=0.5, weight_decay=weight_decay, backend="triton")
+    step_in_lockstep(a, opt_a, b, opt_b, set_grads, atol=2e-6 * 0.05, steps=2)
+    # every non-empty matrix of the group (several shapes) in one SinkhornScaledAdd; the empty ones need nothing
+    steps = kernel_steps(opt_a)
+    assert list(steps) == [(torch.device("cpu"), torch.float32, torch.float32, False)]
+    assert next(iter(steps.values())).count == sum(1 for s in TRITON_ODD if s[0] * s[1])
+    assert len(opt_a.state) == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("iters", [1, 2])
+def test_triton_path_with_few_rounds(iters):
+    a, opt_a, b, opt_b = twins([(24, 40), (40, 24), (24, 40)], lr=0.1, scale=0.5, iters=iters, weight_decay=0.1,
+                               backend="triton")
+    step_in_lockstep(a, opt_a, b, opt_b, set_grads, atol=2e-6 * 0.05, steps=2)
+
+
+@needs_triton
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["no_wd", "wd"])
+def test_triton_path_bf16_equals_the_stacked_path_and_the_reference(weight_decay):
+    kwargs = {"lr": 0.1, "scale": 0.5, "weight_decay": weight_decay}
+    a, opt_a, b, opt_b = twins(TRITON_ODD, dtype=torch.bfloat16, seed=3, backend="triton", **kwargs)
+    c, opt_c, _, _ = twins(TRITON_ODD, dtype=torch.bfloat16, seed=3, backend="torch", **kwargs)
+    p0 = [p.detach().clone() for p in a]
+    set_grads(a, b, seed=7)
+    for x, y in zip(a, c):
+        y.grad = x.grad.clone()
+    for opt in (opt_a, opt_b, opt_c):
+        opt.step()
+    assert list(kernel_steps(opt_a)) == [(torch.device("cpu"), torch.bfloat16, torch.bfloat16, False)]
+    for x, y, z, w in zip(a, b, c, p0):
+        assert x.dtype == torch.bfloat16
+        # the stacked path too computes W * decay + U in fp32 and rounds once: U differs by fp32 ulps, which
+        # moves a bf16 rounding only where the value sits on a boundary: one bf16 ulp at most
+        torch.testing.assert_close(x, z, rtol=2.0**-7, atol=1e-6)
+        if weight_decay == 0:
+            torch.testing.assert_close(x, y, rtol=2.0**-7, atol=1e-6)
+        else:  # the reference rounds W * decay to bf16 before adding U (see the stacked path's test)
+            bound = 2.0**-8 * (y.double().abs() + w.double().abs()) * 2 + 1e-6
+            assert ((x.double() - y.double()).abs() <= bound).all()
+
+
+@needs_triton
+def test_triton_path_gpt2_conv1d_views_and_linear_layers_in_one_group():
+    """GPT-2's Conv1D weights are seen as the transposes of their storage: the kernels read the storage rows
+    and put the Sinkhorn rows on its columns. A group with both layouts takes one SinkhornScaledAdd each."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Module()
+            self.mlp.c_fc = Conv1D(6, 10)
+            self.mlp.c_proj = Conv1D(10, 6)
+            self.attn = nn.Module()
+            self.attn.c_proj = Conv1D(6, 10)
+            self.attn.q_proj = nn.Linear(6, 10, bias=False)  # an (out, in) weight beside them
+
+    torch.manual_seed(4)
+    models = [Block(), Block()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [SinkGD.from_model(models[0], lr=0.1, scale=1.0, weight_decay=0.1, backend="triton"),
+            per_matrix(SinkGD.from_model(models[1], lr=0.1, scale=1.0, weight_decay=0.1))]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=g) * torch.rand(1, p.shape[1], generator=g)
+                 for p in models[0].parameters()]
+        with torch.no_grad():
+            for x, y in zip(models[0].parameters(), models[1].parameters()):
+                y.copy_(x)
+        for model, opt in zip(models, opts):
+            for p, grad in zip(model.parameters(), grads):
+                p.grad = grad.clone()
+            opt.step()
+        for x, y in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=2e-6 * 0.1)
+    layouts = sorted(key[3] for key in kernel_steps(opts[0]))
+    assert layouts == [False, True]
+    assert {s.count for s in kernel_steps(opts[0]).values()} == {1, 3}
+
+
+@needs_triton
+def test_triton_path_skip_leaves_a_matrix_with_a_nonfinite_gradient_alone_and_counts_it():
+    a, opt_a, b, opt_b = twins([(12, 20)] * 3 + [(20, 12)], lr=0.1, scale=0.5, weight_decay=0.1, backend="triton")
+    assert opt_a.param_groups[0]["nonfinite"] == "skip"  # the default
+    set_grads(a, b, seed=1)
+    a[1].grad[2, 3] = float("nan")
+    a[3].grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in a]
+    opt_a.step()
+    for i in (0, 2):
+        b[i].grad = a[i].grad.clone()
+    for i in (1, 3):
+        b[i].grad = None
+    opt_b.step()
+    for i in (1, 3):
+        assert torch.equal(a[i], before[i])  # not even decayed
+    for i in (0, 2):
+        torch.testing.assert_close(a[i], b[i], rtol=4 * FP32_ULP, atol=2e-6 * 0.05)
+    assert opt_a.nonfinite_skips == 2
+    set_grads(a, b, seed=2)  # finite again: every matrix steps, nothing more is counted
+    opt_a.step()
+    assert all(not torch.equal(x, y) for x, y in zip(a, before))
+    assert opt_a.nonfinite_skips == 2
+
+
+@needs_triton
+def test_triton_path_leaves_a_matrix_whose_squares_overflow_alone():
+    a, opt_a, _, _ = twins([(8, 12)] * 3, lr=0.1, weight_decay=0.1, backend="triton", nonfinite="raise")
+    set_grads(a, a, seed=5)
+    a[1].grad[4] = 3e30  # finite (the "raise" check passes), but its squares overflow fp32
+    before = [p.detach().clone() for p in a]
+    opt_a.step()
+    assert torch.equal(a[1], before[1])
+    assert all(torch.isfinite(p).all() for p in a)
+    assert not torch.equal(a[0], before[0]) and not torch.equal(a[2], before[2])
+    assert opt_a.nonfinite_skips == 1
+
+
+@needs_triton
+def test_triton_path_raise_names_the_matrix_and_changes_nothing():
+    a, opt_a, _, _ = twins([(12, 20)] * 3, lr=0.1, nonfinite="raise", backend="triton")
+    set_grads(a, a, seed=2)
+    a[1].grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in a]
+    with pytest.raises(FloatingPointError, match=r"params'\]\[1\]"):
+        opt_a.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, before))
+
+
+@needs_triton
+def test_triton_path_reads_nothing_back_and_launches_per_group_not_per_matrix(monkeypatch):
+    """nonfinite="skip" with a tensor lr: no value goes to the host; 2 iters + 1 kernel launches for 6
+    matrices of three shapes; the aten ops around them: the skip count's sum and add (and the profiler's
+    markers of the step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from slimopt.ops import sinkhorn_triton
+
+    a, opt_a, _, _ = twins([(12, 20), (20, 12), (16, 16)] * 2, lr=torch.tensor(0.1), weight_decay=0.1,
+                           backend="triton")
+    set_grads(a, a, seed=3)
+    opt_a.step()
+    launches, inside = [], [False]
+
+    def counted(name, run):
+        def launch(*args, **kwargs):  # the interpreter's own torch ops (argument copies) are not the step's
+            launches.append(name)
+            inside[0] = True
+            try:
+                return run(*args, **kwargs)
+            finally:
+                inside[0] = False
+        return launch
+
+    for name in ("_sinkhorn_half_step_kernel", "_scaled_add_kernel"):
+        kernel = getattr(sinkhorn_triton, name)
+        monkeypatch.setattr(kernel, "run", counted(name, kernel.run))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host read in the step")
+
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, refuse)
+
+    class Ops(TorchDispatchMode):
+        names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0]:
+                self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        opt_a.step()
+    monkeypatch.undo()
+    assert launches == ["_sinkhorn_half_step_kernel"] * 10 + ["_scaled_add_kernel"]
+    assert not [n for n in ops.names if n.startswith(("aten._local_scalar_dense", "aten.item"))]
+    assert len([n for n in ops.names if n not in ("aten.detach.default", "prim.device.default")]) <= 4
+
+
+def test_a_state_dict_saved_before_the_backend_option_loads():
+    w, bias = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(6))
+    opt = SinkGD([("q_proj.weight", w), ("norm.weight", bias)], lr=0.1, backend="torch")
+    w.grad, bias.grad = torch.randn(4, 6), torch.randn(6)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["backend"]
+    opt.load_state_dict(saved)
+    assert [g["backend"] for g in opt.param_groups] == ["torch", "torch"]
+    assert len(opt.state) == 1  # the norm's AdamW state came back
+    del saved["param_groups"][0]["scale"]
+    with pytest.raises(ValueError, match="lacks scale"):  # the other keys are still checked
+        opt.load_state_dict(saved)
+
+
+def test_backend_is_checked_and_auto_keeps_cpu_tensors_on_the_torch_path():
+    w = nn.Parameter(torch.randn(6, 8))
+    with pytest.raises(ValueError, match="backend"):
+        SinkGD([w], backend="cuda")
+    opt = SinkGD([w], lr=0.1)
+    assert opt.param_groups[0]["backend"] == "auto"
+    w.grad = torch.randn(6, 8)
+    opt.step()
+    assert not kernel_steps(opt)  # CPU tensors: the stacked torch path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_auto_takes_the_kernels_and_equals_the_per_matrix_reference(dtype):
+    torch.manual_seed(0)
+    shapes = [(256, 320), (320, 256), (256, 320), (64, 64)]
+    values = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+    a = [nn.Parameter(v.clone()) for v in values] + [nn.Parameter(torch.randn(96, 40, device="cuda").to(dtype).t())]
+    b = [nn.Parameter(p.detach().clone()) for p in a[:-1]] + [nn.Parameter(a[-1].detach().t().clone().t())]
+    opt_a = SinkGD([{"params": a, "update": "stateless"}], lr=0.1, scale=0.5, weight_decay=0.1)
+    opt_b = per_matrix(SinkGD([{"params": b, "update": "stateless"}], lr=0.1, scale=0.5, weight_decay=0.1))
+    for seed in range(2):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        for x, y in zip(a, b):
+            grad = torch.randn(x.shape, generator=g, device="cuda") * torch.rand(x.shape[0], 1, generator=g,
+                                                                                   device="cuda") * 10
+            x.grad = grad.to(dtype) if x.is_contiguous() else grad.to(dtype).t().contiguous().t()
+            y.grad = x.grad.clone()
+        with torch.no_grad():
+            for x, y in zip(a, b):
+                y.copy_(x)
+        opt_a.step()
+        opt_b.step()
+        for x, y in zip(a, b):
+            if dtype == torch.float32:
+                torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=2e-6 * 0.05)
+            else:  # W rounded once here, twice by the reference (W * decay, then + U): see the bf16 tests above
+                bound = 2.0**-8 * (y.float().abs() + x.float().abs()) * 2 + 1e-6
+                assert ((x.float() - y.float()).abs() <= bound).all()
+    assert sorted(key[3] for key in kernel_steps(opt_a)) == [False, True]
+
+
+@needs_triton
+@pytest.mark.parametrize("layers", [4, 24])
+def test_triton_path_launches_at_the_1b_layout(layers, monkeypatch):
+    """The 1b preset's layout (219 tensors at 24 layers, tiny widths; tests/test_launches_hybrid.py): a step on
+    the Triton path is 2 iters + 1 kernel launches for all 7 * layers matrices (one dtype, one layout), whatever
+    the depth, and the rest of the step (AdamW for embeddings, head and norms, the skip count) stays within the
+    launch budget. The kernels are counted, not run (the interpreter would take minutes at this size)."""
+    from slimopt.ops import sinkhorn_triton
+    from test_launches_hybrid import BUDGET, NOT_LAUNCHES, Ops, model
+
+    launches = []
+    for name in ("_sinkhorn_half_step_kernel", "_scaled_add_kernel"):
+        monkeypatch.setattr(getattr(sinkhorn_triton, name), "run",
+                            lambda *args, _name=name, **kwargs: launches.append(_name))
+    m = model(layers)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = slimopt.create_optimizer(m, "sinkgd", lr=1e-3, backend="triton")
+    opt.step()
+    launches.clear()
+    counter = Ops()
+    with counter:
+        opt.step()
+    aten = [n for n in counter.names if n not in map(str, NOT_LAUNCHES)]
+    assert launches == ["_sinkhorn_half_step_kernel"] * 10 + ["_scaled_add_kernel"]
+    assert [s.count for s in kernel_steps(opt).values()] == [7 * layers]
+    assert len(aten) + len(launches) <= BUDGET
+    assert not [n for n in aten if n.startswith(("aten._local_scalar_dense", "aten.item"))]

@@ -21,7 +21,10 @@ Two forms of each kernel. The per-matrix functions (``sinkhorn_scales``, ``add_s
 ``row_standardize``) are the plain references, and the path for a matrix sharded across devices. The
 stacked ones (``sinkgd_update_stacked_``, ``row_standardize_stacked_``, ``add_stacked_``) update k
 same-shaped matrices with one launch per operation: they are what SinkGD and SWAN run on a bucket of
-same-shaped matrices, and are tested against the per-matrix ones (tests/test_ops_normalize.py).
+same-shaped matrices, and are tested against the per-matrix ones (tests/test_ops_normalize.py). On CUDA,
+SinkGD takes a third form, ``slimopt.ops.sinkhorn_triton`` (Triton kernels over tables of matrix addresses:
+2L + 1 launches for all of a group's matrices, no stacks), tested against these
+(tests/test_ops_sinkhorn_triton.py).
 """
 
 from __future__ import annotations
@@ -223,8 +226,8 @@ def sinkgd_update_stacked_(params: Sequence[Tensor], grads: Sequence[Tensor], it
       sums of A (4), 2L - 1 batched matrix-vector products that each read A (4 each: 36 at L = 5),
       scale the stack's rows and then its columns (8 + 8), W += U (read 8, write 4): 84 B at L = 5
       (bf16 G: 82). The per-matrix torch path moves 68 B (no stack, but one launch sequence per matrix);
-      2L + 1 passes over G with the squares taken on the fly, the minimum without a cache, are 52 B;
-      fused AdamW moves 28 B.
+      2L + 1 passes over G with the squares taken on the fly, the minimum without a cache, are 52 B
+      (what ``slimopt.ops.sinkhorn_triton`` moves on CUDA); fused AdamW moves 28 B.
     * the cache: the 2L - 1 products re-read A. Launches are per stack, so a stack of several MB to
       ~256 MB (the caller's cap, see ``slimopt.optim.hybrid``) comes from HBM every time; a stack that
       fits in L2 (50 MB on an H100, 60 MB on an H200: one 2048 x 5461 fp32 A is 45 MB) would serve the

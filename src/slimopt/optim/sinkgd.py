@@ -8,14 +8,29 @@ Algorithm 4 for each hidden matrix W (m x n) with gradient G:
 
 SR-Sinkhorn's iterates are all diag(r) G diag(c), so it is computed through two scale vectors
 (``slimopt.ops.normalize.sinkhorn_scales``). Embeddings, the output head, norms and biases take AdamW
-(``slimopt.optim.hybrid``); only they hold optimizer state.
+(``slimopt.optim.hybrid``, one fused AdamW call); only they hold optimizer state.
 
-A step: the matrices of a group are bucketed by shape and each bucket is updated as stacks of up to
-``stack_numel`` elements by ``slimopt.ops.normalize.sinkgd_update_stacked_`` (~40 launches per stack
-whatever its size, 84 B moved per element at L = 5: its docstring has the design). ``update_matrix``,
-one matrix at a time, is the reference the stacked path is tested against, and the path of a matrix
-sharded by FSDP2 (whose column sums take an all-reduce). A matrix whose update comes out non-finite
-is left unchanged, on both paths, without a host sync.
+A step has two paths for the matrices of a group (``backend``):
+
+* Triton (CUDA tensors under ``"auto"``; any device under ``"triton"``, CPU tensors through the interpreter):
+  ``slimopt.ops.sinkhorn_triton.SinkhornScaledAdd`` steps all the group's matrices of one dtype and layout
+  together, 2L + 1 launches whatever their number and shapes: each half-step a weighted sum of squares read
+  straight from G, then one pass W <- W decay - lr scale diag(r) G diag(c). 52 B per element at L = 5 for
+  fp32 G and W (26 B bf16), no copies; its docstring has the design, the bytes, and what would go below.
+  At the 1b preset on an H200 the model of ``shared/tools/gpu_step_estimate.py`` puts the step at ~1.7x
+  torch's fused AdamW (which moves 28 B): the 2L passes over G, each from HBM in that model. Within 1x takes
+  the passes from L2 (L2-sized groups of matrices, each group's passes before the next's: see that docstring
+  for why that is not done).
+* torch (CPU tensors, ``"torch"``, and what the kernels do not take: DTensor shards, fp16 or fp64
+  parameters, views whose storage rows are not contiguous): same-shaped matrices are updated as stacks of
+  up to ``stack_numel`` elements by ``slimopt.ops.normalize.sinkgd_update_stacked_`` (~40 launches per
+  stack whatever its size, 84 B moved per element at L = 5: its docstring has the design); on a CPU the
+  stacks sit in the last-level cache, which is what that path is built around.
+
+``update_matrix``, one matrix at a time, is the reference both are tested against, and the path of a matrix
+sharded by FSDP2 (whose column sums take an all-reduce). A matrix whose update comes out non-finite (a NaN/inf
+in its gradient under the default ``nonfinite="skip"``, or squares overflowing fp32) is left unchanged, decay
+included, on every path, and counted in ``nonfinite_skips``, without a host sync.
 """
 
 from __future__ import annotations
@@ -26,10 +41,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.base import check_positive, check_positive_int
+from ..core.base import check_choice, check_positive, check_positive_int
 from ..core.distributed import global_shape, is_dtensor, local, partial_sums
 from ..ops.normalize import add_scaled_, sinkgd_update_stacked_, sinkhorn_scales
-from .hybrid import HybridStatelessOptimizer, MatrixView, matrix_dims
+from ..ops.sinkhorn_triton import GRAD_DTYPES, PARAM_DTYPES, SinkhornScaledAdd, sinkhorn_layout
+from ..ops.triton_support import triton_available
+from .hybrid import STATELESS, HybridStatelessOptimizer, MatrixView, matrix_dims
 
 __all__ = ["SinkGD", "comm_bytes"]
 
@@ -60,8 +77,11 @@ class SinkGD(HybridStatelessOptimizer):
         eps: clamp on row and column norms (a zero row or column stays zero).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW fallback's hyper-parameters.
         conv_as_matrix: update 3-D+ weights (convolutions) as (out, in*kh*kw) matrices instead of AdamW.
-        triton: deprecated and ignored (a ``FutureWarning``): the Triton twin of the per-matrix kernel was
-            2.3x slower than the torch path on an H200, and the stacked torch path is the fast one now.
+        backend: ``"auto"`` (the Triton kernels for CUDA tensors, the stacked torch path otherwise),
+            ``"torch"``, or ``"triton"`` (the kernels for every matrix they take, CPU tensors included: under
+            ``TRITON_INTERPRET=1``, as the tests run them). A group setting, like the lr.
+        triton: deprecated and ignored (a ``FutureWarning``; ``backend`` chooses the path): it switched a
+            per-matrix Triton kernel that was 2.3x slower than the torch path on an H200.
         nonfinite: ``"skip"`` (default) or ``"raise"`` on tensors whose gradient has a NaN/inf (see
             ``slimopt.optim.hybrid`` for what "skip" does without a host sync).
     """
@@ -69,23 +89,90 @@ class SinkGD(HybridStatelessOptimizer):
     def __init__(self, params: Any, lr: float | Tensor = 0.02, iters: int = 5, scale: float = 0.05,
                  weight_decay: float = 0.0, eps: float = 1e-8, *, adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
-                 adamw_weight_decay: float | None = None, conv_as_matrix: bool = False, triton: bool | None = None,
-                 nonfinite: str = "skip") -> None:
+                 adamw_weight_decay: float | None = None, conv_as_matrix: bool = False, backend: str = "auto",
+                 triton: bool | None = None, nonfinite: str = "skip") -> None:
         check_positive_int("iters", iters)
         check_positive("scale", scale)
         check_positive("eps", eps)
+        _check_backend(backend)
         if triton is not None:
-            warnings.warn("SinkGD(triton=...) is deprecated and ignored: the Triton kernel was slower than the "
-                          "torch path, which now updates same-shaped matrices together; drop the argument",
+            warnings.warn("SinkGD(triton=...) is deprecated and ignored: backend='auto' | 'torch' | 'triton' "
+                          "chooses the path (the Triton kernels for CUDA tensors by default); drop the argument",
                           FutureWarning, stacklevel=2)
+        # backend is a group setting, not an attribute, so that it survives pickling and deepcopy
         defaults = {"lr": lr, "iters": iters, "scale": scale, "weight_decay": weight_decay, "eps": eps,
-                    "nonfinite": nonfinite}
+                    "backend": backend, "nonfinite": nonfinite}
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, conv_as_matrix=conv_as_matrix)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_backend(param_group.get("backend", "auto"))
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``SlimOptimizer``'s; a state dict saved before ``backend`` existed loads too (its groups take this
+        optimizer's backend, as torch fills in ``foreach``/``fused`` for older state dicts)."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, (list, tuple)) and len(groups) == len(self.param_groups):
+            state_dict = {**state_dict, "param_groups": [
+                {**saved, "backend": mine.get("backend", "auto")}
+                if isinstance(saved, dict) and "backend" not in saved else saved
+                for saved, mine in zip(groups, self.param_groups)]}
+        super().load_state_dict(state_dict)
+
+    def update_group(self, group: dict[str, Any]) -> None:
+        """A matrix group: the matrices the Triton kernels take, per (device, dtypes, layout), in one
+        ``SinkhornScaledAdd`` step each; the rest by ``update_matrices`` per bucket of same-shaped matrices
+        (hybrid's ``update_group``, which an AdamW group and a group without kernels take whole)."""
+        backend = group.get("backend", "auto")
+        if group["update"] != STATELESS or backend == "torch" or (
+                backend == "auto" and not (triton_available() and any(p.is_cuda for p in group["params"]))):
+            super().update_group(group)
+            return
+        batches: dict[tuple[Any, ...], list[tuple[MatrixView, int]]] = {}
+        buckets: dict[tuple[Any, ...], list[MatrixView]] = {}
+        for index, p, grad in self.grads(group):
+            view = self._matrix_view(group, index, p, grad)
+            taken = self._kernel_layout(view, backend)
+            if taken is None:
+                buckets.setdefault(self.bucket_key(view), []).append(view)
+            else:
+                transposed, row_stride = taken
+                key = (view.param.device, view.param.dtype, view.grad.dtype, transposed)
+                batches.setdefault(key, []).append((view, row_stride))
+        for key, batch in batches.items():
+            self._update_with_kernels(group, key, batch)
+        for views in buckets.values():
+            self.update_matrices(views, group)
+
+    @staticmethod
+    def _kernel_layout(view: MatrixView, backend: str) -> tuple[bool, int] | None:
+        """``sinkhorn_layout`` of a matrix the kernels take under ``backend``, else None."""
+        p, g = view.param, view.grad
+        if (p.dtype not in PARAM_DTYPES or g.dtype not in GRAD_DTYPES or p.is_meta or is_dtensor(p)
+                or (backend == "auto" and not p.is_cuda)):
+            return None
+        return sinkhorn_layout(p, g)
+
+    @torch.compiler.disable  # Triton launches over address tables built on the host
+    def _update_with_kernels(self, group: dict[str, Any], key: tuple[Any, ...],
+                             batch: list[tuple[MatrixView, int]]) -> None:
+        """One ``SinkhornScaledAdd`` step of the matrices of ``batch`` (kept per group and key, rebuilt when
+        their layouts change); the matrices it left alone are counted as skipped (no host sync)."""
+        device, param_dtype, grad_dtype, transposed = key
+        layouts = tuple((v.param.shape[0], v.param.shape[1], stride) for v, stride in batch)
+        cache = self.__dict__.setdefault("_sinkhorn_steps", {})  # scratch: not in the state dict, not pickled
+        entry = cache.get((id(group), key))
+        if entry is None or entry[0] != layouts:
+            entry = cache[(id(group), key)] = (layouts, SinkhornScaledAdd(
+                layouts, transposed=transposed, device=device, param_dtype=param_dtype, grad_dtype=grad_dtype))
+        left_alone = entry[1].step([v.param for v, _ in batch], [v.grad for v, _ in batch], group["iters"],
+                                   group["lr"], group["scale"], group["weight_decay"], group["eps"])
+        self._count_skips(left_alone)
+
     def update_matrices(self, views: list[MatrixView], group: dict[str, Any]) -> None:
-        """A bucket of same-shaped matrices: stacks of up to ``stack_numel`` elements, each updated by
-        ``sinkgd_update_stacked_`` (sharded matrices one by one, by ``update_matrix``)."""
+        """A bucket of same-shaped matrices (the torch path): stacks of up to ``stack_numel`` elements, each
+        updated by ``sinkgd_update_stacked_`` (sharded matrices one by one, by ``update_matrix``)."""
         sharded = [v for v in views if is_dtensor(v.param)]
         for view in sharded:
             self.update_matrix(view.param, view.grad, group, view.state)
@@ -126,6 +213,13 @@ class SinkGD(HybridStatelessOptimizer):
             grad_local = grad_local.nan_to_num(0.0, 0.0, 0.0)
         add_scaled_(param_local, grad_local, torch.where(ok, r, 0.0), torch.where(ok, c, 0.0), -step_size,
                     out=scratch)  # W <- W - lr * scale * X
+
+
+def _check_backend(backend: str) -> None:
+    check_choice("backend", backend, ("auto", "torch", "triton"))
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend='triton' needs Triton, which is not installed (pip install triton), or "
+                         "backend='auto'")
 
 
 def _stacks(k: int, m: int, n: int):
