@@ -373,6 +373,8 @@ class SinkhornScaledAdd:
         if len(params) != self.count or len(grads) != self.count:
             raise ValueError(f"SinkhornScaledAdd.step: {len(params)} parameters and {len(grads)} gradients, the "
                              f"tables have {self.count}")
+        if self.transposed:  # the tables point at storage: hand over the storage-ordered views (same addresses)
+            params, grads = [p.mT for p in params], [g.mT for g in grads]
         grad_table = self._grads(grads)
         eps_sq = float(eps) * float(eps)
         for i in range(iters):
