@@ -18,21 +18,27 @@ list of shapes (``spans``: per span its tensor, first element, elements, row len
 where its rows, blocks and v start; and for each launch the span of every program). Tensors are reached through
 int64 address tables (``ops.tables.AddressTable``), each kernel given only the tensors it touches:
 
-==================================  ===========================================================================
-launch                              reads and writes, per element of the group (bytes per parameter)
-==================================  ===========================================================================
-``_row_sq_sums_kernel``             reads g (s_g); writes one fp32 sum of g² per row, and per tensor a flag:
-                                    1 where g holds a NaN or an inf (exact: checked element by element, so a
-                                    finite g whose square overflows is not flagged)
-``_block_second_moment_kernel``     per block, not per element: reads its rows' sums, v_b, the tensor's flag
-                                    and step counter; writes v_b (unless flagged) and r_b (0 where flagged)
-``_scaled_moment_update_kernel``    reads p, g, m, r_b; writes p, m (skipping flagged tensors); advances the
-                                    step counter of every tensor it updated
-==================================  ===========================================================================
+=================================  ===========================================  ===============================
+launch                             reads, writes                                bytes per parameter
+=================================  ===========================================  ===============================
+``_row_sq_sums_kernel``            reads g; writes one fp32 sum of g² per row,  s_g (+ 4 per row)
+                                   and per tensor a flag: 1 where g holds a
+                                   NaN or an inf (checked element by element,
+                                   so a finite g whose square overflows is not
+                                   flagged)
+``_block_second_moment_kernel``    per block: reads its rows' sums, v_b, the    O(rows): 4 per row, 12 per block
+                                   tensor's flag and step counter; writes v_b
+                                   (unless flagged) and r_b (0 where flagged)
+``_scaled_moment_update_kernel``   reads p, g, m and r of the element's block;  2 s_p + s_g + 2 s_m (+ r, 4 per
+                                   writes p, m (not for a flagged tensor);      block, from L1/L2)
+                                   advances the step counter of every tensor
+                                   it updated
+=================================  ===========================================  ===============================
 
-fp32 p, g, m: 4 + (4 + 8 + 8) = 24 B/param, plus O(rows) for the sums, v and r (against 28 for torch's fused
-AdamW, whose v is full size); bf16: 2 + (2 + 4 + 4) = 12. A finer split would read g twice more (the torch
-step: 36 B/param with weight decay).
+s_p, s_g, s_m: bytes of a parameter, gradient and first-moment element. fp32: 4 + 20 = 24 B/param, plus O(rows)
+for the sums, v and r (0.01 B/param at the 1b preset's widths), against 28 for torch's fused AdamW, whose v is
+full size; bf16: 2 + 10 = 12. (The torch step also reads and writes p for the weight decay and reads m once more
+for the update: 36 B/param with weight decay.)
 
 Non-finite gradients are decided on the device: a flagged tensor keeps p, m, v and its step counter (the flags
 of a step alternate between two rows, the first launch clears next step's row), and ``check`` returns the flags
@@ -50,8 +56,8 @@ exact, else within a few fp64 ulps, invisible after rounding to fp32 but for rar
 are rounded to nearest-even where torch rounds them (m after the lerp, p after the decay and after the update),
 by bit arithmetic for bf16 (the interpreter's own cast truncates).
 
-Sizes: a tensor of fewer than 2**31 elements (offsets are int32), p, g and m contiguous; ``contiguous_blocks``
-says whether a layout is one this step takes.
+Sizes: a tensor of at most 2**31 - 2**20 elements (offsets are int32), p, g and m contiguous;
+``contiguous_blocks`` says whether a layout is one this step takes.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ from .triton_support import tl, triton, triton_available
 __all__ = ["DTYPES", "BlockMomentsStep", "contiguous_blocks", "triton_available"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # parameter, gradient and moment dtypes the kernels take
-# columns of the int32 span table
+# columns of the int32 span table (the kernels read them by number, in this order)
 (_T, _START, _NUMEL, _ROW_LEN, _UNIT, _ROWS, _ROW_BASE, _BLOCK_BASE, _V_OFFSET, _BLOCK_LEN, _FIRST_SUMS,
  _FIRST_MOMENT, _FIRST_UPDATE) = range(13)
 _META = 13
@@ -84,6 +90,7 @@ _UPDATE_BLOCK = 4096  # elements per program of the update (GPU)
 _ROW_TILE_INTERPRETED = 8192
 _UPDATE_BLOCK_INTERPRETED = 16384
 _INT32_LIMIT = 2**31 - 1
+_MAX_NUMEL = 2**31 - 2**20  # int32 offsets, with room for the last tile of a span
 # Every launch: no mul + add -> FMA contraction; the fused multiply-adds are written as tl.fma
 _EXACT = {"enable_fp_fusion": False}
 
@@ -93,12 +100,12 @@ def contiguous_blocks(shape: Sequence[int], layout: dict[str, Any]) -> list[tupl
     qkv or whole, ``out_dim``, ``unit``, ``segments``), as ``(first element, elements, rows, row length, rows per
     block)``, when every block is a run of contiguous rows; None when this step does not take the tensor: blocks
     along another dimension than the first (GPT-2's Conv1D columns), elementwise layouts, no elements, or
-    2**31 elements or more. A whole tensor is one span of rows of at most 4096 elements (any shape), all in one
-    block."""
+    more than 2**31 - 2**20 (int32 offsets). A whole tensor is one span of rows of at most 4096 elements (any
+    shape), all in one block."""
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
     rule = layout.get("rule")
-    if numel == 0 or numel > _INT32_LIMIT:
+    if numel == 0 or numel > _MAX_NUMEL:
         return None
     if rule == "whole":
         row = min(numel, _WHOLE_ROW)
@@ -142,7 +149,7 @@ if triton is not None:
         """fp32 ``x`` rounded to nearest-even in DTYPE (bf16 or fp16), returned as fp32 (exactly representable in
         DTYPE). bf16 by bit arithmetic: the interpreter's fp32 -> bf16 cast truncates. No NaN reaches it (flagged
         tensors are masked); inf stays inf and an overflow rounds to inf, as the cast does."""
-        if DTYPE == tl.bfloat16:
+        if tl.bfloat16 == DTYPE:
             bits = x.to(tl.int32, bitcast=True)
             x = ((bits + (32767 + ((bits >> 16) & 1))) & -65536).to(tl.float32, bitcast=True)
         else:
@@ -307,21 +314,21 @@ if triton is not None:
         decay = (1.0 - lr * tl.load(decays_ptr + t)).to(tl.float32)  # Python's 1 - lr * wd, in doubles, then fp32
         rate = tl.load(rates_ptr + block_base + offs // block_len, mask=live, other=0.0)
         grad = tl.load(g + offs, mask=live, other=0.0).to(tl.float32)
-        if M_DTYPE != G_DTYPE and M_DTYPE != tl.float32:
+        if M_DTYPE != G_DTYPE and tl.float32 != M_DTYPE:
             grad = _rounded(grad, M_DTYPE)  # torch: g.to(m.dtype) before the lerp
         old = tl.load(m + offs, mask=live, other=0.0).to(tl.float32)
         if SMALL_WEIGHT:
             moment = tl.fma(weight, grad - old, old)
         else:
             moment = tl.fma(weight - 1.0, grad - old, grad)
-        if M_DTYPE != tl.float32:  # (the constexpr tests spare the interpreter a call per program)
+        if tl.float32 != M_DTYPE:  # (the constexpr tests spare the interpreter a call per program)
             moment = _rounded(moment, M_DTYPE)
         tl.store(m + offs, moment.to(M_DTYPE), mask=live)
         param = tl.load(p + offs, mask=live, other=0.0).to(tl.float32) * decay
-        if P_DTYPE != tl.float32:
+        if tl.float32 != P_DTYPE:
             param = _rounded(param, P_DTYPE)
         param = tl.fma(-moment, rate, param)
-        if P_DTYPE != tl.float32:
+        if tl.float32 != P_DTYPE:
             param = _rounded(param, P_DTYPE)
         tl.store(p + offs, param.to(P_DTYPE), mask=live)
         first = (start == 0) & (local == 0)
@@ -405,7 +412,8 @@ class BlockMomentsStep:
         self._tensor_table = AddressTable(self.device)
         self._state_table = AddressTable(self.device)
         self._decays = ValueTable(self.device, np.float64)
-        self._checked: tuple[int, ...] | None = None
+        self._checked: tuple[int, ...] | None = None  # the gradients of the last check, until a step uses it
+        self._grads_seen: tuple[int, ...] | None = None  # addresses validated
         self._bound: tuple[int, ...] | None = None
 
     # -- stage 0 ------------------------------------------------------------------------------------
@@ -415,18 +423,21 @@ class BlockMomentsStep:
         holds a NaN or an inf (``step`` will leave that tensor and its state alone). Reads nothing back."""
         if len(grads) != self.count:
             raise ValueError(f"check: {len(grads)} gradients for {self.count} tensors")
-        for i, g in enumerate(grads):
-            if g.dtype != self.dtypes[1] or g.numel() != self.numels[i] or not g.is_contiguous() \
-                    or g.device != self.device:
-                raise ValueError(f"check: gradient {i} must be a contiguous {self.dtypes[1]} tensor of "
-                                 f"{self.numels[i]} elements on {self.device}, got {g.dtype}, {g.numel()} elements, "
-                                 f"contiguous={g.is_contiguous()}, on {g.device}")
+        addresses = tuple(g.data_ptr() for g in grads)
+        if addresses != self._grads_seen:  # (gradients allocated again usually come back at the same addresses)
+            for i, g in enumerate(grads):
+                if g.dtype != self.dtypes[1] or g.numel() != self.numels[i] or not g.is_contiguous() \
+                        or g.device != self.device:
+                    raise ValueError(f"check: gradient {i} must be a contiguous {self.dtypes[1]} tensor of "
+                                     f"{self.numels[i]} elements on {self.device}, got {g.dtype}, {g.numel()} "
+                                     f"elements, contiguous={g.is_contiguous()}, on {g.device}")
+            self._grads_seen = addresses
         table = self._grad_table(grads)
         self.parity ^= 1
         now, following = self.parity * self.count, (1 - self.parity) * self.count
         _row_sq_sums_kernel[self.grids[0]](self.spans, self.programs[0], table, self.sums, self.flags, now, following,
                                            G_DTYPE=self.g_dtype, ROWS=self.rows, COLS=self.cols, META=_META, **_EXACT)
-        self._checked = tuple(g.data_ptr() for g in grads)
+        self._checked = addresses
         return self.flag_rows[self.parity]
 
     def discard_check(self) -> None:
@@ -485,5 +496,6 @@ class BlockMomentsStep:
             self.spans, self.programs[2], self._grad_table(grads), self._tensor_table(params, exp_avgs, steps),
             self._decays([float(w) for w in weight_decays]), self.rates, self.flags, now, lr_ptr, lr_bits, weight,
             P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, M_DTYPE=self.m_dtype, SMALL_WEIGHT=abs(weight) < 0.5,
-            LR_FROM_PTR=lr_from_ptr, ALIGNED=aligned, BLOCK=self.block, META=_META, num_warps=8 if self.block >= 4096 else 4,
+            LR_FROM_PTR=lr_from_ptr, ALIGNED=aligned, BLOCK=self.block, META=_META,
+            num_warps=8 if self.block >= 4096 else 4,
             **_EXACT)

@@ -25,8 +25,11 @@ def upload(array: np.ndarray, device: torch.device | str) -> Tensor:
     # as_tensor, not from_numpy: the same zero-copy wrap of the fresh array, but visible to TorchFunctionModes
     # (from_numpy is not), which is how tools that cost a step find its tables
     host = torch.as_tensor(np.ascontiguousarray(array).copy())
-    if torch.device(device).type == "cpu":
+    kind = torch.device(device).type
+    if kind == "cpu":
         return host
+    if kind == "meta":  # shapes only (a step probed on meta tensors): nothing to copy, no memory to pin
+        return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 
 

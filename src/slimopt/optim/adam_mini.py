@@ -54,6 +54,8 @@ from ..core.base import (
     placeholder_names,
 )
 from ..core.distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
+from ..ops.block_moments_triton import DTYPES as TRITON_DTYPES
+from ..ops.block_moments_triton import BlockMomentsStep, contiguous_blocks, triton_available
 from ..ops.blockstats import (
     adam_mini_foreach,
     adam_mini_step,
@@ -61,8 +63,6 @@ from ..ops.blockstats import (
     block_sq_sums,
     block_state_shape,
 )
-from ..ops.block_moments_triton import DTYPES as TRITON_DTYPES
-from ..ops.block_moments_triton import BlockMomentsStep, contiguous_blocks, triton_available
 from ..plans.param_plan import ROLES, BlockFacts, ParamInfo, ParamPlan, RuleSet
 
 __all__ = ["ADAM_MINI", "AdamMini", "adam_mini_layout", "comm_bytes", "state_bytes_formula"]
@@ -385,9 +385,9 @@ class AdamMini(SlimOptimizer):
         takes the torch ops: by backend and device, dtypes, contiguity, and its layout (blocks of contiguous
         rows: ``contiguous_blocks``)."""
         backend = getattr(self, "backend", "auto")
-        if backend == "torch" or not self._together(p) or not getattr(self, "foreach", True):
+        if backend == "torch" or (backend == "auto" and not p.is_cuda):  # (the CPU's answer, first and cheap)
             return None
-        if backend == "auto" and not (p.is_cuda and triton_available()):
+        if not self._together(p) or not getattr(self, "foreach", True) or not triton_available():
             return None
         state = self.state.get(p)
         m = state.get("exp_avg") if state else None
