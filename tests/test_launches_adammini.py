@@ -8,9 +8,12 @@ layers, 219 tensors) and tiny widths. The count is deterministic. Before the mul
 
 The number does not grow with the number of tensors, but it does with widths in one place: gradients
 larger than ``CAT_MAX_NUMEL`` get a reduction each instead of sharing one (a copy would cost more than the
-launch), so at the 1b preset's real widths each of the 169 matrices adds one op. On CUDA the final
-``_foreach_addcmul_`` also runs one kernel per tensor (its per-block factors are broadcasting views, which
-torch's fused multi-tensor kernels do not take); see ``slimopt.ops.blockstats.adam_mini_foreach``.
+launch), so at the 1b preset's real widths each of the 169 matrices adds one op. On CUDA that torch path
+would also run its final ``_foreach_addcmul_`` as one kernel per tensor (its per-block factors are
+broadcasting views, which torch's fused multi-tensor kernels do not take); there the optimizer steps every
+tensor whose blocks are runs of rows with three Triton launches instead (``slimopt.ops.block_moments_triton``),
+and the last test holds that path's count: three launches and the skip counter's two ops, whatever the number
+of tensors, nothing read back.
 """
 
 from __future__ import annotations
@@ -133,3 +136,55 @@ def test_the_update_runs_on_meta_tensors():
         lr = torch.empty(())
     adam_mini_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, lr=lr, beta1=0.9, beta2=0.95,
                       eps=1e-8, weight_decays=[0.1, 0.0, 0.1, 0.0, 0.1])
+
+
+# -- the Triton path (what CUDA tensors take), forced on CPU tensors -------------------------------------------------
+
+
+class _Counted:
+    """A kernel whose launches (``kernel[grid](...)``) are counted and not run: the interpreter runs a kernel
+    through torch ops of its own (copies of the arguments), which would be counted as the step's."""
+
+    def __init__(self, launches, name):
+        self.launches, self.name = launches, name
+
+    def __getitem__(self, grid):
+        self.launches[self.name] += 1
+        return lambda *args, **kwargs: None
+
+
+def _triton_step_counts(layers, monkeypatch):
+    kernels = pytest.importorskip("slimopt.ops.block_moments_triton")
+    if not kernels.triton_available():
+        pytest.skip("needs Triton")
+    cfg = dataclasses.replace(PRESETS["1b"], num_hidden_layers=layers, vocab_size=64, hidden_size=32,
+                              intermediate_size=48, num_attention_heads=4, num_key_value_heads=4, head_dim=8)
+    torch.manual_seed(0)
+    model = LlamaDecoder(cfg)
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    opt = slimopt.create_optimizer(model, "adammini", lr=1e-3, weight_decay=0.1, backend="triton")
+    opt.step()
+    opt.step()
+    launches: collections.Counter[str] = collections.Counter()
+    for name in ("_row_sq_sums_kernel", "_block_second_moment_kernel", "_scaled_moment_update_kernel"):
+        monkeypatch.setattr(kernels, name, _Counted(launches, name))
+    counter = CountOps()
+    with counter:
+        opt.step()
+    monkeypatch.undo()
+    return sum(1 for _ in model.parameters()), launches, counter.ops
+
+
+def test_the_triton_path_is_three_launches_and_two_ops_whatever_the_tensors(monkeypatch):
+    # the 1b preset's layout (9 tensors a layer, every one on the Triton path) at tiny widths, 1 and 3 layers. Besides
+    # torch's profiler marks, the only torch ops are the skip counter's (a sum of the flags and an add, on the
+    # device): no host read (_local_scalar_dense), no table uploaded again in a steady step (no copy)
+    for layers in (1, 3):
+        n_tensors, launches, ops = _triton_step_counts(layers, monkeypatch)
+        assert n_tensors == 9 * layers + 3
+        assert launches == {"_row_sq_sums_kernel": 1, "_block_second_moment_kernel": 1,
+                            "_scaled_moment_update_kernel": 1}, launches
+        aten = {op: n for op, n in ops.items() if op.startswith("aten.")}
+        assert aten == {"aten.sum.default": 1, "aten.add_.Tensor": 1}, ops

@@ -295,8 +295,13 @@ class SlimOptimizer(Optimizer):
                     self._count_skips(flags.bad)
         bad: list[tuple[int, int]] = []
         for items in to_host.values():  # one read per device
-            values = items[0][1].bad.tolist() if len(items) == 1 else torch.cat([f.bad.reshape(-1) for _, f in items]
-                                                                                  ).tolist()
+            if len(items) == 1:
+                values = items[0][1].bad.tolist()
+            else:
+                parts = [f.bad.reshape(-1) for _, f in items]
+                if len({p.dtype == torch.bool for p in parts}) > 1:  # cat would turn True into 1.0, a finite value
+                    parts = [torch.where(p, math.inf, 0.0) if p.dtype == torch.bool else p for p in parts]
+                values = torch.cat(parts).tolist()
             values = values if isinstance(values, list) else [values]
             for gi, flags in items:
                 n = flags.bad.numel()

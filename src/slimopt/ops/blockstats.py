@@ -17,6 +17,9 @@ Three versions of the same step, each held to the one before it by the tests:
   launches per step whatever the number of tensors: ``torch._foreach_*`` ops over the tensors, and the
   blocks of all tensors as one flat vector (bias corrections from the step counters as device tensors,
   no host sync, no branch on a device value).
+
+On CUDA a fourth version takes the tensors whose blocks are runs of contiguous rows: three Triton launches
+over pointer tables (``ops.block_moments_triton``), held to ``adam_mini_foreach`` by the tests.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from .tables import upload
 
 __all__ = [
     "adam_mini_foreach",
@@ -307,10 +313,11 @@ class _GroupPlan:
                 merged.append([length, unit])
         self.runs = None if all(u == 1 for _, u in merged) else [tuple(r) for r in merged]
         self.n_blocks = len(counts)  # K
-        self.counts = torch.tensor(counts, dtype=torch.float32).to(device)
-        self.tensor_of_block = torch.tensor(tensor_of_block, dtype=torch.long).to(device)
+        # uploaded pinned and non-blocking: a blocking copy would wait for the device in the first step
+        self.counts = upload(np.array(counts, dtype=np.float32), device)
+        self.tensor_of_block = upload(np.array(tensor_of_block, dtype=np.int64), device)
         identity = neuron_block == list(range(len(neuron_block)))
-        self.neuron_block = None if identity else torch.tensor(neuron_block, dtype=torch.long).to(device)
+        self.neuron_block = None if identity else upload(np.array(neuron_block, dtype=np.int64), device)
         self.neurons_per_kind = [sum(rows) for rows, _, _ in self.kinds]
         # a (1,)-shaped value broadcasts against any tensor of >= 1 dimension: whole tensors' values can then
         # come out of the same split as the kinds' chunks (0-d parameters need 0-d values: one unbind more)
@@ -386,7 +393,9 @@ def adam_mini_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     tensors, check included; ``tests/test_launches_adammini.py``). Exceptions: a gradient larger than
     ``CAT_MAX_NUMEL`` adds its own reduction; ``m`` in another dtype than ``g`` adds a cast per tensor;
     and on CUDA the last op, whose per-block factors are broadcasting views, runs torch's per-tensor
-    fallback (one kernel per tensor), as the broadcast views of the per-tensor path did.
+    fallback (one kernel per tensor), as the broadcast views of the per-tensor path did. (On CUDA the
+    optimizer steps the tensors that ``ops.block_moments_triton`` takes there, in three launches and
+    24 B/param; this function steps the rest, e.g. GPT-2's Conv1D columns and elementwise blocks.)
 
     ``steps`` are the tensors' own step counters (0-d float32 tensors on the tensors' device); they are
     advanced here, and the bias corrections come from them as float64 device vectors, so no value goes to

@@ -18,15 +18,18 @@ shapes and ``model.config`` -- not from name substrings alone:
 Every tensor's layout is stored in its param group (``param_layouts``), so the optimizer keeps working
 when FSDP2 or Accelerate swap the parameter objects. ``print(opt.partition_table())`` shows the plan.
 
-State per tensor: ``exp_avg`` (m, full size, the parameter's dtype or ``exp_avg_dtype``), ``exp_avg_sq``
-(one float32 value per block; full size for elementwise blocks) and ``step``.
+State per tensor: ``exp_avg`` (m, full size, in the parameter's dtype unless ``exp_avg_dtype`` says
+otherwise, as torch's AdamW and the official Adam-mini keep it: fp32 parameters 4 B/param, bf16 parameters
+2 B/param), ``exp_avg_sq`` (one float32 value per block; full size for elementwise blocks) and ``step``.
 
-Two paths compute the same step, as in ``torch.optim``: the multi-tensor path (``foreach=True``, the
-default) steps all tensors of a param group together in a fixed number of launches
-(``slimopt.ops.blockstats.adam_mini_foreach``), with the step counters on the tensors' device and no
-host sync in the update; the per-tensor path (``foreach=False``, ``_single_tensor_adam_mini``) is the
-reference the tests hold it to, and the path FSDP2 shards always take (their block sums need an
-all-reduce per tensor).
+Three paths compute the same step, as in ``torch.optim``: the multi-tensor path (``foreach=True``, the
+default) steps all tensors of a param group together in a fixed number of launches, with the step counters
+on the tensors' device and no host sync in the update: on CUDA (``backend="auto"``) three Triton launches
+for the tensors whose blocks are runs of contiguous rows (``slimopt.ops.block_moments_triton``: g read
+twice, p and m once, 24 B/param in fp32, the non-finite decision on the device), ``torch._foreach_*`` ops
+for the rest and on the CPU (``slimopt.ops.blockstats.adam_mini_foreach``); the per-tensor path
+(``foreach=False``, ``_single_tensor_adam_mini``) is the reference the tests hold them to, and the path
+FSDP2 shards always take (their block sums need an all-reduce per tensor).
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ from ..core.base import (
     SlimOptimizer,
     as_param_groups,
     check_betas,
+    check_choice,
     check_lr,
     check_nonnegative,
     check_positive,
     placeholder_names,
 )
 from ..core.distributed import is_sharded, local, local_offset, sq_sum, sq_sums_along
+from ..ops.block_moments_triton import DTYPES as TRITON_DTYPES
+from ..ops.block_moments_triton import BlockMomentsStep, contiguous_blocks, triton_available
 from ..ops.blockstats import (
     adam_mini_foreach,
     adam_mini_step,
@@ -61,6 +67,7 @@ from ..plans.param_plan import ROLES, BlockFacts, ParamInfo, ParamPlan, RuleSet
 
 __all__ = ["ADAM_MINI", "AdamMini", "adam_mini_layout", "comm_bytes", "state_bytes_formula"]
 
+BACKENDS = ("auto", "torch", "triton")
 _DTYPES = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
            "fp32": torch.float32, "float32": torch.float32, torch.float32: torch.float32}
 
@@ -153,8 +160,9 @@ ADAM_MINI = RuleSet(
 
 
 def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4, exp_avg_dtype: Any = None) -> int:
-    """State bytes of one tensor (registry formula): m in ``exp_avg_dtype`` (default: the parameter's),
-    one fp32 v per block of the partition, the step."""
+    """State bytes of one tensor (registry formula): m in ``exp_avg_dtype``, by default the parameter's dtype
+    (``param_bytes``: 4 B/param for fp32 parameters, 2 for bf16 ones, as torch's AdamW keeps its moments), one
+    fp32 v per block of the partition, the step."""
     m_bytes = param_bytes if _DTYPES.get(exp_avg_dtype) is None else _DTYPES[exp_avg_dtype].itemsize
     blocks = ADAM_MINI.layout(t, ADAM_MINI.rule_for(t.role)).n_blocks
     return t.numel * m_bytes + blocks * 4 + STEP_BYTES
@@ -190,8 +198,11 @@ class AdamMini(SlimOptimizer):
             for short runs (one learning rate per Value tensor).
         no_decay_roles: roles whose tensors get no weight decay (default norms and biases; embeddings
             are decayed, as upstream).
-        exp_avg_dtype: dtype of ``m``; ``None`` keeps the parameter's dtype, ``torch.bfloat16`` halves
-            it for fp32 parameters. ``v`` is always float32 (``mean(g²)`` underflows in bf16).
+        exp_avg_dtype: dtype of ``m``; ``None`` (default) keeps the parameter's dtype, as torch's AdamW and the
+            official Adam-mini do: m costs 4 B/param for fp32 parameters and 2 B/param for bf16 ones (the
+            state table's "2.0 (bf16 m)"), and is rounded to bf16 after every update there.
+            ``torch.bfloat16`` halves it for fp32 parameters. ``v`` is always float32 (``mean(g²)`` underflows
+            in bf16).
         nonfinite: ``"skip"`` (default) or ``"raise"`` (a host sync per step) for NaN/inf gradients (see
             ``SlimOptimizer``).
         foreach: ``True`` or ``None`` (default): step the tensors of a group together, a fixed number of
@@ -200,6 +211,14 @@ class AdamMini(SlimOptimizer):
             FSDP2 shards take the per-tensor path either way. The two agree to rounding (the update is
             formed as ``m * (-lr / bc1 / d)`` instead of ``(-lr / bc1 * m) / d``); ``v`` and ``m`` agree bit
             for bit on CPU.
+        backend: the multi-tensor path's kernels. ``"auto"`` (default): Triton for CUDA tensors (when Triton is
+            installed), torch ops otherwise; ``"torch"``: always torch ops; ``"triton"``: Triton on any device
+            (CPU tensors run under ``TRITON_INTERPRET=1``: for tests). The Triton path takes the tensors whose
+            blocks are runs of contiguous rows (rows, heads and fused qkv along dim 0, whole tensors) in fp32,
+            bf16 or fp16 with contiguous p, g and m; the others (GPT-2 Conv1D columns, elementwise blocks)
+            take the torch ops in the same step. It agrees with the torch path as that agrees with the
+            per-tensor one (m bit for bit; v to the order of its sums of g², p to rounding), and decides
+            ``nonfinite="skip"`` on the device: a tensor with a NaN/inf gradient keeps p, m, v and its step.
     """
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -207,10 +226,17 @@ class AdamMini(SlimOptimizer):
                  num_kv_heads: int | None = None, head_dim: int | None = None, hidden_size: int | None = None,
                  config: Any = None, overrides: Mapping[str, str] | None = None,
                  no_decay_roles: tuple[str, ...] = ("norm", "bias"), exp_avg_dtype: Any = None,
-                 nonfinite: str = "skip", foreach: bool | None = None, _plan: ParamPlan | None = None) -> None:
+                 nonfinite: str = "skip", foreach: bool | None = None, backend: str = "auto",
+                 _plan: ParamPlan | None = None) -> None:
         check_lr(lr)
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
+        check_choice("backend", backend, BACKENDS)
+        if backend == "triton" and not triton_available():
+            raise ValueError("Invalid backend: 'triton' (Triton is not installed)")
+        if backend == "triton" and foreach is False:
+            raise ValueError("Invalid backend: 'triton' steps the multi-tensor path; foreach=False asks for the "
+                             "per-tensor one")
         check_betas(betas)
         check_positive("eps", eps)
         check_nonnegative("weight_decay", weight_decay)
@@ -224,6 +250,9 @@ class AdamMini(SlimOptimizer):
                           "hidden_size": hidden_size}
         self._config = config
         self.foreach = foreach is not False
+        # attributes, not group settings (as foreach): they choose kernels, not the maths, and state dicts saved
+        # before they existed still load
+        self.backend = backend
         if _plan is None:
             groups = _named(as_param_groups(params))
             _plan = ParamPlan.build(groups, ADAM_MINI, config=config, overrides=overrides, **self._geometry)
@@ -273,8 +302,9 @@ class AdamMini(SlimOptimizer):
         """m <- beta1 m + (1 - beta1) g;  v_b <- beta2 v_b + (1 - beta2) mean_b(g²);
         p <- p (1 - lr lambda) - lr m_hat / (sqrt(v_hat_b) + eps), for every block b of every tensor.
 
-        The tensors of the group on one device are stepped together (``adam_mini_foreach``); FSDP2
-        shards, and every tensor when ``foreach=False``, one at a time (``adam_mini_step``).
+        The tensors of the group on one device are stepped together: on CUDA those the Triton kernels take in
+        three launches (``BlockMomentsStep``), the others with ``torch._foreach_*`` ops (``adam_mini_foreach``);
+        FSDP2 shards, and every tensor when ``foreach=False``, one at a time (``adam_mini_step``).
         """
         beta1, beta2 = group["betas"]
         hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
@@ -284,11 +314,15 @@ class AdamMini(SlimOptimizer):
             if not state:
                 self._init_state(group, index, p)
             if self._together(p):
-                together.setdefault(_subgroup(grad), []).append((index, p, grad))
+                key = self._triton_key(group, index, p, grad) or _subgroup(grad)
+                together.setdefault(key, []).append((index, p, grad))
             else:
                 self._single_tensor_adam_mini(group, index, p, grad, **hyper)
         for key, items in together.items():
-            self._multi_tensor_adam_mini(group, key, items, **hyper)
+            if key[0] == "triton":
+                self._triton_adam_mini(group, key, items, **hyper)
+            else:
+                self._multi_tensor_adam_mini(group, key, items, **hyper)
 
     def _together(self, p: Tensor) -> bool:
         """Whether ``p`` takes the multi-tensor path (FSDP2 shards and shape-only probes do not)."""
@@ -345,12 +379,73 @@ class AdamMini(SlimOptimizer):
                        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=self._weight_decay(group, index),
                        mean_sq=mean_sq, offset=offset, full_shape=full_shape)
 
+    # -- the Triton path (CUDA) ---------------------------------------------------------------------------
+    def _triton_key(self, group: dict[str, Any], index: int, p: Tensor, grad: Tensor) -> tuple[Any, ...] | None:
+        """The launch set of ``p`` on the Triton path, ``("triton", device, p, g and m dtypes)``, or None when it
+        takes the torch ops: by backend and device, dtypes, contiguity, and its layout (blocks of contiguous
+        rows: ``contiguous_blocks``)."""
+        backend = getattr(self, "backend", "auto")
+        if backend == "torch" or (backend == "auto" and not p.is_cuda):  # (the CPU's answer, first and cheap)
+            return None
+        if not self._together(p) or not getattr(self, "foreach", True) or not triton_available():
+            return None
+        state = self.state.get(p)
+        m = state.get("exp_avg") if state else None
+        m_dtype = m.dtype if m is not None else group["exp_avg_dtype"] or p.dtype
+        if p.dtype not in TRITON_DTYPES or grad.dtype not in TRITON_DTYPES or m_dtype not in TRITON_DTYPES:
+            return None
+        if not p.is_contiguous() or not grad.is_contiguous() or (m is not None and not m.is_contiguous()):
+            return None
+        layout = group["param_layouts"][index]
+        fits = self.__dict__.setdefault("_fits", {})  # (layout, shape) -> whether the kernels take it
+        shape = tuple(p.shape)
+        known = fits.get((id(layout), shape))
+        if known is None or known[0] is not layout:
+            known = fits[(id(layout), shape)] = (layout, contiguous_blocks(shape, layout) is not None)
+        return ("triton", grad.device, p.dtype, grad.dtype, m_dtype) if known[1] else None
+
+    def _block_step(self, group: dict[str, Any], key: tuple[Any, ...], indices: list[int]) -> BlockMomentsStep:
+        """The kernels' tables for these tensors of ``group``: built once, again when the tensors change."""
+        cache = self.__dict__.setdefault("_block_steps", {})  # not in the state dict, not pickled
+        shapes = tuple(tuple(group["params"][i].shape) for i in indices)
+        signature = (tuple(indices), shapes, tuple(id(group["param_layouts"][i]) for i in indices))
+        entry = cache.get((id(group), key))
+        if entry is None or entry[0] is not group or entry[1] != signature:
+            live = {id(g) for g in self.param_groups}
+            for stale in [k for k, e in cache.items() if k[0] not in live]:  # groups replaced by load_state_dict
+                del cache[stale]
+            step = BlockMomentsStep(shapes, [group["param_layouts"][i] for i in indices], key[1], param_dtype=key[2],
+                                    grad_dtype=key[3], moment_dtype=key[4])
+            entry = cache[(id(group), key)] = (group, signature, step)
+        return entry[2]
+
+    def _triton_adam_mini(self, group: dict[str, Any], key: tuple[Any, ...], items: list[tuple[int, Tensor, Tensor]],
+                          *, lr: float | Tensor, beta1: float, beta2: float, eps: float) -> None:
+        """The tensors of ``key``'s launch set: three Triton launches (two when the non-finite check's launch ran
+        for the same gradients), no host sync; a tensor whose gradient holds NaN/inf is left alone on the device
+        (see ``BlockMomentsStep``)."""
+        indices = [index for index, _, _ in items]
+        states = [self.state[p] for _, p, _ in items]
+        for (_, p, _), state in zip(items, states):
+            if state["step"].device != p.device:  # a loaded state dict, or one from the reference path
+                state["step"] = state["step"].to(p.device)
+        step = self._block_step(group, key, indices)
+        prepared = self.__dict__.get("_sq_sums", {}).pop((id(group), key), None)
+        grads = [grad for _, _, grad in items]
+        if prepared is None or prepared[0] != tuple(indices):
+            step.check(grads)  # not checked by the policy (a direct update_group): its flags still gate the update
+        step.step([p for _, p, _ in items], grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                  [s["step"] for s in states], lr=lr, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                  weight_decays=[self._weight_decay(group, i) for i in indices])
+
     # -- the non-finite check, from the block sums the step needs anyway --------------------------------
     def nonfinite_flags(self, group: dict[str, Any]) -> list[GradFlags]:
-        """The non-finite check (``SlimOptimizer``), for the multi-tensor path from the block sums of g²
-        (``block_sq_sums``), computed here once for the step to use: a tensor's total is non-finite exactly
-        when its gradient holds NaN or inf (or squares beyond float32's range). FSDP2 shards and the
-        per-tensor path: the default check."""
+        """The non-finite check (``SlimOptimizer``), from a pass over the gradients that the step needs anyway.
+        Triton path: the row sums of g² (``BlockMomentsStep.check``), whose flags the update reads on the
+        device (gated: no host sync). Torch multi-tensor path: the block sums of g² (``block_sq_sums``), computed
+        here once for the step to use; a tensor's total is non-finite exactly when its gradient holds NaN or inf
+        (or squares beyond float32's range), and the base reads it back. FSDP2 shards and the per-tensor path:
+        the default check."""
         sq_sums = self.__dict__.setdefault("_sq_sums", {})  # taken by the update (stale ones: replaced)
         indices = self.checked_indices(group)
         if not getattr(self, "foreach", True):
@@ -361,10 +456,16 @@ class AdamMini(SlimOptimizer):
             if p.is_complex() or not self._together(p):
                 alone.append(index)
             else:
-                subgroups.setdefault(_subgroup(p.grad), []).append(index)
+                key = self._triton_key(group, index, p, p.grad) or _subgroup(p.grad)
+                subgroups.setdefault(key, []).append(index)
         out = self.default_flags(group, alone) if alone else []
         for key, idx in subgroups.items():
             grads = [local(group["params"][i].grad) for i in idx]
+            if key[0] == "triton":
+                bad = self._block_step(group, key, idx).check(grads)
+                sq_sums[(id(group), key)] = (tuple(idx), None)
+                out.append(GradFlags(idx, bad, True))  # the update leaves flagged tensors alone on the device
+                continue
             layouts = [group["param_layouts"][i] for i in idx]
             sq = block_sq_sums(grads, layouts)
             sq_sums[(id(group), key)] = (tuple(idx), sq)
