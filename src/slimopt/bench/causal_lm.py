@@ -140,3 +140,28 @@ def encode(tokenizer: Any, text: str, block_lines: int = 256) -> Tensor:
         return torch.zeros(0, dtype=torch.long)
     encoded = tokenizer(blocks, add_special_tokens=False)["input_ids"]
     return torch.tensor([i for ids in encoded for i in ids], dtype=torch.long)
+
+
+def write_tiny_model(folder: Path, text: str, *, vocab_size: int = 300, hidden: int = 32, layers: int = 2,
+                     heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+    """A small random LlamaForCausalLM (grouped-query attention, tied head, as SmolLM2) with a byte-level BPE
+    tokenizer trained on ``text``, saved as a Hugging Face folder: what ``--model PATH`` reads, made offline
+    in seconds (the GPU suite's dry run and the tests use it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from .fetch import save_hf_folder
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(text.splitlines() or [text], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=0)
+    save_hf_folder(LlamaForCausalLM(config), tokenizer, Path(folder))
+    return Path(folder)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import causal_lm
-from .args import UsageError, check_out
+from .args import UsageError, check_device, check_out
 from .baselines import OptimizerUnavailable, default_lr, is_known, known_names, make_optimizer, parse_name
 from .data import TokenData, load_text, make_token_data, split_chunks, split_tail
 from .data import encode as encode_bytes
@@ -124,14 +124,15 @@ def base_checkpoint(preset: str, corpora: list[str], steps: int, config: TrainCo
 
 
 def _fine_tune(name: str, lr: float, seed: int, base: dict[str, torch.Tensor] | torch.nn.Module, preset: str | None,
-               data, config: TrainConfig, on_progress=None) -> dict[str, Any]:
+               data, config: TrainConfig, on_progress=None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """One run from the base: ``base`` is a preset's state dict, or a loaded model (copied, never trained)."""
     torch.manual_seed(seed)
     if isinstance(base, torch.nn.Module):
-        model = copy.deepcopy(base)  # keeps tied weights tied
+        model = copy.deepcopy(base)  # keeps tied weights tied; on the base's device
     else:
         model = build_model(preset, vocab_size=data.vocab_size)
         model.load_state_dict(base)
+        model.to(device)
     optimizer = make_optimizer(model, name, lr=lr)
     cpu_start = time.process_time()
     result = train(model, optimizer, data, TrainConfig(**{**config.__dict__, "seed": seed}), name=name, lr=lr,
@@ -317,6 +318,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="x each optimizer's default lr (with --model: its fine-tuning lr, 5e-5 for AdamW)")
     parser.add_argument("--sweep-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true",
                         help="plain log lines instead of progress bars (the default when not on a terminal)")
     parser.add_argument("--out", default=None, help="result folder (default runs/finetune-lm-<time>)")
@@ -351,6 +353,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
         raise ValueError(f"--optimizers {args.optimizers!r}: must include adamw, the reference (or pass "
                          "--no-reference-ok for a part to --merge with one that has it)")
     check_out("--out", args.out)
+    check_device("--device", args.device)
     if args.model is not None:
         causal_lm.check_model(args.model)
         if args.preset is not None:
@@ -400,9 +403,10 @@ def sweep_center(name: str, real_model: bool) -> float:
     return default_lr(name)
 
 
-# settings that must agree for runs to be compared in one table
-_MERGE_KEYS = ("preset", "model", "base_sha256", "corpus", "steps", "batch_size", "seq_len", "eval_every", "eval_batches",
-               "checkpoints", "sweep_steps")  # sweep grids may differ per part: each optimizer has its own
+# settings that must agree for runs to be compared in one table (sweep grids may differ per part: each
+# optimizer has its own)
+_MERGE_KEYS = ("preset", "model", "base_sha256", "corpus", "steps", "batch_size", "seq_len", "eval_every",
+               "eval_batches", "checkpoints", "sweep_steps")
 
 
 def _merged_sweeps(parts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -500,6 +504,7 @@ def _prepare(args: argparse.Namespace, log) -> tuple[Any, dict[str, Any], TokenD
     if args.model is not None:
         folder = causal_lm.resolve(args.model, progress=log)
         local = causal_lm.load(args.model, folder)
+        local.model.to(_device(args))
         text, description = load_text(None, args.text) if args.text else load_text([args.corpus])
         ids = causal_lm.encode(local.tokenizer, text)
         vocab = local.vocab_size
@@ -527,6 +532,10 @@ def _prepare(args: argparse.Namespace, log) -> tuple[Any, dict[str, Any], TokenD
     about = {"preset": preset, "base_corpora": args.base_corpora, "base_steps": args.base_steps,
              "base_lr": args.base_lr, "base_checkpoint": base_path.name, "base_sha256": base_sha}
     return torch.load(base_path, weights_only=True), about, data
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -559,6 +568,7 @@ def run(args: argparse.Namespace) -> int:
 def _compare(args, checkpoints, factors, names, base, about, data, progress) -> int:
     real_model = args.model is not None
     preset = about.get("preset")
+    device = _device(args)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          eval_every=args.eval_every, eval_batches=args.eval_batches)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-lm-%Y%m%d-%H%M%S")
@@ -580,7 +590,7 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
                          "train_tokens": len(data.train), "val_tokens": len(data.val),
                          "seeds": list(range(args.seeds)), "checkpoints": checkpoints, "sweep_factors": factors,
                          "sweep_centers": {n: sweep_center(n, real_model) for n in names},
-                         "sweep_steps": args.sweep_steps, **config.__dict__},
+                         "sweep_steps": args.sweep_steps, "device": str(device), **config.__dict__},
             "summary": summarize(runs, checkpoints),
             "runs": runs,
             "sweeps": sweeps,
@@ -597,7 +607,7 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
                 lr = sweep_center(name, real_model) * factor
                 label = f"sweep {name} lr {lr:.3g}"
                 trial = _fine_tune(name, lr, 0, base, preset, data, sweep_config,
-                                   progress.tracker(label, args.sweep_steps))
+                                   progress.tracker(label, args.sweep_steps), device)
                 progress.settle(args.sweep_steps, trial["steps_done"])
                 loss = trial["final_val_loss"]
                 trials.append({"lr": lr, "final_val_loss": loss if loss is not None and math.isfinite(loss) else None,
@@ -609,7 +619,7 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
             for seed in range(args.seeds):
                 label = f"{name} lr {lr:.3g} seed {seed}"
                 runs.append(_fine_tune(name, lr, seed, base, preset, data, config,
-                                       progress.tracker(label, args.steps)))
+                                       progress.tracker(label, args.steps), device))
                 progress.settle(args.steps, runs[-1]["steps_done"])
                 progress.log(f"  {label}: val {runs[-1]['final_val_loss']:.4f} "
                              f"({time.perf_counter() - progress.started:.0f} s so far)")

@@ -278,8 +278,8 @@ def resolve_model(value: str) -> ModelSpec:
         if not path.is_file():
             raise KeyError(f"--model {value!r}: the folder has no config.json")
     if not path.is_file():
-        raise KeyError(f"--model {value!r}: not a published model ({', '.join(MODELS)}) nor a config.json or a "
-                       "folder with one")
+        raise KeyError(f"--model {value!r}: unknown model: not a published one ({', '.join(MODELS)}), nor a "
+                       "config.json or a folder with one")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
