@@ -21,9 +21,10 @@ Sections, each timed and recorded even when it fails (the suite goes on):
                  ``$SLIMOPT_CACHE``)
 ``smollm2``      ``slimopt bench finetune-lm --model smollm2-135m``: real pre-trained weights (SmolLM2-135M)
                  fine-tuned on the State of the Union corpus by AdamW, Adam-mini and MicroAdam, each lr swept
-                 (x0.25, 1, 4 of its fine-tuning lr, 50 steps), 3 seeds of 250 steps x 16 x 256 tokens, about 3
-                 minutes of an H100 (needs ``slimopt data fetch smollm2 sotu`` in the carried cache; the dry
-                 run uses a tiny random Llama and its own text instead)
+                 (x0.25, 1, 4 of its fine-tuning lr, 40 steps), 3 seeds of 200 steps x 16 x 256 tokens, an
+                 estimated 2-3 minutes of an H100 (not yet run on one); needs ``slimopt data fetch smollm2
+                 sotu`` in the carried cache (the GGUF is 98 MB); the dry run uses a tiny random Llama and its
+                 own text instead
 ``finetune``     MiniLM-L6 on Rotten Tomatoes in the long setting (the whole training split, 3 epochs, the whole
                  test split), every optimizer at its fine-tuning lr, 3 seeds: 15 runs of 800 steps, ~10 hours
                  of one CPU thread (3.3 s a step in the committed 128-step runs), minutes here (needs
@@ -299,9 +300,11 @@ class Suite:
             if missing:
                 raise RuntimeError(f"{', '.join(missing)} not in the cache: `slimopt data fetch smollm2 sotu` on a "
                                    "machine with the registries, then carry $SLIMOPT_CACHE")
-            args = ["--model", "smollm2-135m", "--corpus", "sotu", "--steps", "250", "--batch-size", "16",
+            # 3 optimizers x (3 sweep lrs x 40 + 3 seeds x 200) = 2,160 steps of 16 x 256 tokens: at an estimated
+            # 40 ms a step (eager, 30 layers) about 90 s, plus tokenising SOTU and evaluating: ~2.5 min
+            args = ["--model", "smollm2-135m", "--corpus", "sotu", "--steps", "200", "--batch-size", "16",
                     "--seq-len", "256", "--eval-every", "50", "--eval-batches", "8", "--checkpoints",
-                    "50,100,150,200,250", "--seeds", "3", "--sweep-steps", "50", "--device", "cuda"]
+                    "50,100,150,200", "--seeds", "3", "--sweep-steps", "40", "--device", "cuda"]
         command = [sys.executable, "-m", "slimopt", "bench", "finetune-lm", *args, "--sweep-factors", "0.25,1,4",
                    "--optimizers", "adamw,adammini,microadam", "--no-progress", "--out", str(out)]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=360)

@@ -34,6 +34,11 @@ def test_dry_run_runs_every_section(tmp_path):
     sweeps = json.loads((tmp_path / "pretrain60m" / "results.json").read_text())["sweeps"]
     assert {"adamw", "adamw-split adamw_lr", "sinkgd adamw_lr", "swan adamw_lr", "microadam"} <= set(sweeps)
     assert "| sinkgd | fp32 |" in (tmp_path / "report.md").read_text()
+    smollm2 = results["smollm2"]["result"]  # the real-weights comparison's command on a tiny random Llama
+    assert {r["optimizer"] for r in smollm2["summary"]} == {"adamw", "adammini", "microadam"}
+    assert all(len(r["seeds"]) == 3 for r in smollm2["summary"])
+    assert all(len(trials) == 3 for trials in smollm2["sweeps"].values())
+    assert all(row["measured"] == row["analytic"] for row in smollm2["state_memory"]["rows"])
     finetune = results["finetune"]["result"]
     if "not_cached" not in finetune:  # MiniLM and Rotten Tomatoes fetched: the section ran them
         assert set(finetune["rows"]) == {"adamw", "microadam"}

@@ -312,8 +312,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--checkpoints", default="250,500,1000,2000", help="steps to report (multiples of "
                         "--eval-every, the last one --steps)")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="runs per optimizer at the swept lr (0: only the sweep, e.g. more lrs to --merge)")
+    parser.add_argument("--seeds", default="3",
+                        help="runs per optimizer at the swept lr: N (seeds 0..N-1; 0: only the sweep, e.g. more "
+                             "lrs to --merge) or a comma list like 1, or 0,3 (parts run in parallel, merged)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="skip the sweep: run the seeds at this lr (a part to --merge with the sweep's part; "
+                             "the merged report says if the sweep's best lr differs)")
     parser.add_argument("--sweep-factors", default="0.25,1,4",
                         help="x each optimizer's default lr (with --model: its fine-tuning lr, 5e-5 for AdamW)")
     parser.add_argument("--sweep-steps", type=int, default=500)
@@ -334,8 +338,9 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
                         ("--sweep-steps", args.sweep_steps), ("--eval-batches", args.eval_batches)):
         if value <= 0:
             raise ValueError(f"{flag} {value}: must be positive")
-    if args.seeds < 0:
-        raise ValueError(f"--seeds {args.seeds}: must be positive (or 0: sweep only, a part to --merge)")
+    args.seed_list = _seed_list(args.seeds)
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError("--lr", args.lr, "must be a positive number")
     if not (math.isfinite(args.base_lr) and args.base_lr > 0):
         raise ValueError(f"--base-lr {args.base_lr}: must be positive")
     checkpoints = _positive_ints(args.checkpoints, "--checkpoints")
@@ -349,7 +354,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
     if unknown:
         raise ValueError(f"--optimizers {args.optimizers!r}: unknown {', '.join(unknown)} "
                          f"(choose from {', '.join(known_names())}; NAME@key=value,... passes options)")
-    if reference_name(names) is None and not args.no_reference_ok and args.seeds:
+    if reference_name(names) is None and not args.no_reference_ok and args.seed_list:
         raise ValueError(f"--optimizers {args.optimizers!r}: must include adamw, the reference (or pass "
                          "--no-reference-ok for a part to --merge with one that has it)")
     check_out("--out", args.out)
@@ -378,6 +383,22 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
         raise UsageError("--corpus", args.corpus, f"is among --base-corpora {args.base_corpora!r}: the "
                                                   "fine-tuning corpus must be held out")
     return checkpoints, factors, names
+
+
+def _seed_list(text: str) -> list[int]:
+    """``"3"`` -> [0, 1, 2]; ``"0"`` -> [] (sweep only); ``"1,"`` or ``"0,3"`` -> those seeds."""
+    try:
+        if "," in text:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+        else:
+            seeds = list(range(int(text)))
+            if int(text) < 0:
+                raise ValueError
+    except ValueError:
+        raise UsageError("--seeds", text, "expected a count N >= 0 or a comma list of seeds like 1, or 0,3") from None
+    if (("," in text and not seeds) or any(s < 0 for s in seeds)) or len(set(seeds)) != len(seeds):
+        raise UsageError("--seeds", text, "expected distinct seeds >= 0")
+    return seeds
 
 
 def _check_fits(data: TokenData, args: argparse.Namespace, tokenizer: str) -> None:
@@ -579,8 +600,10 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
                                   "eval_every": args.sweep_steps})
     progress.log(f"finetune-lm: {about.get('model') or preset} on {data.description}: {len(data.train):,} train / "
                  f"{len(data.val):,} val tokens; {torch.get_num_threads()} thread(s); optimizers {', '.join(names)}; "
-                 f"{len(factors)} sweep lrs x {args.sweep_steps} steps, {args.seeds} seed(s) x {args.steps} steps")
-    progress.expect(len(names) * (len(factors) * args.sweep_steps + args.seeds * args.steps))
+                 f"{0 if args.lr else len(factors)} sweep lrs x {args.sweep_steps} steps, seeds {args.seed_list} x "
+                 f"{args.steps} steps")
+    sweep_steps = 0 if args.lr else len(factors) * args.sweep_steps
+    progress.expect(len(names) * (sweep_steps + len(args.seed_list) * args.steps))
 
     def snapshot() -> dict[str, Any]:
         result = {
@@ -588,7 +611,7 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
             "settings": {**about, "corpus": data.description, "text": args.text,
                          "val_fraction": args.val_fraction if args.text else None,
                          "train_tokens": len(data.train), "val_tokens": len(data.val),
-                         "seeds": list(range(args.seeds)), "checkpoints": checkpoints, "sweep_factors": factors,
+                         "seeds": args.seed_list, "checkpoints": checkpoints, "sweep_factors": factors,
                          "sweep_centers": {n: sweep_center(n, real_model) for n in names},
                          "sweep_steps": args.sweep_steps, "device": str(device), **config.__dict__},
             "summary": summarize(runs, checkpoints),
@@ -603,7 +626,7 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
     for name in names:
         try:
             trials = []
-            for factor in factors:
+            for factor in factors if args.lr is None else []:
                 lr = sweep_center(name, real_model) * factor
                 label = f"sweep {name} lr {lr:.3g}"
                 trial = _fine_tune(name, lr, 0, base, preset, data, sweep_config,
@@ -614,9 +637,12 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
                                "diverged": trial["diverged"], "steps": trial["steps_done"], "wall_s": trial["wall_s"],
                                "cpu_s": trial["cpu_s"], "threads": trial["threads"]})
                 progress.log(f"  {label}: val {trial['final_val_loss']}")
-            sweeps[name] = trials
-            lr = min(trials, key=lambda t: math.inf if t["final_val_loss"] is None else t["final_val_loss"])["lr"]
-            for seed in range(args.seeds):
+            if args.lr is None:
+                sweeps[name] = trials
+                lr = min(trials, key=lambda t: math.inf if t["final_val_loss"] is None else t["final_val_loss"])["lr"]
+            else:
+                lr = args.lr
+            for seed in args.seed_list:
                 label = f"{name} lr {lr:.3g} seed {seed}"
                 runs.append(_fine_tune(name, lr, seed, base, preset, data, config,
                                        progress.tracker(label, args.steps), device))
@@ -626,7 +652,7 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
                 write_json(out / "results.json", snapshot(), compact=True)  # what finished survives a stop
         except OptimizerUnavailable as exc:
             skipped[name] = str(exc)
-            progress.settle(len(factors) * args.sweep_steps + args.seeds * args.steps, 0)
+            progress.settle(sweep_steps + len(args.seed_list) * args.steps, 0)
     result = snapshot()
     _write(result, out)
     return 0
