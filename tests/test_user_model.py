@@ -384,3 +384,32 @@ def test_compact_json_round_trips(tmp_path):
     path = write_json(tmp_path / "r.json", data, compact=True)
     assert json.loads(path.read_text()) == data
     assert '"val_curve": [[0, 0, 0.0, 3.5], [2, 64, 0.1, 3.25]]' in path.read_text()
+
+
+def test_sweep_part_and_seed_parts_at_a_given_lr_merge(tiny_model, tmp_path):
+    """The real-weights comparison's parts: a sweep-only part (--seeds 0) and seed parts at --lr (--seeds 1,):
+    merged, the report flags a seed part whose lr is not the sweep's best."""
+    text = tmp_path / "speech.txt"
+    text.write_text(TEXT)
+    common = ["--model", str(tiny_model), "--text", str(text), *ARGS[:-2], "--optimizers", "adamw"]
+    assert bench_main(["finetune-lm", *common, "--seeds", "0", "--sweep-factors", "1,4",
+                       "--out", str(tmp_path / "sweep")]) == 0
+    trials = json.loads((tmp_path / "sweep" / "results.json").read_text())["sweeps"]["adamw"]
+    worst = max(trials, key=lambda t: t["final_val_loss"])["lr"]
+    assert bench_main(["finetune-lm", *common, "--seeds", "1,", "--lr", repr(worst),
+                       "--out", str(tmp_path / "seed1")]) == 0
+    part = json.loads((tmp_path / "seed1" / "results.json").read_text())
+    assert part["sweeps"] == {} and [r["seed"] for r in part["runs"]] == [1] and part["runs"][0]["lr"] == worst
+    assert bench_main(["finetune-lm", "--merge", f"{tmp_path / 'sweep'},{tmp_path / 'seed1'}",
+                       "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["settings"]["seeds"] == [1] and len(merged["sweeps"]["adamw"]) == 2
+    assert "**Not at the best swept lr**: adamw ran at" in (tmp_path / "merged" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("seeds, says", [("-1", "--seeds -1"), ("1,1", "--seeds 1,1"), ("x", "--seeds x"),
+                                         (",", "--seeds ,")])
+def test_bad_seeds_are_named(tiny_model, tmp_path, capsys, seeds, says):
+    assert bench_main(["finetune-lm", "--model", str(tiny_model), *ARGS, "--seeds", seeds,
+                       "--out", str(tmp_path / "o")]) == 2
+    assert says in capsys.readouterr().err and not (tmp_path / "o").exists()
