@@ -605,9 +605,11 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
     sweep_steps = 0 if args.lr else len(factors) * args.sweep_steps
     progress.expect(len(names) * (sweep_steps + len(args.seed_list) * args.steps))
 
+    meta = run_metadata()  # at the start: the commit and the state of the tree that ran, not those at the end
+
     def snapshot() -> dict[str, Any]:
         result = {
-            "meta": run_metadata(),
+            "meta": meta,
             "settings": {**about, "corpus": data.description, "text": args.text,
                          "val_fraction": args.val_fraction if args.text else None,
                          "train_tokens": len(data.train), "val_tokens": len(data.val),
