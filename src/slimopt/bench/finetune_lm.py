@@ -504,7 +504,11 @@ def state_memory(runs: list[dict[str, Any]], config: dict[str, Any], config_path
             except KeyError as exc:  # a baseline without a formula
                 row["why"] = str(exc)
         rows.append(row)
-    return {"config": config_path, "params": params, "rows": rows}
+    from .fetch import cache_dir
+
+    cache = str(cache_dir())
+    shown = "$SLIMOPT_CACHE" + config_path[len(cache):] if config_path.startswith(cache + "/") else config_path
+    return {"config": shown, "params": params, "rows": rows}
 
 
 def _write(result: dict[str, Any], out: Path) -> None:
