@@ -484,6 +484,8 @@ def state_memory(runs: list[dict[str, Any]], config: dict[str, Any], config_path
     from slimopt.memory.formulas import analytic_state_bytes, formula_option_names
     from slimopt.memory.models import UnsupportedConfig, spec_from_config
 
+    from .fetch import cache_dir
+
     try:
         spec = spec_from_config(config, name=config_path)
     except UnsupportedConfig as exc:
@@ -504,8 +506,6 @@ def state_memory(runs: list[dict[str, Any]], config: dict[str, Any], config_path
             except KeyError as exc:  # a baseline without a formula
                 row["why"] = str(exc)
         rows.append(row)
-    from .fetch import cache_dir
-
     cache = str(cache_dir())
     shown = "$SLIMOPT_CACHE" + config_path[len(cache):] if config_path.startswith(cache + "/") else config_path
     return {"config": shown, "params": params, "rows": rows}
