@@ -14,7 +14,9 @@ import gpu_suite  # noqa: E402
 
 
 def test_dry_run_runs_every_section(tmp_path):
-    assert gpu_suite.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    # no time budget: on a loaded 2-core machine the dry run's pre-training alone can pass the default 480 s,
+    # and the test is that every section runs
+    assert gpu_suite.main(["--dry-run", "--budget-s", "1e9", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     results = data["results"]
     assert set(results) == set(gpu_suite.SECTIONS)
