@@ -13,6 +13,7 @@ def no_data(monkeypatch, tmp_path):
     """Run in an empty folder; loading any data or building any model fails the test."""
     import slimopt.bench.data as data
     import slimopt.bench.fetch as fetch
+    import slimopt.bench.finetune_lm  # noqa: F401  imported before the patch, so it keeps the real load_text
     import slimopt.bench.model as model
     import slimopt.bench.pretrain as pretrain
 
@@ -90,7 +91,18 @@ CASES = [
     (["plan", "--model", "llama2-7b", "--gpu-mem", "-5"], "(--gpu-mem): -5.0"),
     (["plan", "--model", "llama2-7b", "--gpu-mem", "24", "--seq-len", "0"], "(--seq-len): 0"),
     (["plan", "--model", "llama2-7b", "--gpu-mem", "24", "--headroom", "1.5"], "(--headroom): 1.5"),
-    (["plan", "--model", "nope", "--gpu-mem", "24"], "--model) 'nope'"),
+    (["plan", "--model", "nope", "--gpu-mem", "24"], "--model 'nope': unknown model"),
+    (["plan", "--model", ".", "--gpu-mem", "24"], "--model '.': the folder has no config.json"),
+    (["memory", "--model", "."], "--model '.': the folder has no config.json"),
+    # slimopt bench finetune-lm: the user's model and text
+    (["bench", "finetune-lm", "--model", "no-such-model"], "--model no-such-model: no such folder"),
+    (["bench", "finetune-lm", "--model", "."], "--model .: has no config.json"),
+    (["bench", "finetune-lm", "--text", "no-such.txt"], "--text no-such.txt: no such file"),
+    (["bench", "finetune-lm", "--val-fraction", "0"], "--val-fraction 0: must be between 0 and 1"),
+    (["bench", "finetune-lm", "--device", "tpu"], "--device tpu"),
+    # slimopt bench finetune --text
+    (["bench", "finetune", "--text", "no-such.tsv"], "--text no-such.tsv: no such file"),
+    (["bench", "finetune", "--test-fraction", "1"], "--test-fraction 1: must be between 0 and 1"),
 ]
 
 

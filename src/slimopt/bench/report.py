@@ -81,11 +81,33 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def write_json(path: str | Path, data: Any) -> Path:
+def write_json(path: str | Path, data: Any, *, compact: bool = False) -> Path:
+    """``data`` as JSON: indented, or with ``compact`` one record per line (a list or dict holding no
+    container of containers is written on one line: a curve, a run's settings), so that a file of long
+    curves stays readable and diffable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    text = _compact(data, 0) if compact else json.dumps(data, indent=2, default=_jsonable)
+    path.write_text(text + "\n")
     return path
+
+
+def _flat(obj: Any) -> bool:
+    """No container inside a container inside ``obj``: small enough to stand on one line."""
+    children = obj.values() if isinstance(obj, dict) else obj
+    return all(not isinstance(c, (dict, list, tuple)) or all(not isinstance(g, (dict, list, tuple))
+                                                             for g in (c.values() if isinstance(c, dict) else c))
+               for c in children)
+
+
+def _compact(obj: Any, depth: int) -> str:
+    if isinstance(obj, (dict, list, tuple)) and obj and not _flat(obj):
+        pad, inner = " " * depth, " " * (depth + 1)
+        if isinstance(obj, dict):
+            items = [f"{inner}{json.dumps(str(k))}: {_compact(v, depth + 1)}" for k, v in obj.items()]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        return "[\n" + ",\n".join(inner + _compact(v, depth + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj, default=_jsonable)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -85,6 +85,7 @@ def _autocast(device: torch.device):
 
 def _loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = model(inputs)
+    logits = getattr(logits, "logits", logits)  # a transformers model returns an output object
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 

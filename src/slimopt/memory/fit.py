@@ -1,4 +1,5 @@
-"""Which optimizers fit a model on a GPU: ``slimopt plan --model NAME --gpu-mem GiB [--seq-len --batch]``.
+"""Which optimizers fit a model on a GPU: ``slimopt plan --model NAME|PATH --gpu-mem GiB [--seq-len --batch]``;
+``PATH`` is a model's ``config.json`` or a folder with one (:func:`slimopt.memory.models.resolve_model`).
 
 Training memory is four terms; the planner estimates each one per optimizer and says which fit:
 
@@ -32,7 +33,7 @@ from typing import Any
 
 from ..registry import SPECS
 from .formulas import BASELINE_FORMULAS, analytic_state_bytes, formula, tensor_facts
-from .models import MODELS, model_shapes
+from .models import MODELS, ModelSpec, resolve_model
 
 __all__ = ["Arch", "FitPlan", "activation_bytes", "add_arguments", "arch_of", "matching_memory_row", "plan",
            "planned_optimizers", "planned_options", "planned_state_bytes", "run", "why_not"]
@@ -91,13 +92,15 @@ def _attention_bytes(arch: Arch, precision: str) -> int:
     return e * (q + 2 * kv) + 2 * e * q + 4 * a
 
 
-def arch_of(model: str) -> Arch:
-    spec = MODELS[model]
+def arch_of(model: str | ModelSpec) -> Arch:
+    """The activation facts of a published model (by name), a config.json (path) or a :class:`ModelSpec`."""
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     c = spec.config
     if spec.family == "llama":
         heads = c["num_attention_heads"]
         return Arch("llama", c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
-                    c["num_key_value_heads"], c["vocab_size"], c["hidden_size"] // heads, MLP_SAVED["llama"])
+                    c.get("num_key_value_heads", heads), c["vocab_size"],
+                    c.get("head_dim") or c["hidden_size"] // heads, MLP_SAVED["llama"])
     if spec.family == "gpt2":
         h = c["n_embd"]
         return Arch("gpt2", c["n_layer"], h, c.get("n_inner") or 4 * h, c["n_head"], c["n_head"], c["vocab_size"],
@@ -208,9 +211,9 @@ class FitPlan:
 def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1, precision: str = "amp",
          checkpointing: bool = False, flash: bool = True, headroom: float = 0.1,
          optimizers: list[str] | None = None) -> FitPlan:
-    """Memory of training ``model`` with each optimizer, and whether it fits in ``gpu_mem_gib``."""
-    if model not in MODELS:
-        raise KeyError(f"unknown model (--model) {model!r}; known: {', '.join(MODELS)}")
+    """Memory of training ``model`` (a published model's name, or a config.json or a folder with one) with
+    each optimizer, and whether it fits in ``gpu_mem_gib``."""
+    spec = resolve_model(model)  # KeyError / UnsupportedConfig (a ValueError) naming --model and the value
     if precision not in PRECISIONS:
         raise ValueError(f"Invalid precision: {precision!r} (must be one of {', '.join(PRECISIONS)})")
     if not 0 <= headroom < 1:
@@ -224,13 +227,12 @@ def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1,
     unknown = [n for n in names if n not in known]
     if unknown:
         raise KeyError(f"unknown optimizer(s) (--optimizer) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
-    spec = MODELS[model]
-    facts = tensor_facts(model_shapes(model), spec.config)
+    facts = tensor_facts(spec.shapes(), spec.config)
     n = sum(t.numel for t in facts)
     param_bytes = 2 if precision == "bf16" else 4
     weights = n * param_bytes + (2 * n if precision == "amp" else 0)
     gradients = n * param_bytes
-    arch = arch_of(model)
+    arch = arch_of(spec)
     act = activation_bytes(arch, seq_len, batch, precision, flash=flash, checkpointing=checkpointing)
     act_per_sample = activation_bytes(arch, seq_len, 1, precision, flash=flash, checkpointing=checkpointing)
     budget = gpu_mem_gib * (1 - headroom) * GiB
@@ -338,7 +340,9 @@ def matching_memory_row(name: str, options: dict[str, Any]) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME", help=f"published model: {', '.join(MODELS)}")
+    parser.add_argument("--model", required=True, metavar="NAME|PATH",
+                        help=f"published model ({', '.join(MODELS)}), or a model's config.json or a folder with one "
+                             "(LLaMA/Mistral/Qwen2/Qwen3, GPT-2, BERT, OPT)")
     parser.add_argument("--gpu-mem", type=float, required=True, metavar="GiB",
                         help="GPU memory in GiB (2^30 bytes; an '80 GB' H100 has about 79.2)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")

@@ -30,7 +30,7 @@ from ..core.base import STEP_BYTES
 from ..optim.adamw import adamw_state_bytes
 from ..plans.param_plan import HIDDEN_ROLES, ParamInfo, param_infos
 from ..registry import SPECS, spec
-from .models import MODELS
+from .models import MODELS, UnsupportedConfig, resolve_model
 
 __all__ = [
     "BASELINE_FORMULAS",
@@ -199,15 +199,14 @@ PUBLISHED: dict[tuple[str, str], tuple[float, str, str]] = {
 
 def state_table(model: str, optimizers: Iterable[str] | None = None,
                 options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """Everything ``slimopt memory`` prints for one published model, as JSON-able data.
+    """Everything ``slimopt memory`` prints for one model (a published one's name, or a config.json or a folder
+    with one), as JSON-able data.
 
     ``options`` maps a row to overrides of its options, e.g. ``{"galore": {"rank": 128}}`` (GaLore's rank
     defaults to the one used for the model's size). Each row says every option it was computed with.
     """
     options = options or {}
-    if model not in MODELS:
-        raise KeyError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    model_spec = MODELS[model]
+    model_spec = resolve_model(model)  # a published name, or a config.json / a folder with one
     facts = tensor_facts(model_spec.shapes(), model_spec.config)
     n_params = sum(t.numel for t in facts)
     names = list(optimizers or TABLE)
@@ -242,8 +241,9 @@ def state_table(model: str, optimizers: Iterable[str] | None = None,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", metavar="NAME",
-                        help=f"published model (repeatable, or 'all'): {', '.join(MODELS)}")
+    parser.add_argument("--model", action="append", metavar="NAME|PATH",
+                        help=f"published model (repeatable, or 'all'): {', '.join(MODELS)}; or a model's "
+                             "config.json or a folder with one (LLaMA/Mistral/Qwen2/Qwen3, GPT-2, BERT, OPT)")
     parser.add_argument("--optimizer", action="append", metavar="NAME",
                         help="restrict to these rows (repeatable): " + ", ".join(TABLE))
     parser.add_argument("--set", action="append", default=[], metavar="OPTIMIZER.KEY=VALUE",
@@ -317,11 +317,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if "all" in models:
         models = list(MODELS)
-    bad_models = [m for m in models if m not in MODELS]
-    if bad_models:
-        print(f"slimopt memory: --model {', '.join(map(repr, bad_models))}: unknown model (known: "
-              f"{', '.join(MODELS)}, or all)", file=sys.stderr)
-        return 2
+    for m in models:
+        if m in MODELS:
+            continue
+        try:
+            resolve_model(m)
+        except (KeyError, UnsupportedConfig) as exc:
+            print(f"slimopt memory: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+            return 2
     bad_optimizers = [o for o in args.optimizer or [] if o not in known_names()]
     if bad_optimizers:
         print(f"slimopt memory: --optimizer {', '.join(map(repr, bad_optimizers))}: unknown optimizer (known: "

@@ -6,11 +6,15 @@ compare with :func:`slimopt.state_bytes`). Tied weights are listed once, as ``na
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["MODELS", "ModelSpec", "NamedShapes", "model_shapes"]
+__all__ = ["FAMILIES", "MODELS", "ModelSpec", "NamedShapes", "UnsupportedConfig", "model_shapes", "resolve_model",
+           "spec_from_config"]
 
 NamedShapes = list[tuple[str, tuple[int, ...]]]
 
@@ -32,20 +36,34 @@ class ModelSpec:
 
 
 def _llama(c: Mapping[str, Any]) -> NamedShapes:
+    """LlamaForCausalLM and the models that share its layout: Mistral (the same), Qwen2 (biases on q, k and
+    v), Qwen3 (an RMSNorm over each head of q and k; biases when ``attention_bias``)."""
     h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    hd = h // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    hd = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c.get("num_key_value_heads", c["num_attention_heads"]) * hd
+    model_type = c.get("model_type", "llama")
+    qkv_bias = model_type == "qwen2" or bool(c.get("attention_bias", False))
+    o_bias = model_type not in ("qwen2", "qwen3") and bool(c.get("attention_bias", False))
+    mlp_bias = bool(c.get("mlp_bias", False))
+
+    def linear(name: str, out_features: int, in_features: int, bias: bool) -> NamedShapes:
+        return [(name + ".weight", (out_features, in_features))] + ([(name + ".bias", (out_features,))] if bias else [])
+
     out: NamedShapes = [("model.embed_tokens.weight", (v, h))]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out += [
-            (p + "self_attn.q_proj.weight", (q, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, q)),
-            (p + "mlp.gate_proj.weight", (f, h)),
-            (p + "mlp.up_proj.weight", (f, h)),
-            (p + "mlp.down_proj.weight", (h, f)),
+            *linear(p + "self_attn.q_proj", q, h, qkv_bias),
+            *linear(p + "self_attn.k_proj", kv, h, qkv_bias),
+            *linear(p + "self_attn.v_proj", kv, h, qkv_bias),
+            *linear(p + "self_attn.o_proj", h, q, o_bias),
+        ]
+        if model_type == "qwen3":
+            out += [(p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
+        out += [
+            *linear(p + "mlp.gate_proj", f, h, mlp_bias),
+            *linear(p + "mlp.up_proj", f, h, mlp_bias),
+            *linear(p + "mlp.down_proj", h, f, mlp_bias),
             (p + "input_layernorm.weight", (h,)),
             (p + "post_attention_layernorm.weight", (h,)),
         ]
@@ -108,13 +126,18 @@ def _bert(c: Mapping[str, Any]) -> NamedShapes:
 
 
 def _opt(c: Mapping[str, Any]) -> NamedShapes:
-    # OPTForCausalLM with word_embed_proj_dim == hidden_size (no project_in/out); lm_head tied
+    # OPTForCausalLM, lm_head tied; a word_embed_proj_dim other than hidden_size adds project_in/out (350m),
+    # and the final norm exists only with do_layer_norm_before (and not _remove_final_layer_norm)
     h, f = c["hidden_size"], c["ffn_dim"]
+    e = c.get("word_embed_proj_dim") or h
     out: NamedShapes = [
-        ("model.decoder.embed_tokens.weight", (c["vocab_size"], h)),
+        ("model.decoder.embed_tokens.weight", (c["vocab_size"], e)),
         ("model.decoder.embed_positions.weight", (c["max_position_embeddings"] + 2, h)),  # OPT's offset 2
-        *_layer_norm("model.decoder.final_layer_norm", h),
     ]
+    if e != h:
+        out += [("model.decoder.project_out.weight", (e, h)), ("model.decoder.project_in.weight", (h, e))]
+    if c.get("do_layer_norm_before", True) and not c.get("_remove_final_layer_norm", False):
+        out += _layer_norm("model.decoder.final_layer_norm", h)
     for i in range(c["num_hidden_layers"]):
         p = f"model.decoder.layers.{i}."
         out += [
@@ -182,3 +205,88 @@ def model_shapes(name: str) -> NamedShapes:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     return MODELS[name].shapes()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a model's own config.json (``slimopt plan --model PATH``, ``slimopt memory --model PATH``)
+
+
+class UnsupportedConfig(ValueError):
+    """A config.json whose shapes this module cannot write out; the message names what is missing."""
+
+
+# model_type -> (family of the shape generator, keys it needs, defaults of the transformers config class for
+# keys a config.json may leave out)
+_LLAMA_NEEDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_LLAMA_DEFAULTS = {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+FAMILIES: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
+    "llama": ("llama", _LLAMA_NEEDS, _LLAMA_DEFAULTS),
+    "mistral": ("llama", _LLAMA_NEEDS, _LLAMA_DEFAULTS),
+    "qwen2": ("llama", _LLAMA_NEEDS, _LLAMA_DEFAULTS),
+    "qwen3": ("llama", _LLAMA_NEEDS, _LLAMA_DEFAULTS),
+    "gpt2": ("gpt2", ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions"), {}),
+    "bert": ("bert", ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                      "max_position_embeddings"), {"type_vocab_size": 2}),
+    "opt": ("opt", ("hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                    "max_position_embeddings"), {}),
+}
+
+
+def _galore_rank_for(n_params: int) -> int:
+    """GaLore's rank by model size, as the published entries above (60M: 128 ... 7B: 1024)."""
+    for limit, rank in ((100e6, 128), (1e9, 256), (3e9, 512)):
+        if n_params < limit:
+            return rank
+    return 1024
+
+
+def spec_from_config(config: Mapping[str, Any], name: str = "config.json") -> ModelSpec:
+    """A :class:`ModelSpec` from a Hugging Face ``config.json`` (as a dict) of a family whose shapes are
+    known (:data:`FAMILIES`); raises :class:`UnsupportedConfig` naming the model type or the keys missing."""
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise UnsupportedConfig(f"{name} has no model_type (one of {', '.join(FAMILIES)} is needed to know the "
+                                "parameter shapes)")
+    if model_type not in FAMILIES:
+        raise UnsupportedConfig(f"{name}: model_type {model_type!r} is not one whose parameter shapes slimopt "
+                                f"knows ({', '.join(FAMILIES)})")
+    family, needs, defaults = FAMILIES[model_type]
+    missing = [key for key in needs if config.get(key) is None]
+    if missing:
+        raise UnsupportedConfig(f"{name}: a {model_type} config needs {', '.join(missing)} (missing)")
+    filled = {**defaults, **{k: v for k, v in config.items() if v is not None}}
+    if family == "llama":
+        filled.setdefault("num_key_value_heads", filled["num_attention_heads"])
+    if family == "bert":  # counted as BertForSequenceClassification (the memory table's BERT rows)
+        filled.setdefault("num_labels", len(config.get("id2label") or {}) or 2)
+    architectures = ", ".join(config.get("architectures") or []) or model_type
+    source = f"{name} ({architectures}" + (f", {filled['num_labels']}-label classifier" if family == "bert" else "")
+    source += ", tied head)" if family != "llama" or filled.get("tie_word_embeddings") else ")"
+    spec = ModelSpec(name, family, filled, source, 256)
+    n_params = sum(math.prod(shape) for _, shape in spec.shapes())
+    return ModelSpec(name, family, filled, source, _galore_rank_for(n_params))
+
+
+def resolve_model(value: str) -> ModelSpec:
+    """``--model`` of ``slimopt plan`` / ``slimopt memory``: a published model's name, or a ``config.json``
+    or a folder holding one. Raises ``KeyError`` (unknown name, missing file) or :class:`UnsupportedConfig`."""
+    if value in MODELS:
+        return MODELS[value]
+    path = Path(value).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise KeyError(f"--model {value!r}: the folder has no config.json")
+    if not path.is_file():
+        raise KeyError(f"--model {value!r}: unknown model: not a published one ({', '.join(MODELS)}), nor a "
+                       "config.json or a folder with one")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UnsupportedConfig(f"--model {value!r}: {path} does not parse as JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise UnsupportedConfig(f"--model {value!r}: {path} is not a JSON object")
+    try:
+        return spec_from_config(config, name=str(path))
+    except UnsupportedConfig as exc:
+        raise UnsupportedConfig(f"--model {value!r}: {exc}") from None
