@@ -25,10 +25,11 @@ launch                      does, per (tensor, block) program
                             (t - 1) % m, a[I] = 0, bucket ranges and 4-bit codes (as ``bucket_ranges``,
                             ``quantize_pack``: a bucket is a row of the sub-tile seen as (SUB / bucket,
                             bucket)). Flag 0: everything masked
-``_group_window_kernel``    the block's window entries (as ``window_update``): moments in row order, owners
-                            write p; with weight decay, the block's other positions (those no row holds, found
-                            by a histogram of the entries) get p * (1 - lr wd): one launch, no scratch; then
-                            the step counter (block 0's program)
+``_group_window_kernel``    the step counter first (block 0's program; the launch reads ``old``); then the
+                            block's window entries (as ``window_update``): moments in row order, owners write
+                            p; with weight decay, the block's other positions (those no row holds, found by a
+                            histogram of the entries per tile of <= 2048) get p * (1 - lr wd): one launch, no
+                            scratch
 ==========================  =================================================================================
 
 Fused: everything from reading g to writing the new error feedback and window row (nothing dense goes back to
@@ -48,7 +49,8 @@ E = m * k_init window entries per parameter (0.1 at the defaults m = 10, k_init 
   requantisation needed 152-192 registers, 8 warps per SM).
 * window: reads the window, 4 E (its binary searches hit L1/L2), and reads and writes p where a row holds a
   position, 2 s_p E' (E' <= E distinct positions). With weight decay also the rest of p, read and written,
-  2 s_p (1 - E'), and the block's entries once more per tile (L1/L2).
+  2 s_p (1 - E'), and the block's entries once more per tile of <= 2048 positions (L1/L2). At 4 warps: sm_80
+  <= 72 registers, 28 resident warps per SM; sm_90 <= 56, 36; no spills.
 
 At the defaults: fp32 p and g ~10.4 B/param without weight decay, ~17.6 with; bf16 ~6.0 and ~9.6. (The floor:
 read g and e, write e and a row, ~s_g + 1.2, + 2 s_p with weight decay; the check's s_g comes on top.) The
@@ -607,13 +609,14 @@ if triton is not None:
             above_before += counts & 65535
 
     @triton.jit
-    def _window_entry_chunk(idx, k_total, col0, count, total, e0, ENTRIES: tl.constexpr):
-        """Window entries e0 .. e0 + ENTRIES of a block (row-major over (rows, count)): row, column, index."""
+    def _window_entry_chunk(idx, k_total, count, total, e0, ENTRIES: tl.constexpr):
+        """Window entries e0 .. e0 + ENTRIES of a block (row-major over (rows, count); ``idx`` points at the
+        block's column 0 of row 0): row, column, index."""
         e = e0 + tl.arange(0, ENTRIES)
         live = e < total
         r = e // tl.maximum(count, 1)
         j = e - r * count
-        x = tl.load(idx + r * k_total + col0 + j, mask=live, other=0).to(tl.int32)
+        x = tl.load(idx + r * k_total + j, mask=live, other=0).to(tl.int32)
         return live, r, j, x
 
     @triton.jit(do_not_specialize=["flag_now", "wd_bits"])
@@ -624,8 +627,9 @@ if triton is not None:
         """Stage 2, one block of one tensor: its window entries (every written row) give the moments at their
         positions, and the entry of the first row holding a position (its owner) writes p there; with weight
         decay, the positions of the block that no row holds get p * decay (found by a histogram of the entries,
-        so the two sets of addresses are disjoint and no program reads what another lane writes). Then the
-        tensor's step counter advances (block 0's program; nobody reads it in this launch)."""
+        so the two sets of addresses are disjoint and no program reads what another lane writes). The tensor's
+        step counter advances first (block 0's program): this launch reads ``old``, never the counter, and the
+        store at the end kept its address and value live (spilled) across both loops."""
         pid = tl.program_id(0)
         t = tl.load(block_tensor_ptr + pid).to(tl.int64)
         row = meta_ptr + t * META
@@ -636,6 +640,7 @@ if triton is not None:
         b = pid - tl.load(row + 4)
         active = tl.load(flags_ptr + flag_now + t) != 0
         old = tl.load(old_ptr + t)
+        tl.store(_ptr(tl.load(row + 11), 0), old + 1.0, mask=active & (b == 0))
         step = old.to(tl.int32) + 1
         rows = tl.where(active, tl.minimum(step, m), 0)
         newest = (step - 1) % m
@@ -649,20 +654,24 @@ if triton is not None:
         else:
             neg_lr = -lr
             decay_ = decay
-        p = _ptr(tl.load(row + 5), P_KIND)
-        idx = _ptr(tl.load(row + 6), 3)
-        val = _ptr(tl.load(row + 7), 1)
+        # the block's own addresses and the length its weight decay covers, made once before the loops: fewer
+        # values live across them
         col0 = b * k_block
+        base = b * block_size
+        p = _ptr(tl.load(row + 5), P_KIND) + base
+        idx = _ptr(tl.load(row + 6), 3) + col0
+        val = _ptr(tl.load(row + 7), 1) + col0
         count = tl.where(b < full_blocks, k_block, k_tail).to(tl.int32)  # int32: _lower_bound's loop types
         total = rows * count
-        base = b * block_size
+        if DECAY:
+            length = tl.where(active, tl.minimum(block_size, n - base), 0).to(tl.int32)
         for e0 in range(0, total, ENTRIES):
-            live, r, j, x = _window_entry_chunk(idx, k_total, col0, count, total, e0, ENTRIES)
+            live, r, j, x = _window_entry_chunk(idx, k_total, count, total, e0, ENTRIES)
             first = tl.zeros((ENTRIES,), dtype=tl.float32)
             second = tl.zeros((ENTRIES,), dtype=tl.float32)
             owner = live
             for other in range(0, rows):
-                segment = other * k_total + col0
+                segment = other * k_total
                 at = _lower_bound(idx, segment, count, x, live, search_steps)
                 inside = live & (at < count)
                 found = inside & (tl.load(idx + segment + at, mask=inside, other=0).to(tl.int32) == x)
@@ -676,31 +685,28 @@ if triton is not None:
                 second = tl.where(found, second + (v * v) * w2, second)
             denominator = tl.sqrt_rn(second + 1.1754943508222875e-38) + eps
             update = tl.div_rn(neg_lr * first, denominator)
-            pos = base + x
-            q = tl.load(p + pos, mask=owner, other=0.0)
+            q = tl.load(p + x, mask=owner, other=0.0)
             new = q.to(tl.float32) * decay_ + update
             if P_KIND == 1:
                 new = _bf16_nearest(new)
-            tl.store(p + pos, new.to(q.dtype), mask=owner)
+            tl.store(p + x, new.to(q.dtype), mask=owner)
         if DECAY:
-            length = tl.where(active, tl.minimum(block_size, n - base), 0).to(tl.int32)
             bins = tl.arange(0, TILE)
             for t0 in range(0, length, TILE):
                 held = tl.zeros((TILE,), dtype=tl.int32)
                 for e0 in range(0, total, ENTRIES):
-                    live, r, j, x = _window_entry_chunk(idx, k_total, col0, count, total, e0, ENTRIES)
+                    live, r, j, x = _window_entry_chunk(idx, k_total, count, total, e0, ENTRIES)
                     inside = live & (x >= t0) & (x < t0 + TILE)
                     outside = ENTRIES - tl.sum(inside.to(tl.int32), axis=0)  # counted in bin 0 below
                     at = tl.where(inside, x - t0, 0).to(tl.int32)
                     held += tl.histogram(at, TILE) - tl.where(bins == 0, outside, 0)
                 cols = t0 + bins
                 keep = (cols < length) & (held == 0)
-                q = tl.load(p + base + cols, mask=keep, other=0.0)
+                q = tl.load(p + cols, mask=keep, other=0.0)
                 new = q.to(tl.float32) * decay_
                 if P_KIND == 1:
                     new = _bf16_nearest(new)
-                tl.store(p + base + cols, new.to(q.dtype), mask=keep)
-        tl.store(_ptr(tl.load(row + 11), 0), old + 1.0, mask=active & (b == 0))
+                tl.store(p + cols, new.to(q.dtype), mask=keep)
 
 
 def _pow2(x: int) -> int:
@@ -833,6 +839,10 @@ _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # parameter an
 _META = 12  # int64 per tensor: n, k_total, full_blocks, k_tail, first block, p, idx, val, codes, lo, hi, step
 _GROUP_ENTRIES = 512  # window entries per chunk of a block's program (GPU); the interpreter takes wider ones
 _GROUP_ENTRIES_INTERPRETED = 4096
+# positions of a block that the window launch's weight decay takes at a time (one histogram of the entries
+# each): a 4096 tile held 32 counts, then 32 values of p, per thread at 4 warps (64-96 registers on sm_80/sm_90
+# where the entries loop needs <= 72); at 2048 the entries loop sets them (sm_80 70-72, sm_90 55-56)
+_DECAY_TILE = 2048
 _TABLE_START = 1024  # steps the first bias-correction table covers (it doubles as steps grow)
 _STATE_DTYPES = (torch.int16, torch.bfloat16, torch.uint8, torch.bfloat16, torch.bfloat16, torch.float32)
 
@@ -1026,6 +1036,6 @@ class MultiTensorStep:
         _group_window_kernel[(self.blocks,)](
             self.meta, self.block_tensor, self.flags, now, self.old, table, self.m, c_last, self.block_size,
             self.k_block, self.search_steps, lr_value, decay, _fp32(float(eps)), lr_ptr, _bits(wd),
-            P_KIND=self.p_kind, LR_FROM_PTR=lr_from_ptr, DECAY=has_decay, ENTRIES=self.entries, TILE=self.tile,
-            META=_META, **_EXACT)
+            P_KIND=self.p_kind, LR_FROM_PTR=lr_from_ptr, DECAY=has_decay, ENTRIES=self.entries,
+            TILE=min(self.tile, _DECAY_TILE), META=_META, **_EXACT)
         self._grads = None
