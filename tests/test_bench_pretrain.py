@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from slimopt.bench.baselines import BASELINES, Baseline, OptimizerUnavailable, default_lr
+from slimopt.bench.comparison import summarize
 from slimopt.bench.data import encode, make_token_data
-from slimopt.bench.pretrain import main, summarize
+from slimopt.bench.pretrain import main
 from slimopt.bench.train import lr_factor
 
 
@@ -251,7 +252,7 @@ def _fake_result(n_optimizers: int = 14) -> dict:
 
 
 def test_end_of_run_table_fits_100_columns_with_every_optimizer(tmp_path, capsys, monkeypatch):
-    from slimopt.bench.pretrain import write_result
+    from slimopt.bench.comparison import write_result
 
     monkeypatch.setenv("COLUMNS", "200")  # a wide terminal still gets at most 100 columns
     write_result(_fake_result(), tmp_path / "r")
@@ -352,7 +353,7 @@ def test_summary_also_judges_each_optimizer_against_adamw_split():
 @pytest.mark.parametrize("name, second", [("sinkgd", 0.005), ("microadam@k_init=0.05", 0.02),
                                           ("adamw-split", 0.04)])
 def test_split_second_lr_inverts_with_second_lr(name, second):
-    from slimopt.bench.pretrain import split_second_lr, with_second_lr
+    from slimopt.bench.baselines import split_second_lr, with_second_lr
 
     assert split_second_lr(with_second_lr(name, second)) == (name, f"{second:.4g}")
     assert split_second_lr(name) == (name, None)

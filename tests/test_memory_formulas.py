@@ -258,8 +258,8 @@ def test_printed_table_says_the_settings_of_every_row(capsys):
     assert "  microadam-m10: param_bytes=4, m=10, k_init=0.01, quant_block_size=100000, topk_block_size=20864" \
         in settings
     assert "  adamw-bf16: param_bytes=2" in settings and "  galore: param_bytes=4, rank=1024" in settings
-    from slimopt.memory.fit import matching_memory_row, planned_options
+    from slimopt.memory.fit import fit_options, matching_memory_row
 
     # `slimopt plan` counts each optimizer with the same settings as the row it names
-    assert matching_memory_row("microadam", planned_options("microadam")) == "microadam"
-    assert matching_memory_row("adamw", planned_options("adamw", param_bytes=2)) == "adamw-bf16"
+    assert matching_memory_row("microadam", fit_options("microadam")) == "microadam"
+    assert matching_memory_row("adamw", fit_options("adamw", param_bytes=2)) == "adamw-bf16"
