@@ -13,6 +13,7 @@ from slimopt.bench.baselines import BASELINES, Baseline, OptimizerUnavailable, d
 from slimopt.bench.comparison import summarize
 from slimopt.bench.data import encode, make_token_data
 from slimopt.bench.pretrain import main
+from slimopt.bench.report import write_json
 from slimopt.bench.train import lr_factor
 
 
@@ -264,6 +265,25 @@ def test_end_of_run_table_fits_100_columns_with_every_optimizer(tmp_path, capsys
     assert "| optimizer |" in (tmp_path / "r" / "report.md").read_text()  # the Markdown keeps every column
     for png in ("loss_vs_step.png", "loss_vs_time.png", "memory.png"):
         assert (tmp_path / "r" / png).stat().st_size > 5_000
+
+
+def test_results_are_written_one_record_per_line_and_merge_reads_old_indented_ones(tmp_path, capsys):
+    """results.json: one run's curve on one line, not one number per line; ``--merge`` reads a part written
+    before that (indented, as the 0.1 harness wrote it) beside a new one."""
+    from slimopt.bench.comparison import merge_results
+
+    result = _fake_result(4)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps({**result, "runs": result["runs"][:2]}, indent=2))
+    write_json(tmp_path / "new" / "results.json", {**result, "runs": result["runs"][2:]})
+    text = (tmp_path / "new" / "results.json").read_text()
+    assert json.loads(text)["runs"] == json.loads(json.dumps(result["runs"][2:]))
+    assert len(text.splitlines()) < 60 and '"val_curve": [[0, 0, 0.0, 5.5], [50, 10000, 1.0, 2.98]' in text
+    merged = merge_results([tmp_path / "old", tmp_path / "new"], tmp_path / "merged")
+    capsys.readouterr()
+    assert [r["optimizer"] for r in merged["runs"]] == ["adamw", "microadam", "adammini", "sinkgd"]
+    assert json.loads((tmp_path / "merged" / "results.json").read_text())["summary"] == json.loads(
+        json.dumps(summarize(json.loads(json.dumps(result["runs"])), "adamw")))
 
 
 def test_plots_label_plainly_and_keep_small_state_visible(tmp_path):

@@ -381,7 +381,7 @@ def test_labelled_text_errors_name_the_file(tmp_path, capsys, content, says):
 def test_compact_json_round_trips(tmp_path):
     data = {"runs": [{"val_curve": [[0, 0, 0.0, 3.5], [2, 64, 0.1, 3.25]], "lr": 1e-5, "x": None}],
             "settings": {"seeds": [0, 1], "model_config": {"rope": {"theta": 1e5}}}, "empty": [], "name": "a\"b"}
-    path = write_json(tmp_path / "r.json", data, compact=True)
+    path = write_json(tmp_path / "r.json", data)
     assert json.loads(path.read_text()) == data
     assert '"val_curve": [[0, 0, 0.0, 3.5], [2, 64, 0.1, 3.25]]' in path.read_text()
 

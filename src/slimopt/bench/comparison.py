@@ -161,7 +161,7 @@ def write_result(result: dict[str, Any], out: Path) -> None:
                              peak_label=f"peak ({result['memory_kind']})", title=title)):
         if path is not None:
             result["plots"].append(str(path))
-    write_json(out / "results.json", result, compact=True)
+    write_json(out / "results.json", result)
     (out / "report.md").write_text(_report(result))
     print_results(_console_summary(result), out,
                   ["report.md", "results.json", *(Path(p).name for p in result["plots"])])

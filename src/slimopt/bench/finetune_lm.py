@@ -515,7 +515,7 @@ def state_memory(runs: list[dict[str, Any]], config: dict[str, Any], config_path
 
 def write_result(result: dict[str, Any], out: Path) -> None:
     """results.json, report.md and the plots of one comparison into ``out``."""
-    write_json(out / "results.json", result, compact=True)
+    write_json(out / "results.json", result)
     plots = [_ratio_plot(result, out / "loss_ratio_vs_step.png")]
     s = result["settings"]
     plots.append(loss_curves(result["runs"], out / "loss_vs_step.png",
@@ -656,7 +656,7 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
                 progress.settle(args.steps, runs[-1]["steps_done"])
                 progress.log(f"  {label}: val {runs[-1]['final_val_loss']:.4f} "
                              f"({time.perf_counter() - progress.started:.0f} s so far)")
-                write_json(out / "results.json", snapshot(), compact=True)  # what finished survives a stop
+                write_json(out / "results.json", snapshot())  # what finished survives a stop
         except OptimizerUnavailable as exc:
             skipped[name] = str(exc)
             progress.settle(sweep_steps + len(args.seed_list) * args.steps, 0)

@@ -81,14 +81,14 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def write_json(path: str | Path, data: Any, *, compact: bool = False) -> Path:
-    """``data`` as JSON: indented, or with ``compact`` one record per line (a list or dict holding no
-    container of containers is written on one line: a curve, a run's settings), so that a file of long
-    curves stays readable and diffable."""
+def write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as JSON, one record per line: a list or dict holding no container of containers is written on
+    one line (a curve, a run's settings, a summary row), the containers above them one entry per line, so that
+    a file of long curves stays readable and diffable. Every result file of the harness is written so;
+    ``json.load`` reads it back unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = _compact(data, 0) if compact else json.dumps(data, indent=2, default=_jsonable)
-    path.write_text(text + "\n")
+    path.write_text(_compact(data, 0) + "\n")
     return path
 
 
