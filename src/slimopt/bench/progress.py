@@ -22,18 +22,11 @@ class Progress:
         self.total = self.done = 0
         if not plain:
             try:
-                from rich.progress import (
-                    BarColumn,
-                    MofNCompleteColumn,
-                    Progress,
-                    TextColumn,
-                    TimeElapsedColumn,
-                    TimeRemainingColumn,
-                )
+                from rich import progress as bars
 
-                self.rich = Progress(TextColumn("{task.description:<26}"), BarColumn(bar_width=16),
-                                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+                self.rich = bars.Progress(bars.TextColumn("{task.description:<26}"), bars.BarColumn(bar_width=16),
+                                          bars.MofNCompleteColumn(), bars.TimeElapsedColumn(), bars.TextColumn("eta"),
+                                          bars.TimeRemainingColumn(), bars.TextColumn("{task.fields[info]}"))
             except ImportError:
                 pass
 
