@@ -22,6 +22,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from slimopt.bench.baselines import parse_name
+from slimopt.bench.report import write_json
 from slimopt.memory.formulas import analytic_state_bytes
 from slimopt.registry import spec
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['k_init']:g} | {r['state_bytes_per_param']:.3f} | {r['loss_ratio']:.3f}{std} | "
                      f"{r['seeds']} |")
     (out / "tradeoff.md").write_text("\n".join(lines) + "\n")
-    (out / "tradeoff.json").write_text(json.dumps(rows, indent=1))
+    write_json(out / "tradeoff.json", rows)
     try:
         import matplotlib
 

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 try:
-    from slimopt.bench.pretrain import format_reach, split_second_lr
+    import slimopt  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from slimopt.bench.pretrain import format_reach, split_second_lr
+from slimopt.bench.baselines import split_second_lr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

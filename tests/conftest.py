@@ -11,11 +11,3 @@ if not torch.cuda.is_available():
 # The tests use tiny tensors, where intra-op threads cost more than they give, and pytest-xdist
 # already runs one worker per core.
 torch.set_num_threads(1)
-
-# tests/test_add_an_optimizer.py runs the conformance suite in a subprocess with a toy optimizer registered
-# (tests/toy_lion.py): its module and one registry entry, as a newcomer would add one.
-if os.environ.get("SLIMOPT_TEST_TOY_OPTIMIZER"):
-    from slimopt.registry import register
-    from toy_lion import SPEC
-
-    register(SPEC)

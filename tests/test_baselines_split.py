@@ -1,7 +1,9 @@
-"""``adamw-split``: torch AdamW with the hybrids' lr split, the fair baseline for SinkGD and SWAN."""
+"""``adamw-split``: torch AdamW with the hybrids' lr split, the fair baseline for SinkGD and SWAN; the same split
+for the matrix baselines (Muon, GaLore); which optimizers take a second lr."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import slimopt
@@ -50,3 +52,33 @@ def test_a_variant_name_passes_constructor_options():
     opt = make_optimizer(build_model("tiny"), "microadam@k_init=0.05,m=4")
     assert opt.defaults["k_init"] == 0.05 and opt.defaults["m"] == 4
     assert is_known("adamw-split@adamw_lr=0.01") and not is_known("nope@x=1") and not is_known("adamw@x")
+
+
+def test_which_optimizers_take_a_second_lr():
+    """Read from the class's constructor (an ``adamw_lr`` argument) or the baseline's entry: the pre-training
+    sweep tunes it after the main lr."""
+    from slimopt.bench.baselines import takes_second_lr
+
+    assert [n for n in ("adamw", "microadam", "adammini", "sinkgd", "swan", "adamw-split", "muon", "galore",
+                        "sinkgd@scale=0.1") if takes_second_lr(n)] == ["sinkgd", "swan", "adamw-split",
+                                                                       "sinkgd@scale=0.1"]
+
+
+def test_the_matrix_baselines_take_the_hybrids_split():
+    """Muon and GaLore train the hidden matrices SinkGD and SWAN route to their matrix update (the plan, from
+    module types and shapes), the rest with AdamW: GPT-2's Conv1D blocks are matrices, its embeddings wte/wpe
+    are not."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                                                 n_positions=8, bos_token_id=0, eos_token_id=0))
+    hidden, rest = hybrid_split(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in hidden) == ["transformer.h.0.attn.c_attn.weight",
+                                                     "transformer.h.0.attn.c_proj.weight",
+                                                     "transformer.h.0.mlp.c_fc.weight",
+                                                     "transformer.h.0.mlp.c_proj.weight"]
+    assert {"transformer.wte.weight", "transformer.wpe.weight"} <= {names[id(p)] for p in rest}
+    if hasattr(torch.optim, "Muon"):
+        muon = make_optimizer(model, "muon", lr=1e-3)
+        assert [{id(p) for p in g["params"]} for g in muon.param_groups] == [{id(p) for p in hidden},
+                                                                            {id(p) for p in rest}]

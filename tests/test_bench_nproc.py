@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from slimopt.bench import launch
+from slimopt.bench import torchrun
 from slimopt.bench.data import make_token_data
 from slimopt.bench.pretrain import main
 
@@ -74,7 +74,7 @@ def test_each_rank_gets_its_own_rows_of_the_global_batch():
     text = " ".join(["the cat sat on the mat"] * 2000)
     data = make_token_data(text, chunk_tokens=1000, val_every=5)
     whole = data.train_batch(6, 16, torch.Generator().manual_seed(3))
-    parts = [launch._RankSlices(data, rank, 3).train_batch(6, 16, torch.Generator().manual_seed(3))
+    parts = [torchrun._RankSlices(data, rank, 3).train_batch(6, 16, torch.Generator().manual_seed(3))
              for rank in range(3)]
     assert all(p[0].shape == (2, 16) for p in parts)
     assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
@@ -82,7 +82,7 @@ def test_each_rank_gets_its_own_rows_of_the_global_batch():
     # A short last validation batch is cut to a multiple of the world, so every rank scores as many windows.
     whole_val = data.val_batches(6, 15, 1000)
     assert whole_val[-1][0].shape[0] % 2 == 1  # this text has an odd last batch
-    halves = [launch._RankSlices(data, rank, 2).val_batches(6, 15, 1000) for rank in range(2)]
+    halves = [torchrun._RankSlices(data, rank, 2).val_batches(6, 15, 1000) for rank in range(2)]
     for (inputs, _), first, second in zip(whole_val, *halves, strict=True):
         kept = inputs.shape[0] // 2 * 2
         assert first[0].shape[0] == second[0].shape[0] == kept // 2
@@ -92,8 +92,8 @@ def test_each_rank_gets_its_own_rows_of_the_global_batch():
 def test_launcher_checks_the_batch_and_forwards_the_command_line(monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     args = argparse.Namespace(nproc=3, batch_size=16, device=None, dist="fsdp2")
-    assert launch.start(args) == 2  # 16 rows do not split over 3 ranks; nothing was launched
+    assert torchrun.start(args) == 2  # 16 rows do not split over 3 ranks; nothing was launched
     assert "must be divisible" in capsys.readouterr().err
-    assert launch.start(argparse.Namespace(nproc=1, batch_size=16, device=None, dist="fsdp2")) is None
+    assert torchrun.start(argparse.Namespace(nproc=1, batch_size=16, device=None, dist="fsdp2")) is None
     monkeypatch.setattr(sys, "argv", ["slimopt", "bench", "pretrain", "--nproc", "2", "--steps", "3", "--nproc=2"])
-    assert launch._worker_argv() == ["--steps", "3"]  # torchrun would read --nproc as its --nproc-per-node
+    assert torchrun._worker_argv() == ["--steps", "3"]  # torchrun would read --nproc as its --nproc-per-node

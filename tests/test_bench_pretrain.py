@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from slimopt.bench.baselines import BASELINES, Baseline, OptimizerUnavailable, default_lr
+from slimopt.bench.comparison import summarize
 from slimopt.bench.data import encode, make_token_data
-from slimopt.bench.pretrain import main, summarize
+from slimopt.bench.pretrain import main
+from slimopt.bench.report import write_json
 from slimopt.bench.train import lr_factor
 
 
@@ -251,7 +253,7 @@ def _fake_result(n_optimizers: int = 14) -> dict:
 
 
 def test_end_of_run_table_fits_100_columns_with_every_optimizer(tmp_path, capsys, monkeypatch):
-    from slimopt.bench.pretrain import write_result
+    from slimopt.bench.comparison import write_result
 
     monkeypatch.setenv("COLUMNS", "200")  # a wide terminal still gets at most 100 columns
     write_result(_fake_result(), tmp_path / "r")
@@ -263,6 +265,25 @@ def test_end_of_run_table_fits_100_columns_with_every_optimizer(tmp_path, capsys
     assert "| optimizer |" in (tmp_path / "r" / "report.md").read_text()  # the Markdown keeps every column
     for png in ("loss_vs_step.png", "loss_vs_time.png", "memory.png"):
         assert (tmp_path / "r" / png).stat().st_size > 5_000
+
+
+def test_results_are_written_one_record_per_line_and_merge_reads_old_indented_ones(tmp_path, capsys):
+    """results.json: one run's curve on one line, not one number per line; ``--merge`` reads a part written
+    before that (indented, as the 0.1 harness wrote it) beside a new one."""
+    from slimopt.bench.comparison import merge_results
+
+    result = _fake_result(4)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps({**result, "runs": result["runs"][:2]}, indent=2))
+    write_json(tmp_path / "new" / "results.json", {**result, "runs": result["runs"][2:]})
+    text = (tmp_path / "new" / "results.json").read_text()
+    assert json.loads(text)["runs"] == json.loads(json.dumps(result["runs"][2:]))
+    assert len(text.splitlines()) < 60 and '"val_curve": [[0, 0, 0.0, 5.5], [50, 10000, 1.0, 2.98]' in text
+    merged = merge_results([tmp_path / "old", tmp_path / "new"], tmp_path / "merged")
+    capsys.readouterr()
+    assert [r["optimizer"] for r in merged["runs"]] == ["adamw", "microadam", "adammini", "sinkgd"]
+    assert json.loads((tmp_path / "merged" / "results.json").read_text())["summary"] == json.loads(
+        json.dumps(summarize(json.loads(json.dumps(result["runs"])), "adamw")))
 
 
 def test_plots_label_plainly_and_keep_small_state_visible(tmp_path):
@@ -352,7 +373,7 @@ def test_summary_also_judges_each_optimizer_against_adamw_split():
 @pytest.mark.parametrize("name, second", [("sinkgd", 0.005), ("microadam@k_init=0.05", 0.02),
                                           ("adamw-split", 0.04)])
 def test_split_second_lr_inverts_with_second_lr(name, second):
-    from slimopt.bench.pretrain import split_second_lr, with_second_lr
+    from slimopt.bench.baselines import split_second_lr, with_second_lr
 
     assert split_second_lr(with_second_lr(name, second)) == (name, f"{second:.4g}")
     assert split_second_lr(name) == (name, None)

@@ -3,7 +3,8 @@
 Registering a name in ``slimopt.registry`` is all it takes to be tested here. Each test builds its
 optimizer through ``slimopt.create_optimizer`` on a small model whose parameter names look like a
 transformer's (so model-aware optimizers route them as they would in real use), at the registry's
-``example_lr``.
+``example_lr``. The toy Lion of ``tests/toy_lion.py``, added as docs/architecture.md says, runs every test
+too, registered only while its own cases run (``tests/test_add_an_optimizer.py`` holds it to that).
 """
 
 from __future__ import annotations
@@ -17,9 +18,25 @@ import torch
 from torch import nn
 
 import slimopt
-from slimopt.registry import spec
+import toy_lion
+from slimopt.registry import register, spec, unregister
 
-NAMES = slimopt.get_supported_optimizers()
+TOY = toy_lion.SPEC.name
+NAMES = [*slimopt.get_supported_optimizers(), TOY]
+
+
+@pytest.fixture(autouse=True)
+def _toy_registered_for_its_cases(request):
+    """The toy is in the registry while a case of its own runs, and only then."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("name") != TOY:
+        yield
+        return
+    register(toy_lion.SPEC)
+    try:
+        yield
+    finally:
+        unregister(TOY)
 
 
 @dataclass

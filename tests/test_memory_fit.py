@@ -17,7 +17,7 @@ import torch
 
 import slimopt
 from slimopt.cli import main
-from slimopt.memory.fit import Arch, activation_bytes, arch_of, plan, planned_optimizers, planned_state_bytes
+from slimopt.memory.fit import Arch, activation_bytes, arch_of, fit_candidates, fit_report, fit_state_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,7 +42,7 @@ def tiny_gpt2(layers: int = 2):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", slimopt.get_supported_optimizers())
 def test_planned_state_bytes_equal_the_real_optimizers(name, dtype):
-    assert name in planned_optimizers(), f"{name} is registered but the planner has no row for it"
+    assert name in fit_candidates(), f"{name} is registered but the planner has no row for it"
     model = tiny_llama().to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -50,7 +50,7 @@ def test_planned_state_bytes_equal_the_real_optimizers(name, dtype):
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
-    expected = planned_state_bytes(name, model, param_bytes=dtype.itemsize, config=model.config)
+    expected = fit_state_bytes(name, model, param_bytes=dtype.itemsize, config=model.config)
     assert slimopt.state_bytes(opt) == expected
 
 
@@ -117,7 +117,7 @@ def test_activation_terms_scale_as_they_should():
 
 
 def test_plan_terms_for_llama2_7b():
-    p = plan("llama2-7b", 79.2, seq_len=2048, batch=1, precision="bf16")
+    p = fit_report("llama2-7b", 79.2, seq_len=2048, batch=1, precision="bf16")
     rows = {r["optimizer"]: r for r in p.rows}
     n = p.params
     assert n == 6_738_415_616  # HF Llama-2-7b-hf
@@ -137,7 +137,7 @@ def test_plan_terms_for_llama2_7b():
 
 
 def test_plan_says_which_fit():
-    p = plan("llama2-7b", 40, seq_len=1024, batch=1, precision="bf16", checkpointing=True)
+    p = fit_report("llama2-7b", 40, seq_len=1024, batch=1, precision="bf16", checkpointing=True)
     fits = {r["optimizer"]: r["fits"] for r in p.rows}
     assert fits["sinkgd"] and fits["microadam"] and not fits["adamw"]
 
@@ -169,7 +169,7 @@ def test_a_misfit_is_explained_with_what_would_fit(capsys):
     out = capsys.readouterr().out
     assert max(len(line) for line in out.split("does not fit:")[1].splitlines()) <= 100
     text = " ".join(out.split("does not fit:")[1].split())  # unwrapped
-    p = plan("llama2-7b", 24, precision="bf16")
+    p = fit_report("llama2-7b", 24, precision="bf16")
     rows = {r["optimizer"]: r for r in p.rows}
     adamw, sinkgd = rows["adamw"], rows["sinkgd"]
     assert f"adamw: needs {adamw['total_gib']:.2f} GiB" in text
@@ -187,14 +187,14 @@ def test_a_misfit_is_explained_with_what_would_fit(capsys):
 def test_an_activation_misfit_names_the_settings_that_fit():
     from slimopt.memory.fit import why_not
 
-    p = plan("llama-1b", 24, batch=8, optimizers=["sinkgd"])
+    p = fit_report("llama-1b", 24, batch=8, optimizers=["sinkgd"])
     (row,) = p.rows
     assert not row["fits"]
     text = why_not(p, row)
     assert "largest: activations" in text and "Fits with" in text
     for fix in ("--checkpointing", f"--batch {row['max_batch']}"):
         if fix in text:  # each fix offered does fit, with the total it gives
-            changed = plan("llama-1b", 24, batch=row["max_batch"] if "batch" in fix else 8,
+            changed = fit_report("llama-1b", 24, batch=row["max_batch"] if "batch" in fix else 8,
                            checkpointing="checkpointing" in fix, optimizers=["sinkgd"])
             assert changed.rows[0]["fits"] and f"{fix} ({changed.rows[0]['total_gib']:.2f} GiB)" in text
     assert "--batch 1" in text

@@ -200,38 +200,29 @@ def _one_step(model, optimizer):
     optimizer.step()
 
 
-# analytic name -> how to build the optimizer (None: no implementation in this environment)
-_MEASURED = {
-    "adamw-fp32": (torch.float32, lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3)),
-    "adamw-bf16": (torch.bfloat16, lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3)),
-    "adam-mini": (torch.float32, "adammini"),
-    "microadam-m10": (torch.float32, "microadam"),
-    "sinkgd": (torch.float32, "sinkgd"),
-    "swan": (torch.float32, "swan"),
-    "adamw-8bit": (None, "no 8-bit AdamW (bitsandbytes/torchao) in the test environment"),
-    "galore": (None, "no GaLore implementation in the test environment"),
-}
+# every row of the default table that slimopt can build here: a registered optimizer with the row's options (the
+# baselines' rows, 8-bit AdamW and GaLore, have no implementation here: their formulas are hand-counted in
+# test_galore_and_stateless_rules_on_hand_counted_tensors)
+_MEASURED = [label for label, row in mm.table().items() if row.optimizer in slimopt.get_supported_optimizers()]
+
+
+def test_every_registered_optimizer_has_a_measured_row():
+    assert {mm.table()[label].optimizer for label in _MEASURED} == set(slimopt.get_supported_optimizers())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("optimizer_name", list(_MEASURED))
-def test_measured_state_matches_the_formula(family, optimizer_name):
-    dtype, build = _MEASURED[optimizer_name]
-    if dtype is None:
-        pytest.skip(build)
+@pytest.mark.parametrize("label", _MEASURED)
+def test_measured_state_matches_the_formula(family, label):
+    """The row's formula against the bytes its optimizer holds after a step, built with the row's options
+    (MicroAdam m=10 with the paper's block sizes, AdamW on bf16 parameters, ...)."""
+    row = mm.table()[label]
+    options = dict(row.options)
+    dtype = {4: torch.float32, 2: torch.bfloat16}[options.pop("param_bytes", 4)]
     model = _tiny(family).to(dtype)
-    if isinstance(build, str):
-        optimizer = slimopt.create_optimizer(model, build, lr=1e-3)
-    else:
-        optimizer = build(model)
+    optimizer = slimopt.create_optimizer(model, row.optimizer, lr=1e-3, **options)
     _one_step(model, optimizer)
-    measured = state_bytes(optimizer)
-    # the formula with the optimizer's own hyper-parameters where it has them (MicroAdam: m, k, blocks)
-    options = {k: v for k, v in optimizer.defaults.items()
-               if k in ("m", "k_init", "quant_block_size", "topk_block_size")}
-    analytic = mm.analytic_state_bytes(model, optimizer_name, param_bytes=dtype.itemsize, **options)
     # each formula counts exactly what the class allocates (the MicroAdam one calls the class's own sizes)
-    assert measured == analytic
+    assert state_bytes(optimizer) == mm.analytic_state_bytes(model, label, param_bytes=dtype.itemsize)
 
 
 def test_set_overrides_formula_options(capsys):
@@ -258,8 +249,8 @@ def test_printed_table_says_the_settings_of_every_row(capsys):
     assert "  microadam-m10: param_bytes=4, m=10, k_init=0.01, quant_block_size=100000, topk_block_size=20864" \
         in settings
     assert "  adamw-bf16: param_bytes=2" in settings and "  galore: param_bytes=4, rank=1024" in settings
-    from slimopt.memory.fit import matching_memory_row, planned_options
+    from slimopt.memory.fit import fit_options, matching_memory_row
 
     # `slimopt plan` counts each optimizer with the same settings as the row it names
-    assert matching_memory_row("microadam", planned_options("microadam")) == "microadam"
-    assert matching_memory_row("adamw", planned_options("adamw", param_bytes=2)) == "adamw-bf16"
+    assert matching_memory_row("microadam", fit_options("microadam")) == "microadam"
+    assert matching_memory_row("adamw", fit_options("adamw", param_bytes=2)) == "adamw-bf16"

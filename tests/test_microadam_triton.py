@@ -56,13 +56,22 @@ def ieee_sqrt(monkeypatch):
 
 
 def test_kernels_take_no_optimizer_module():
-    """The kernel module imports nothing from slimopt.microadam (no import circle), and the step takes
-    numbers and tensors only."""
+    """The kernel module imports from slimopt nothing but other kernel modules (ops/), and none of its functions
+    takes an optimizer's state dict or param group: numbers and tensors only."""
     tree = ast.parse(inspect.getsource(kernels))
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "microadam" not in imported and "slimopt.microadam" not in imported
-    params = inspect.signature(kernels.microadam_step_triton).parameters
-    assert "state" not in params and "group" not in params
+    package = kernels.__name__.rpartition(".")[0]  # slimopt.ops
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+            imported.add(".".join([*base, *([node.module] if node.module else [])]))
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    ours = {m for m in imported if m == "slimopt" or m.startswith("slimopt.")}
+    assert ours and all(m.startswith(package + ".") for m in ours), ours
+    arguments = {a.arg for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)}
+    assert len(arguments) > 20 and not arguments & {"state", "group", "param_group", "param_groups", "optimizer"}
 
 
 # -- compression kernels ------------------------------------------------------------------------------------

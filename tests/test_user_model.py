@@ -19,7 +19,7 @@ from slimopt.bench.cli import main as bench_main
 from slimopt.bench.report import write_json
 from slimopt.cli import main as slimopt_main
 from slimopt.memory import models
-from slimopt.memory.fit import plan
+from slimopt.memory.fit import fit_report
 
 transformers = pytest.importorskip("transformers")
 
@@ -132,14 +132,14 @@ def test_plan_answers_for_a_llama_config(tmp_path):
     path = _config_file(tmp_path, SMOLLM2)
     out = _stdout(["plan", "--model", str(path), "--gpu-mem", "24", "--seq-len", "2048", "--batch", "4"])
     assert "134,515,008 parameters" in out and "microadam" in out
-    folder = plan(str(tmp_path), 24, seq_len=2048, batch=4)  # a folder with a config.json answers the same
+    folder = fit_report(str(tmp_path), 24, seq_len=2048, batch=4)  # a folder with a config.json answers the same
     by_name = {r["optimizer"]: r for r in folder.rows}
     assert by_name["adamw"]["state_gib"] == pytest.approx((8 * 134_515_008 + 4 * 272) / 2**30)
     # GQA: k and v are 3 heads of 64 wide, not 576: the activations count them so
-    narrow = plan(str(path), 24, seq_len=2048, batch=4, optimizers=["adamw"]).rows[0]["activations_gib"]
+    narrow = fit_report(str(path), 24, seq_len=2048, batch=4, optimizers=["adamw"]).rows[0]["activations_gib"]
     (tmp_path / "wide").mkdir()
     wide = _config_file(tmp_path / "wide", {**SMOLLM2, "num_key_value_heads": 9})
-    assert plan(str(wide), 24, seq_len=2048, batch=4, optimizers=["adamw"]).rows[0]["activations_gib"] > narrow
+    assert fit_report(str(wide), 24, seq_len=2048, batch=4, optimizers=["adamw"]).rows[0]["activations_gib"] > narrow
 
 
 @pytest.mark.parametrize("config, says", [
@@ -381,7 +381,7 @@ def test_labelled_text_errors_name_the_file(tmp_path, capsys, content, says):
 def test_compact_json_round_trips(tmp_path):
     data = {"runs": [{"val_curve": [[0, 0, 0.0, 3.5], [2, 64, 0.1, 3.25]], "lr": 1e-5, "x": None}],
             "settings": {"seeds": [0, 1], "model_config": {"rope": {"theta": 1e5}}}, "empty": [], "name": "a\"b"}
-    path = write_json(tmp_path / "r.json", data, compact=True)
+    path = write_json(tmp_path / "r.json", data)
     assert json.loads(path.read_text()) == data
     assert '"val_curve": [[0, 0, 0.0, 3.5], [2, 64, 0.1, 3.25]]' in path.read_text()
 

@@ -22,7 +22,7 @@ from slimopt.plans import ParamInfo
 from slimopt.registry import OptimizerSpec
 
 SPEC = OptimizerSpec("toy-lion", "toy_lion:Lion", 1e-3, "Lion: the sign of an interpolated momentum (a toy)",
-                     "toy_lion:state_bytes_formula", planner_note="one momentum in the parameter dtype")
+                     "toy_lion:state_bytes_formula", state_note="one momentum in the parameter dtype")
 
 
 def lion_update_(p: Tensor, grad: Tensor, exp_avg: Tensor, lr: float | Tensor, beta1: float, beta2: float,

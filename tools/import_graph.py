@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("optimizers", ("slimopt.optim",)),
     ("registry", ("slimopt.registry",)),
     ("memory, comm, integrations", ("slimopt.memory", "slimopt.comm", "slimopt.integrations")),
-    ("public API", ("slimopt._moved", "slimopt.__init__")),
+    ("public API", ("slimopt.__init__",)),
     ("harness", ("slimopt.bench",)),
     ("command line", ("slimopt.cli", "slimopt.__main__")),
 ]
@@ -89,9 +89,7 @@ def edges() -> set[tuple[str, str]]:
             targets = []
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 targets = _resolve(importer, is_package, node)
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and name != "slimopt._moved":
-                # (_moved's table maps the old paths to wherever they live now, the harness included: it
-                # is read only when a user imports an old name)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 # "slimopt.optim.sinkgd:SinkGD" (registry targets) and "slimopt.bench.cli" (the cli's
                 # subcommands): imported by name on first use, still a dependency
                 match = _TARGET.match(node.value)

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any
 
-from . import _moved
 from .core.base import SlimOptimizer
 from .memory import state_bytes, state_bytes_by_key
-from .registry import create_optimizer, get_supported_optimizers, load_optimizer
+from .registry import SPECS, create_optimizer, get_supported_optimizers, import_target, load_optimizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_moved.install()  # the import paths of 0.1 (slimopt.microadam, slimopt.plan, ...) keep working
 
-# The optimizer classes are imported on first use so that `import slimopt` stays light.
-_LAZY = {
-    "MicroAdam": "slimopt.optim.microadam",
-    "AdamMini": "slimopt.optim.adam_mini",
-    "SinkGD": "slimopt.optim.sinkgd",
-    "SWAN": "slimopt.optim.swan",
-}
+def _lazy_classes() -> dict[str, str]:
+    """Class name -> ``"module:Class"`` of every registered optimizer not from torch itself (torch's AdamW stays
+    ``torch.optim.AdamW``), read from the registry when asked, so a class registered later is there too. The
+    classes are imported on first use, so that ``import slimopt`` stays light."""
+    return {spec.target.partition(":")[2]: spec.target for spec in SPECS.values()
+            if not spec.target.startswith("torch.")}
+
 
 __all__ = [
     "SlimOptimizer",
@@ -29,11 +26,16 @@ __all__ = [
     "load_optimizer",
     "state_bytes",
     "state_bytes_by_key",
-    *_LAZY,
+    *_lazy_classes(),
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'slimopt' has no attribute {name!r}")
+    target = _lazy_classes().get(name)
+    if target is None:
+        raise AttributeError(f"module 'slimopt' has no attribute {name!r}")
+    return import_target(target)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_lazy_classes()})

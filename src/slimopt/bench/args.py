@@ -89,13 +89,13 @@ def check_choices(flag: str, text: str, known: Iterable[str], what: str = "name"
 
 def check_optimizers(flag: str, text: str) -> list[str]:
     """The comma-separated optimizer names of ``text``: harness names, or variants ``NAME@key=value;...``."""
-    from .baselines import is_known, known_names
+    from .baselines import harness_names, is_known
 
     items = parse_list(flag, text)
     unknown = [item for item in items if not is_known(item)]
     if unknown:
         raise UsageError(flag, text, f"unknown optimizer{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                                     f"choose from {', '.join(known_names())} (NAME@key=value passes options)")
+                                     f"choose from {', '.join(harness_names())} (NAME@key=value passes options)")
     return items
 
 

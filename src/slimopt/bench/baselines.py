@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +31,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["BASELINES", "CombinedOptimizer", "OptimizerUnavailable", "default_lr", "hybrid_split", "is_known",
-           "known_names", "make_optimizer", "parse_name", "split_hidden_matrices"]
+from slimopt.registry import SECOND_LR, create_optimizer, get_supported_optimizers, spec
+
+__all__ = ["BASELINES", "CombinedOptimizer", "OptimizerUnavailable", "default_lr", "harness_names", "hybrid_split",
+           "is_known", "make_optimizer", "parse_name", "second_lr_default", "split_second_lr", "takes_second_lr",
+           "with_second_lr"]
 
 
 class OptimizerUnavailable(RuntimeError):
@@ -45,6 +49,7 @@ class Baseline:
     summary: str
     build: Callable[..., Any]  # (model, lr, weight_decay, **kw) -> optimizer
     state_formula: str | None = None  # its analytic state formula: a registry name or a memory baseline key
+    second_lr: bool = False  # takes ``adamw_lr`` (registry.SECOND_LR), a second lr the harness sweeps too
 
 
 def _require(module: str, pip_name: str) -> Any:
@@ -52,21 +57,6 @@ def _require(module: str, pip_name: str) -> Any:
         return importlib.import_module(module)
     except Exception as exc:  # ImportError, or a package that fails while importing
         raise OptimizerUnavailable(f"needs `pip install {pip_name}` ({type(exc).__name__}: {exc})") from exc
-
-
-def split_hidden_matrices(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """(hidden 2-D weight matrices, everything else): embeddings, the output head and norms go to the second.
-
-    This is the usual split for matrix optimizers (Muon, GaLore): the embedding is a lookup table and the
-    head's rows are output classes, so neither is treated as a linear map between hidden states.
-    """
-    hidden, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_table = "embed" in name or "lm_head" in name or name.startswith("classifier")
-        (hidden if p.ndim == 2 and not is_table else rest).append((name, p))
-    return hidden, rest
 
 
 class CombinedOptimizer:
@@ -105,10 +95,6 @@ class CombinedOptimizer:
             o.load_state_dict(s)
 
 
-def _params(pairs: list[tuple[str, nn.Parameter]]) -> list[nn.Parameter]:
-    return [p for _, p in pairs]
-
-
 def _adamw(impl: str) -> Callable[..., Optimizer]:
     def build(model: nn.Module, lr: float, weight_decay: float, **kw: Any) -> Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -125,7 +111,9 @@ def _adamw(impl: str) -> Callable[..., Optimizer]:
 
 def hybrid_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(hidden matrices, the rest) exactly as SinkGD and SWAN route them (``optim.hybrid.routing_rules``):
-    the rest (embeddings, head, norms, biases) is what the hybrids train with AdamW at ``adamw_lr``."""
+    the rest (embeddings, head, norms, biases) is what the hybrids train with AdamW at ``adamw_lr``. The one
+    split of the harness: the matrix baselines (Muon, GaLore) take it too, so every matrix method gets the
+    same tensors (the plan reads roles from module types and shapes, not name substrings)."""
     from slimopt.optim.hybrid import STATELESS, routing_rules
     from slimopt.plans import ParamPlan
 
@@ -139,11 +127,9 @@ def hybrid_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
 def _adamw_split(model: nn.Module, lr: float, weight_decay: float, adamw_lr: float | None = None,
                  **kw: Any) -> Optimizer:
     """torch AdamW with the hybrids' advantage: ``lr`` for the hidden matrices, ``adamw_lr`` for embeddings,
-    head and 1-D tensors (default: what SinkGD gives them by default, its registry lr)."""
-    from slimopt.registry import spec
-
+    head and 1-D tensors (default: :func:`second_lr_default`)."""
     hidden, rest = hybrid_split(model)
-    other_lr = spec("sinkgd").example_lr if adamw_lr is None else adamw_lr
+    other_lr = second_lr_default("adamw-split", lr) if adamw_lr is None else adamw_lr
     groups = [g for g in ({"params": hidden, "lr": lr}, {"params": rest, "lr": other_lr}) if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **kw)
 
@@ -152,10 +138,10 @@ def _muon(model: nn.Module, lr: float, weight_decay: float, **kw: Any) -> Any:
     muon_cls = getattr(torch.optim, "Muon", None)
     if muon_cls is None:
         raise OptimizerUnavailable(f"torch {torch.__version__} has no torch.optim.Muon (needs torch >= 2.9)")
-    hidden, rest = split_hidden_matrices(model)
+    hidden, rest = hybrid_split(model)
     # "match_rms_adamw" scales the orthogonalised update to AdamW's RMS, so one learning rate serves both parts.
-    muon = muon_cls(_params(hidden), lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw", **kw)
-    adamw = torch.optim.AdamW(_params(rest), lr=lr, weight_decay=weight_decay) if rest else None
+    muon = muon_cls(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw", **kw)
+    adamw = torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay) if rest else None
     return CombinedOptimizer(muon, adamw)
 
 
@@ -177,15 +163,24 @@ def _adamw8bit(model: nn.Module, lr: float, weight_decay: float, **kw: Any) -> O
     raise OptimizerUnavailable("; ".join(errors) + ("" if on_cuda else " (torchao's AdamW8bit is CUDA-only)"))
 
 
+def galore_rank(model: nn.Module, hidden: list[nn.Parameter] | None = None) -> int:
+    """The GaLore baseline's default rank: a quarter of the width (GaLore's paper uses 128 at 60M, width 512,
+    ... 512 at 1B, width 2048)."""
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    if width is None:
+        hidden = hybrid_split(model)[0] if hidden is None else hidden
+        width = min(hidden[0].shape)
+    return max(1, width // 4)
+
+
 def _galore(model: nn.Module, lr: float, weight_decay: float, rank: int | None = None,
             update_proj_gap: int = 200, scale: float = 0.25, **kw: Any) -> Optimizer:
     galore = _require("galore_torch", "galore-torch")
-    hidden, rest = split_hidden_matrices(model)
-    if rank is None:  # GaLore's paper uses 128 at 60M (width 512) ... 512 at 1B (width 2048): a quarter
-        width = getattr(getattr(model, "config", None), "hidden_size", None) or min(hidden[0][1].shape)
-        rank = max(1, width // 4)
-    groups = [{"params": _params(rest)},
-              {"params": _params(hidden), "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
+    hidden, rest = hybrid_split(model)
+    if rank is None:
+        rank = galore_rank(model, hidden)
+    groups = [{"params": rest},
+              {"params": hidden, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
                "proj_type": "std"}]
     return galore.GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, **kw)
 
@@ -221,7 +216,7 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in [
              "adamw"),
     Baseline("adamw-fused", 1.25e-3, "torch AdamW, fused kernel", _adamw("fused"), "adamw"),
     Baseline("adamw-split", 1.25e-3, "torch AdamW, hidden matrices at lr, embeddings/head/1-D at adamw_lr "
-             "(the hybrids' split)", _adamw_split, "adamw"),
+             "(the hybrids' split)", _adamw_split, "adamw", second_lr=True),
     Baseline("muon", 1e-2, "torch.optim.Muon on hidden matrices + AdamW elsewhere", _muon),
     Baseline("adamw8bit", 1e-2, "8-bit AdamW (torchao on CUDA, else bitsandbytes)", _adamw8bit, "adamw-8bit"),
     Baseline("galore", 1e-2, "GaLore AdamW (galore-torch), rank = width/4", _galore, "galore"),
@@ -232,9 +227,9 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in [
 ]}
 
 
-def known_names() -> list[str]:
-    from slimopt import get_supported_optimizers
-
+def harness_names() -> list[str]:
+    """Every name :func:`make_optimizer` builds (options after ``@`` aside): the registered optimizers, then
+    the baselines."""
     return get_supported_optimizers() + list(BASELINES)
 
 
@@ -265,16 +260,47 @@ def is_known(name: str) -> bool:
         base, _ = parse_name(name)
     except ValueError:
         return False
-    return base in known_names()
+    return base in harness_names()
 
 
 def default_lr(name: str) -> float:
     name, _ = parse_name(name)
     if name in BASELINES:
         return BASELINES[name].default_lr
-    from slimopt.registry import spec
-
     return spec(name).example_lr
+
+
+def takes_second_lr(name: str) -> bool:
+    """Whether ``name`` (options after ``@`` aside) takes a second lr, ``adamw_lr``, for embeddings, head and
+    1-D tensors: a baseline that says so, or a registered class with that constructor argument."""
+    base, _ = parse_name(name)
+    if base in BASELINES:
+        return BASELINES[base].second_lr
+    return spec(base).takes_second_lr()
+
+
+def second_lr_default(name: str, lr: float) -> float:
+    """The ``adamw_lr`` that ``name`` uses when none is given: the hybrids give their AdamW part their main lr;
+    adamw-split gives it what the hybrids give it by default, their registry lr."""
+    base, _ = parse_name(name)
+    return default_lr("sinkgd") if base == "adamw-split" else lr
+
+
+def with_second_lr(name: str, adamw_lr: float) -> str:
+    """``sinkgd`` -> ``sinkgd@adamw_lr=0.005``: the run's name says its second lr."""
+    return f"{name}{',' if '@' in name else '@'}{SECOND_LR}={adamw_lr:.4g}"
+
+
+def split_second_lr(name: str) -> tuple[str, str | None]:
+    """The inverse of :func:`with_second_lr`: ``sinkgd@adamw_lr=0.005`` -> (``sinkgd``, ``"0.005"``); a name
+    without a second lr -> (name, None)."""
+    match = re.search(rf"[@,]{SECOND_LR}=([^,]+)", name)
+    if match is None:
+        return name, None
+    rest = name[:match.start()] + name[match.end():]
+    if "@" not in rest and "," in rest:  # the second lr was the first option: the next one takes its "@"
+        rest = rest.replace(",", "@", 1)
+    return rest, match.group(1)
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float | None = None, weight_decay: float = 0.0,
@@ -286,6 +312,4 @@ def make_optimizer(model: nn.Module, name: str, lr: float | None = None, weight_
     kwargs = {**options, **kwargs}
     if name in BASELINES:
         return BASELINES[name].build(model, lr=lr, weight_decay=weight_decay, **kwargs)
-    from slimopt import create_optimizer
-
     return create_optimizer(model, name, lr=lr, weight_decay=weight_decay, **kwargs)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimopt.registry import default_names
+
 from .args import (
     UsageError,
     check_device,
@@ -54,10 +56,15 @@ from .report import (
 )
 from .train import lr_factor
 
-__all__ = ["add_arguments", "console_summary", "finetune_lr", "run", "validate"]
+__all__ = ["add_arguments", "console_summary", "default_optimizers", "finetune_lr", "run", "validate"]
 
 TASKS = ("rotten-tomatoes", "20newsgroups")
 ADAMW_FINETUNE_LR = 5e-5
+
+
+def default_optimizers() -> list[str]:
+    """Without ``--optimizers``: every registered optimizer (AdamW, the reference, first)."""
+    return default_names()
 
 
 def finetune_lr(name: str) -> float:
@@ -71,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--test-fraction of the lines is the test split")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="with --text: the tail of the lines held out for testing (default 0.2)")
-    parser.add_argument("--optimizers", default="adamw,microadam,adammini,sinkgd,swan")
+    parser.add_argument("--optimizers", default=",".join(default_optimizers()),
+                        help="comma-separated (default: every registered optimizer)")
     parser.add_argument("--lr", type=float, default=None, help="one lr for all (default: finetune_lr(name))")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import json
 import math
 import statistics
 import sys
@@ -32,21 +31,29 @@ from typing import Any
 
 import torch
 
+from slimopt.registry import default_names
+
 from . import causal_lm
 from .args import UsageError, check_device, check_out
-from .baselines import OptimizerUnavailable, default_lr, is_known, known_names, make_optimizer, parse_name
+from .baselines import OptimizerUnavailable, default_lr, harness_names, is_known, make_optimizer, parse_name
 from .data import TokenData, load_text, make_token_data, split_chunks, split_tail
 from .data import encode as encode_bytes
 from .model import PRESETS, build_model
 from .plots import loss_curves
-from .report import markdown_table, run_metadata, write_json
+from .progress import Progress
+from .report import markdown_table, read_results, run_metadata, write_json
 from .stats import spread, verdict
 from .train import TrainConfig, train
 
-__all__ = ["add_arguments", "base_checkpoint", "reference_name", "run", "state_memory"]
+__all__ = ["add_arguments", "base_checkpoint", "default_optimizers", "merge_results", "reference_name", "run",
+           "state_memory", "summarize", "write_result"]
 
-DEFAULT_OPTIMIZERS = "adamw,microadam,adammini,sinkgd,swan"
 DEFAULT_PRESET = "tiny"
+
+
+def default_optimizers() -> list[str]:
+    """Without ``--optimizers``: every registered optimizer (AdamW, the reference, first)."""
+    return default_names()
 
 
 def reference_name(names) -> str | None:
@@ -304,7 +311,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-steps", type=int, default=1500, help="AdamW pre-training steps of the base")
     parser.add_argument("--base-lr", type=float, default=2.5e-3, help="AdamW lr of the base pre-training")
     parser.add_argument("--corpus", default="sotu", help="the held-out fine-tuning corpus (default sotu)")
-    parser.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS)
+    parser.add_argument("--optimizers", default=",".join(default_optimizers()),
+                        help="comma-separated (default: every registered optimizer); NAME@key=value,... passes "
+                             "options")
     parser.add_argument("--steps", type=int, default=2000, help="fine-tuning steps (default 2000)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -353,7 +362,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
     unknown = [n for n in names if not is_known(n)]
     if unknown:
         raise ValueError(f"--optimizers {args.optimizers!r}: unknown {', '.join(unknown)} "
-                         f"(choose from {', '.join(known_names())}; NAME@key=value,... passes options)")
+                         f"(choose from {', '.join(harness_names())}; NAME@key=value,... passes options)")
     if reference_name(names) is None and not args.no_reference_ok and args.seed_list:
         raise ValueError(f"--optimizers {args.optimizers!r}: must include adamw, the reference (or pass "
                          "--no-reference-ok for a part to --merge with one that has it)")
@@ -454,18 +463,11 @@ def better_lrs(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
     return found
 
 
-def merge(folders: list[Path], out: Path) -> dict[str, Any]:
-    parts = []
-    for folder in folders:
-        path = folder / "results.json"
-        if not path.is_file():
-            raise ValueError(f"--merge: {folder} has no results.json")
-        parts.append(json.loads(path.read_text()))
+def merge_results(folders: list[Path], out: Path) -> dict[str, Any]:
+    """One comparison from several result folders of the same settings (optimizers, seeds or sweep lrs run in
+    parallel processes)."""
+    parts = read_results(folders, _MERGE_KEYS)
     first = parts[0]["settings"]
-    for folder, part in zip(folders[1:], parts[1:]):
-        differ = [k for k in _MERGE_KEYS if part["settings"].get(k) != first.get(k)]
-        if differ:
-            raise ValueError(f"--merge: {folder} differs from {folders[0]} in {', '.join(differ)}")
     runs = [r for p in parts for r in p["runs"]]
     seeds = sorted({r["seed"] for r in runs})  # a sweep-only part (--seeds 0) may come first
     result = {"meta": run_metadata() | {"merged_from": [str(f) for f in folders]}, "settings": first | {"seeds": seeds},
@@ -474,7 +476,7 @@ def merge(folders: list[Path], out: Path) -> dict[str, Any]:
               "skipped": {k: v for p in parts for k, v in p["skipped"].items()}}
     if first.get("model"):
         result["state_memory"] = state_memory(runs, first["model_config"], first.get("config_path", "config.json"))
-    _write(result, out)
+    write_result(result, out)
     return result
 
 
@@ -511,8 +513,9 @@ def state_memory(runs: list[dict[str, Any]], config: dict[str, Any], config_path
     return {"config": shown, "params": params, "rows": rows}
 
 
-def _write(result: dict[str, Any], out: Path) -> None:
-    write_json(out / "results.json", result, compact=True)
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """results.json, report.md and the plots of one comparison into ``out``."""
+    write_json(out / "results.json", result)
     plots = [_ratio_plot(result, out / "loss_ratio_vs_step.png")]
     s = result["settings"]
     plots.append(loss_curves(result["runs"], out / "loss_vs_step.png",
@@ -567,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         out = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-lm-merged-%Y%m%d-%H%M%S")
         try:
-            merge([Path(f) for f in args.merge.split(",") if f], out)
+            merge_results([Path(f) for f in args.merge.split(",") if f], out)
         except ValueError as exc:
             print(f"slimopt bench finetune-lm: {exc}", file=sys.stderr)
             return 2
@@ -579,9 +582,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .pretrain import _Progress
-
-    with _Progress(args.no_progress or not sys.stdout.isatty()) as progress:
+    with Progress(args.no_progress or not sys.stdout.isatty()) as progress:
         try:
             base, about, data = _prepare(args, progress.log)
         except UsageError as exc:  # the text, once tokenised, is too short
@@ -655,10 +656,10 @@ def _compare(args, checkpoints, factors, names, base, about, data, progress) -> 
                 progress.settle(args.steps, runs[-1]["steps_done"])
                 progress.log(f"  {label}: val {runs[-1]['final_val_loss']:.4f} "
                              f"({time.perf_counter() - progress.started:.0f} s so far)")
-                write_json(out / "results.json", snapshot(), compact=True)  # what finished survives a stop
+                write_json(out / "results.json", snapshot())  # what finished survives a stop
         except OptimizerUnavailable as exc:
             skipped[name] = str(exc)
             progress.settle(sweep_steps + len(args.seed_list) * args.steps, 0)
     result = snapshot()
-    _write(result, out)
+    write_result(result, out)
     return 0

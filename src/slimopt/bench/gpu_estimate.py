@@ -56,7 +56,7 @@ tensors (the tool fakes them, so a CPU step counter reads back as a stub), addre
 real host tensors (no hook on a library function), and torch's foreach rules are checked in the order of
 ForeachUtils.h (a tensor scalar on the device must share the list's dtype); none changes a count at 8e740be.
 
-The CPU-side launch counts of ``bench.launches`` (tiny widths) stay what the launch tests hold; this module is
+The CPU-side launch counts of ``bench.kernel_count`` (tiny widths) stay what the launch tests hold; this module is
 what the GPU-readiness tests (``tests/test_gpu_readiness.py``) hold at real size.
 """
 
@@ -1235,14 +1235,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
     """The optimizer names and dtypes asked for; ``UsageError`` naming the argument and value if one is unknown."""
     from .args import UsageError
-    from .baselines import known_names
+    from .baselines import harness_names
     from .model import PRESETS
 
     dtypes = [d for d in args.dtypes.split(",") if d]
     if not dtypes or any(d not in DTYPES for d in dtypes):
         raise UsageError("--dtypes", args.dtypes, f"expected a comma-separated list of {', '.join(DTYPES)}")
     names = [n for n in args.optimizers.split(",") if n] if args.optimizers else None
-    unknown = [n for n in names or () if n.split("@")[0] not in known_names()]
+    unknown = [n for n in names or () if n.split("@")[0] not in harness_names()]
     if unknown:
         raise UsageError("--optimizers", args.optimizers, f"unknown {', '.join(unknown)}")
     if getattr(args, "preset", "1b") not in PRESETS:

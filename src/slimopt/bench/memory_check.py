@@ -15,12 +15,22 @@ from typing import Any
 
 import torch
 
+from slimopt.registry import default_names
+
 from .args import check_choices, check_out, check_threads, guarded
-from .baselines import BASELINES, OptimizerUnavailable, default_lr, known_names, make_optimizer, split_hidden_matrices
+from .baselines import BASELINES, OptimizerUnavailable, default_lr, galore_rank, harness_names, make_optimizer
 from .model import PRESETS, build_model
 from .report import markdown_table, run_metadata, write_json
 
-__all__ = ["add_arguments", "compare", "run", "state_formula", "validate"]
+__all__ = ["add_arguments", "compare", "default_optimizers", "run", "state_formula", "validate"]
+
+# the baselines checked beside slimopt's optimizers by default: the authors' Adam-mini, and GaLore's formula
+FORMULA_BASELINES = ("adam-mini-official", "galore")
+
+
+def default_optimizers() -> list[str]:
+    """Without ``--optimizers``: every registered optimizer, then :data:`FORMULA_BASELINES`."""
+    return [*default_names(), *FORMULA_BASELINES]
 
 
 def state_formula(name: str) -> str | None:
@@ -44,10 +54,8 @@ def _formula_options(formula: str, optimizer: Any, model: torch.nn.Module) -> di
         for key in accepted & set(group):
             if group[key] is None or isinstance(group[key], (int, float, str, torch.dtype)):
                 options.setdefault(key, group[key])
-    if formula == "galore":  # our GaLore baseline's rank: a quarter of the width
-        hidden, _ = split_hidden_matrices(model)
-        width = getattr(model.config, "hidden_size", None) or min(hidden[0][1].shape)
-        options["rank"] = max(1, width // 4)
+    if formula == "galore":  # our GaLore baseline's rank
+        options["rank"] = galore_rank(model)
     return options
 
 
@@ -86,15 +94,16 @@ def compare(preset: str, names: list[str], *, seed: int = 0, log=print) -> list[
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="tiny,cpu,step42m", help="comma-separated model presets")
-    parser.add_argument("--optimizers", default="adamw,microadam,adammini,sinkgd,swan,adam-mini-official,galore",
-                        help="comma-separated optimizer names")
+    parser.add_argument("--optimizers", default=",".join(default_optimizers()),
+                        help="comma-separated optimizer names (default: every registered optimizer, then the "
+                             "baselines with a state formula of their own: " + ", ".join(FORMULA_BASELINES) + ")")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/memory", help="folder for results.json and report.md")
 
 
 def validate(args: argparse.Namespace) -> None:
     check_choices("--presets", args.presets, PRESETS, "preset")
-    check_choices("--optimizers", args.optimizers, known_names(), "optimizer")
+    check_choices("--optimizers", args.optimizers, harness_names(), "optimizer")
     check_threads(args.threads)
     check_out("--out", args.out)
 

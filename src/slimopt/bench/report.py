@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["console_table", "markdown_table", "peak_rss_bytes", "print_results", "release_freed_memory",
-           "reset_peak_rss", "rss_bytes", "run_metadata", "write_json"]
+__all__ = ["console_table", "markdown_table", "peak_rss_bytes", "print_results", "read_results",
+           "release_freed_memory", "reset_peak_rss", "rss_bytes", "run_metadata", "write_json"]
 
 
 def _cpu_model() -> str:
@@ -81,15 +81,33 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def write_json(path: str | Path, data: Any, *, compact: bool = False) -> Path:
-    """``data`` as JSON: indented, or with ``compact`` one record per line (a list or dict holding no
-    container of containers is written on one line: a curve, a run's settings), so that a file of long
-    curves stays readable and diffable."""
+def write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as JSON, one record per line: a list or dict holding no container of containers is written on
+    one line (a curve, a run's settings, a summary row), the containers above them one entry per line, so that
+    a file of long curves stays readable and diffable. Every result file of the harness is written so;
+    ``json.load`` reads it back unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = _compact(data, 0) if compact else json.dumps(data, indent=2, default=_jsonable)
-    path.write_text(text + "\n")
+    path.write_text(_compact(data, 0) + "\n")
     return path
+
+
+def read_results(folders: Sequence[str | Path], same: Sequence[str]) -> list[dict[str, Any]]:
+    """The ``results.json`` of each folder (``--merge``: parts of one comparison run in parallel processes),
+    after checking that every part has one and that their settings agree in the keys ``same``; a
+    ``ValueError`` naming the folder otherwise."""
+    parts = []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise ValueError(f"--merge: {folder} has no results.json")
+        parts.append(json.loads(path.read_text()))
+    first = parts[0]["settings"]
+    for folder, part in zip(folders[1:], parts[1:]):
+        differ = [k for k in same if part["settings"].get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"--merge: {folder} differs from {folders[0]} in {', '.join(differ)}")
+    return parts
 
 
 def _flat(obj: Any) -> bool:

@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 
+from slimopt.registry import default_names
+
 from .args import check_choices, check_device, check_int, check_optimizers, check_out, check_threads, guarded
 from .baselines import OptimizerUnavailable, default_lr, make_optimizer
-from .launches import count_launches
+from .kernel_count import count_launches
 from .model import PRESETS, build_model, count_parameters
 from .report import (
     markdown_table,
@@ -45,12 +47,11 @@ __all__ = ["add_arguments", "default_optimizers", "main", "measure_step_times", 
 REFERENCES = ("adamw-foreach", "adamw-forloop")
 
 
-def default_optimizers(device: torch.device) -> list[str]:
-    from slimopt import get_supported_optimizers
-
+def default_optimizers() -> list[str]:
+    """Without ``--optimizers``: torch's AdamW in its three implementations, then every other registered
+    optimizer."""
     # torch's fused AdamW also runs on CPU (torch >= 2.4) and is often the fastest there; shown, not the reference
-    names = [*REFERENCES, "adamw-fused"]
-    return names + [n for n in get_supported_optimizers() if n != "adamw"]
+    return [*REFERENCES, "adamw-fused", *(n for n in default_names() if n != "adamw")]
 
 
 def _sync(device: torch.device) -> None:
@@ -246,7 +247,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = args.optimizers.split(",") if args.optimizers else default_optimizers(device)
+    names = args.optimizers.split(",") if args.optimizers else default_optimizers()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     model = build_model(args.preset).to(device=device, dtype=dtype)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from slimopt import state_bytes
 
 from .data import TokenData
-from .launch import global_mean, world_size
 from .report import peak_rss_bytes, release_freed_memory, reset_peak_rss, rss_bytes
+from .torchrun import global_mean, world_size
 
 __all__ = ["RunResult", "TrainConfig", "evaluate", "lr_factor", "train"]
 

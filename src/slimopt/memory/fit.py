@@ -35,8 +35,8 @@ from ..registry import SPECS
 from .formulas import BASELINE_FORMULAS, analytic_state_bytes, formula, tensor_facts
 from .models import MODELS, ModelSpec, resolve_model
 
-__all__ = ["Arch", "FitPlan", "activation_bytes", "add_arguments", "arch_of", "matching_memory_row", "plan",
-           "planned_optimizers", "planned_options", "planned_state_bytes", "run", "why_not"]
+__all__ = ["Arch", "FitCandidate", "FitReport", "activation_bytes", "add_arguments", "arch_of", "fit_candidates",
+           "fit_options", "fit_report", "fit_state_bytes", "matching_memory_row", "run", "why_not"]
 
 GiB = 2**30
 PRECISIONS = ("amp", "bf16", "fp32")
@@ -154,23 +154,24 @@ def activation_bytes(arch: Arch, seq_len: int, batch: int, precision: str = "amp
 
 
 @dataclass(frozen=True)
-class Planned:
-    """A row of the plan: a registered optimizer or a baseline formula of ``slimopt.memory.formulas``."""
+class FitCandidate:
+    """An optimizer ``slimopt plan`` weighs: a registered one or a baseline formula of ``slimopt.memory.formulas``
+    (not to be confused with :mod:`slimopt.plans`, what each tensor of a model is to an optimizer)."""
 
     name: str
     in_slimopt: bool
     note: str
 
 
-def planned_optimizers() -> dict[str, Planned]:
+def fit_candidates() -> dict[str, FitCandidate]:
     """Every registered optimizer, then the baselines slimopt does not implement (8-bit AdamW, GaLore)."""
-    rows = {s.name: Planned(s.name, s.in_slimopt, s.planner_note or s.summary) for s in SPECS.values()}
-    rows.update({name: Planned(name, False, f.note) for name, f in BASELINE_FORMULAS.items()})
+    rows = {s.name: FitCandidate(s.name, s.in_slimopt, s.state_note or s.summary) for s in SPECS.values()}
+    rows.update({name: FitCandidate(name, False, f.note) for name, f in BASELINE_FORMULAS.items()})
     return rows
 
 
-def planned_options(name: str, param_bytes: int = 4, galore_rank: int = 256) -> dict[str, Any]:
-    """The options the plan counts ``name`` with: the class's defaults and the parameter dtype's size."""
+def fit_options(name: str, param_bytes: int = 4, galore_rank: int = 256) -> dict[str, Any]:
+    """The options the fit report counts ``name`` with: the class's defaults and the parameter dtype's size."""
     _, defaults = formula(name)
     options = {"param_bytes": param_bytes, **defaults}
     if name == "galore":
@@ -178,20 +179,23 @@ def planned_options(name: str, param_bytes: int = 4, galore_rank: int = 256) -> 
     return options
 
 
-def planned_state_bytes(name: str, model: Any, param_bytes: int = 4, *, config: Any = None,
+def fit_state_bytes(name: str, model: Any, param_bytes: int = 4, *, config: Any = None,
                         galore_rank: int = 256) -> int:
-    """Optimizer-state bytes the plan counts for optimizer ``name`` (a key of :func:`planned_optimizers`)
+    """Optimizer-state bytes the fit report counts for optimizer ``name`` (a key of :func:`fit_candidates`)
     on ``model``: an ``nn.Module``, (name, shape) pairs, or the facts of ``formulas.tensor_facts``.
     ``param_bytes`` is the parameter dtype's size (AdamW-type state is kept in it)."""
-    return analytic_state_bytes(model, name, config=config, **planned_options(name, param_bytes, galore_rank))
+    return analytic_state_bytes(model, name, config=config, **fit_options(name, param_bytes, galore_rank))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the plan
+# the fit report
 
 
 @dataclass
-class FitPlan:
+class FitReport:
+    """What ``slimopt plan`` prints: the model, the settings, and per optimizer the four memory terms and whether
+    they fit (``rows``)."""
+
     model: str
     params: int
     gpu_gib: float
@@ -208,9 +212,9 @@ class FitPlan:
         return asdict(self)
 
 
-def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1, precision: str = "amp",
+def fit_report(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1, precision: str = "amp",
          checkpointing: bool = False, flash: bool = True, headroom: float = 0.1,
-         optimizers: list[str] | None = None) -> FitPlan:
+         optimizers: list[str] | None = None) -> FitReport:
     """Memory of training ``model`` (a published model's name, or a config.json or a folder with one) with
     each optimizer, and whether it fits in ``gpu_mem_gib``."""
     spec = resolve_model(model)  # KeyError / UnsupportedConfig (a ValueError) naming --model and the value
@@ -222,7 +226,7 @@ def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1,
                                   ("batch", "--batch", batch)):
         if not value > 0:
             raise ValueError(f"Invalid {argument} ({flag}): {value} (must be positive)")
-    known = planned_optimizers()
+    known = fit_candidates()
     names = optimizers or list(known)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -239,7 +243,7 @@ def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1,
     rows = []
     for name in names:
         planned = known[name]
-        options = planned_options(name, param_bytes, spec.galore_rank)
+        options = fit_options(name, param_bytes, spec.galore_rank)
         state = analytic_state_bytes(facts, name, **options)
         static = weights + gradients + state
         total = static + act
@@ -250,18 +254,18 @@ def plan(model: str, gpu_mem_gib: float, *, seq_len: int = 2048, batch: int = 1,
             "activations_gib": act / GiB, "total_gib": total / GiB, "fits": total <= budget,
             "max_batch": max_batch, "options": options,
         })
-    return FitPlan(model, n, gpu_mem_gib, budget / GiB, seq_len, batch, precision, checkpointing, rows, flash,
+    return FitReport(model, n, gpu_mem_gib, budget / GiB, seq_len, batch, precision, checkpointing, rows, flash,
                    headroom)
 
 
-def _total_with(p: FitPlan, name: str, **changes: Any) -> float:
-    """The total GiB of optimizer ``name`` under ``p``'s settings with ``changes``."""
-    settings = {"seq_len": p.seq_len, "batch": p.batch, "precision": p.precision, "checkpointing": p.checkpointing,
-                "flash": p.flash, "headroom": p.headroom, **changes}
-    return plan(p.model, p.gpu_gib, optimizers=[name], **settings).rows[0]["total_gib"]
+def _total_with(report: FitReport, name: str, **changes: Any) -> float:
+    """The total GiB of optimizer ``name`` under ``report``'s settings with ``changes``."""
+    settings = {"seq_len": report.seq_len, "batch": report.batch, "precision": report.precision,
+                "checkpointing": report.checkpointing, "flash": report.flash, "headroom": report.headroom, **changes}
+    return fit_report(report.model, report.gpu_gib, optimizers=[name], **settings).rows[0]["total_gib"]
 
 
-def why_not(p: FitPlan, row: dict[str, Any]) -> str:
+def why_not(report: FitReport, row: dict[str, Any]) -> str:
     """For a row that does not fit: how much it needs, which term is largest, and what would make it fit:
     each single change of the settings that does (with the total it gives), else the GPU memory it needs
     and over how many GPUs of this size FSDP2 would have to shard weights, gradients and state."""
@@ -270,42 +274,42 @@ def why_not(p: FitPlan, row: dict[str, Any]) -> str:
     largest = max(terms, key=terms.get)
     static = row["weights_gib"] + row["gradients_gib"] + row["state_gib"]
     name = row["optimizer"]
-    text = (f"needs {row['total_gib']:.2f} GiB, {row['total_gib'] - p.budget_gib:.2f} over; largest: {largest} "
+    text = (f"needs {row['total_gib']:.2f} GiB, {row['total_gib'] - report.budget_gib:.2f} over; largest: {largest} "
             f"{terms[largest]:.2f} GiB")
     candidates: list[tuple[str, dict[str, Any]]] = []
-    if not p.checkpointing:
+    if not report.checkpointing:
         candidates.append(("--checkpointing", {"checkpointing": True}))
-    if p.batch > 1 and row["max_batch"] >= 1:
+    if report.batch > 1 and row["max_batch"] >= 1:
         candidates.append((f"--batch {row['max_batch']}", {"batch": row["max_batch"]}))
-    seq = p.seq_len // 2
+    seq = report.seq_len // 2
     while seq >= 128:  # the longest sequence that fits, halving
-        if _total_with(p, name, seq_len=seq) <= p.budget_gib:
+        if _total_with(report, name, seq_len=seq) <= report.budget_gib:
             candidates.append((f"--seq-len {seq}", {"seq_len": seq}))
             break
         seq //= 2
-    if not p.flash:
+    if not report.flash:
         candidates.append(("sdpa attention (drop --eager-attention)", {"flash": True}))
-    if p.precision != "bf16":
+    if report.precision != "bf16":
         candidates.append(("--precision bf16", {"precision": "bf16"}))
     fixes = []
     for flag, changes in candidates:
-        total = _total_with(p, name, **changes)
-        if total <= p.budget_gib:
+        total = _total_with(report, name, **changes)
+        if total <= report.budget_gib:
             fixes.append(f"{flag} ({total:.2f} GiB)")
     if fixes:
         return f"{text}. Fits with " + " or ".join(fixes)
-    need = row["total_gib"] / (1 - p.headroom)
-    if static >= p.budget_gib:
-        why = f"weights + gradients + state alone are {static:.2f} GiB, over the {p.budget_gib:.2f} usable"
+    need = row["total_gib"] / (1 - report.headroom)
+    if static >= report.budget_gib:
+        why = f"weights + gradients + state alone are {static:.2f} GiB, over the {report.budget_gib:.2f} usable"
     else:
         why = "no single change of the settings is enough"
     act = row["activations_gib"]
-    if p.budget_gib > act:
-        shards = math.ceil(static / (p.budget_gib - act))
-        shard = f"; or FSDP2 over {shards} GPUs of {p.gpu_gib:g} GiB (weights, gradients and state split"
-        if not p.checkpointing:
-            act_ckpt = _total_with(p, name, checkpointing=True) - static
-            fewer = math.ceil(static / (p.budget_gib - act_ckpt)) if p.budget_gib > act_ckpt else shards
+    if report.budget_gib > act:
+        shards = math.ceil(static / (report.budget_gib - act))
+        shard = f"; or FSDP2 over {shards} GPUs of {report.gpu_gib:g} GiB (weights, gradients and state split"
+        if not report.checkpointing:
+            act_ckpt = _total_with(report, name, checkpointing=True) - static
+            fewer = math.ceil(static / (report.budget_gib - act_ckpt)) if report.budget_gib > act_ckpt else shards
             shard += f"; {fewer} with --checkpointing" if fewer < shards else ""
         shard += ")"
     else:
@@ -317,10 +321,10 @@ def matching_memory_row(name: str, options: dict[str, Any]) -> str | None:
     """The ``slimopt memory`` row that counts optimizer ``name`` with these options (``param_bytes`` aside:
     that table is for fp32 parameters, but for AdamW's bf16 row), and what differs, e.g.
     ``"microadam (there param_bytes=4)"``; None if no row does."""
-    from .formulas import TABLE
+    from .formulas import table
 
     found = None
-    for label, table_row in TABLE.items():
+    for label, table_row in table().items():
         if table_row.optimizer != name:
             continue
         _, defaults = formula(table_row.optimizer)
@@ -355,42 +359,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headroom", type=float, default=0.1,
                         help="fraction of the GPU left for the CUDA context, fragmentation, workspaces (0.1)")
     parser.add_argument("--optimizer", action="append", metavar="NAME",
-                        help="restrict to these (repeatable): " + ", ".join(planned_optimizers()))
+                        help="restrict to these (repeatable): " + ", ".join(fit_candidates()))
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def _format(p: FitPlan) -> str:
+def _format(report: FitReport) -> str:
     header = ("optimizer", "weights", "grads", "state", "activations", "total", "fits", "max batch")
     lines = [header]
-    for r in p.rows:
+    for r in report.rows:
         lines.append((r["optimizer"] + ("" if r["in_slimopt"] else " *"), f"{r['weights_gib']:.2f}",
                       f"{r['gradients_gib']:.2f}", f"{r['state_gib']:.2f}", f"{r['activations_gib']:.2f}",
                       f"{r['total_gib']:.2f}", "yes" if r["fits"] else "no", str(r["max_batch"])))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [f"{p.model}: {p.params:,} parameters; seq {p.seq_len} x batch {p.batch}, {p.precision}"
-           f"{', activation checkpointing' if p.checkpointing else ''}",
-           f"GPU {p.gpu_gib:g} GiB, usable {p.budget_gib:.2f} GiB after headroom; all columns GiB (2^30 bytes)"]
+    out = [f"{report.model}: {report.params:,} parameters; seq {report.seq_len} x batch {report.batch}, "
+           f"{report.precision}{', activation checkpointing' if report.checkpointing else ''}",
+           f"GPU {report.gpu_gib:g} GiB, usable {report.budget_gib:.2f} GiB after headroom; all columns GiB "
+           "(2^30 bytes)"]
     for i, line in enumerate(lines):
         out.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("* baseline for comparison, not part of slimopt. 'max batch': largest micro-batch that fits.")
-    param_bytes = p.rows[0]["options"]["param_bytes"] if p.rows else 4
-    out.append(f"settings of each state formula: the class defaults, param_bytes={param_bytes} ({p.precision} "
+    param_bytes = report.rows[0]["options"]["param_bytes"] if report.rows else 4
+    out.append(f"settings of each state formula: the class defaults, param_bytes={param_bytes} ({report.precision} "
                "parameters); the `slimopt memory` row with the same settings:")
-    for r in p.rows:
+    for r in report.rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["options"].items())
         same = matching_memory_row(r["optimizer"], r["options"])
         out.append(f"  {r['optimizer']}: {settings}" + (f"  [memory row {same}]" if same else ""))
-    misfits = [r for r in p.rows if not r["fits"]]
-    fitting = [r["optimizer"] for r in p.rows if r["fits"]]
+    misfits = [r for r in report.rows if not r["fits"]]
+    fitting = [r["optimizer"] for r in report.rows if r["fits"]]
     if misfits:
         out.append("does not fit:")
         for r in misfits:
-            out.append(textwrap.fill(f"{r['optimizer']}: {why_not(p, r)}", width=100, initial_indent="  ",
+            out.append(textwrap.fill(f"{r['optimizer']}: {why_not(report, r)}", width=100, initial_indent="  ",
                                      subsequent_indent="    "))
         if not fitting:
-            best = min(p.rows, key=lambda r: r["total_gib"])
+            best = min(report.rows, key=lambda r: r["total_gib"])
             out.append(f"none fits; the smallest total is {best['optimizer']}'s, {best['total_gib']:.2f} GiB")
     out.append("Estimate: total = weights + grads + state + activations; the measured peak is usually a bit lower.")
     return "\n".join(out)
@@ -398,7 +403,7 @@ def _format(p: FitPlan) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = plan(args.model, args.gpu_mem, seq_len=args.seq_len, batch=args.batch, precision=args.precision,
+        result = fit_report(args.model, args.gpu_mem, seq_len=args.seq_len, batch=args.batch, precision=args.precision,
                       checkpointing=args.checkpointing, flash=not args.eager_attention, headroom=args.headroom,
                       optimizers=args.optimizer)
     except (KeyError, ValueError) as exc:

@@ -8,9 +8,11 @@ baselines that slimopt does not implement (8-bit AdamW, GaLore) have their formu
 count a 4-byte float32 step counter per tensor that keeps state, as torch's AdamW and slimopt's base class
 do: negligible for real models, but it makes small checks exact.
 
-The table's rows (:data:`TABLE`) are an optimizer with options: ``microadam`` with the class's defaults,
-``microadam-m10``/``-m20`` with the paper's (bucket 100,000, Top-K block 20,864), AdamW's state in fp32 or
-bf16. ``slimopt plan`` uses the same formulas with the class defaults and the parameter dtype.
+The table's rows (:func:`table`) are an optimizer with options, declared in its registry spec
+(``memory_rows``): ``microadam`` with the class's defaults, ``microadam-m10``/``-m20`` with the paper's
+(bucket 100,000, Top-K block 20,864), AdamW's state in fp32 or bf16; an optimizer that declares none has
+one row, its name with the class's defaults. ``slimopt plan`` uses the same formulas with the class
+defaults and the parameter dtype.
 
 Units: GB = 1e9 bytes, GiB = 2^30 bytes; both are printed.
 """
@@ -35,12 +37,13 @@ from .models import MODELS, UnsupportedConfig, resolve_model
 __all__ = [
     "BASELINE_FORMULAS",
     "PUBLISHED",
-    "TABLE",
     "TableRow",
     "adamw_state_bytes",
     "analytic_state_bytes",
     "formula",
+    "row_names",
     "state_table",
+    "table",
     "tensor_facts",
     "tensor_state_bytes",
     "add_arguments",
@@ -129,37 +132,29 @@ class TableRow:
     options: dict[str, Any] = field(default_factory=dict)  # over the class's / formula's defaults
 
 
-_PAPER_MICROADAM = {"quant_block_size": 100_000, "topk_block_size": 20_864}  # the official kernels' on an A100
-TABLE: dict[str, TableRow] = {
-    r.label: r
-    for r in [
-        TableRow("adamw-fp32", "adamw", "m, v fp32: 8 B/param", {"param_bytes": 4}),
-        TableRow("adamw-bf16", "adamw", "m, v bf16: 4 B/param", {"param_bytes": 2}),
-        TableRow("adamw-8bit", "adamw-8bit", "m, v 8-bit: 2 B/param"),
-        TableRow("microadam", "microadam", "slimopt's defaults: window m=10 of k=1% (int16+bf16) + 4-bit EF + "
-                 "bf16 min/max per 64"),
-        TableRow("microadam-m10", "microadam", "the paper's: window m=10 of k=1% + 4-bit EF + bf16 min/max per "
-                 "100k", {"m": 10, **_PAPER_MICROADAM}),
-        TableRow("microadam-m20", "microadam", "the paper's, m=20", {"m": 20, **_PAPER_MICROADAM}),
-        TableRow("adam-mini", "adammini", "m fp32 + one fp32 v per block (tokens, heads, neurons, tensors)"),
-        TableRow("sinkgd", "sinkgd", "none for hidden matrices; AdamW fp32 for embeddings/head/norms/biases"),
-        TableRow("swan", "swan", "none for hidden matrices; AdamW fp32 for embeddings/head/norms/biases"),
-        TableRow("galore", "galore", BASELINE_FORMULAS["galore"].summary),
-    ]
-}
+def table() -> dict[str, TableRow]:
+    """The default rows of ``slimopt memory``, by label: each registered optimizer's (its spec's
+    ``memory_rows``, or its name with the class's defaults), then the baselines of :data:`BASELINE_FORMULAS`."""
+    rows = [TableRow(r.label, s.name, r.summary, dict(r.options)) for s in SPECS.values() for r in s.rows()]
+    rows += [TableRow(name, name, base.summary) for name, base in BASELINE_FORMULAS.items()]
+    return {r.label: r for r in rows}
 
 
 def _resolve(name: str) -> tuple[str, dict[str, Any]]:
     """A table label, a registry name (or alias) or a baseline key -> (optimizer, options of the row)."""
-    if name in TABLE:
-        return TABLE[name].optimizer, dict(TABLE[name].options)
+    rows = table()
+    if name in rows:
+        return rows[name].optimizer, dict(rows[name].options)
     if name in BASELINE_FORMULAS:
         return name, {}
     return spec(name).name, {}
 
 
-def known_names() -> list[str]:
-    return list(TABLE) + [n for n in (*SPECS, *BASELINE_FORMULAS) if n not in TABLE]
+def row_names() -> list[str]:
+    """Every name ``slimopt memory --optimizer`` takes: the table's labels, then registry names and baseline
+    keys that are no label."""
+    labels = list(table())
+    return labels + [n for n in (*SPECS, *BASELINE_FORMULAS) if n not in labels]
 
 
 def tensor_state_bytes(facts: Iterable[ParamInfo], optimizer: str, **options: Any) -> dict[str, int]:
@@ -209,7 +204,8 @@ def state_table(model: str, optimizers: Iterable[str] | None = None,
     model_spec = resolve_model(model)  # a published name, or a config.json / a folder with one
     facts = tensor_facts(model_spec.shapes(), model_spec.config)
     n_params = sum(t.numel for t in facts)
-    names = list(optimizers or TABLE)
+    rows_by_label = table()
+    names = list(optimizers or rows_by_label)
     reference = sum(tensor_state_bytes(facts, "adamw-fp32").values())
     rows = []
     for name in names:
@@ -218,7 +214,7 @@ def state_table(model: str, optimizers: Iterable[str] | None = None,
         chosen.update(options.get(name, {}))
         total = sum(tensor_state_bytes(facts, name, **chosen).values())
         _, defaults = formula(base)
-        summary = TABLE[name].summary if name in TABLE else spec(base).summary
+        summary = rows_by_label[name].summary if name in rows_by_label else spec(base).summary
         row = {
             "optimizer": name, "bytes": total, "bytes_per_param": total / n_params,
             "GB": total / GB, "GiB": total / GiB, "vs_adamw_fp32": total / reference,
@@ -245,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"published model (repeatable, or 'all'): {', '.join(MODELS)}; or a model's "
                              "config.json or a folder with one (LLaMA/Mistral/Qwen2/Qwen3, GPT-2, BERT, OPT)")
     parser.add_argument("--optimizer", action="append", metavar="NAME",
-                        help="restrict to these rows (repeatable): " + ", ".join(TABLE))
+                        help="restrict to these rows (repeatable): " + ", ".join(table()))
     parser.add_argument("--set", action="append", default=[], metavar="OPTIMIZER.KEY=VALUE",
                         help="override a formula option, e.g. galore.rank=128, microadam-m10.quant_block_size=64, "
                              "adamw-8bit.scale_block=256")
@@ -269,9 +265,9 @@ def parse_settings(settings: Iterable[str]) -> dict[str, dict[str, Any]]:
     for setting in settings:
         target, _, value = setting.partition("=")
         optimizer, _, key = target.rpartition(".")
-        if not value or not key or optimizer not in known_names():
+        if not value or not key or optimizer not in row_names():
             raise ValueError(f"--set {setting!r}: expected OPTIMIZER.KEY=VALUE with OPTIMIZER one of "
-                             f"{', '.join(known_names())}")
+                             f"{', '.join(row_names())}")
         known = formula_option_names(_resolve(optimizer)[0])
         if key not in known:
             raise ValueError(f"--set {setting!r}: {optimizer} has no option {key!r} (options: {', '.join(known)})")
@@ -325,10 +321,10 @@ def run(args: argparse.Namespace) -> int:
         except (KeyError, UnsupportedConfig) as exc:
             print(f"slimopt memory: {exc.args[0] if exc.args else exc}", file=sys.stderr)
             return 2
-    bad_optimizers = [o for o in args.optimizer or [] if o not in known_names()]
+    bad_optimizers = [o for o in args.optimizer or [] if o not in row_names()]
     if bad_optimizers:
         print(f"slimopt memory: --optimizer {', '.join(map(repr, bad_optimizers))}: unknown optimizer (known: "
-              f"{', '.join(known_names())})", file=sys.stderr)
+              f"{', '.join(row_names())})", file=sys.stderr)
         return 2
     try:
         settings = parse_settings(args.set)

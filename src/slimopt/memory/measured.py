@@ -1,4 +1,5 @@
-"""Memory accounting: exact bytes held in optimizer state."""
+"""Measured optimizer-state memory: the exact bytes an optimizer holds in ``optimizer.state`` (the analytic
+counterpart, per tensor from shapes alone, is :mod:`slimopt.memory.formulas`)."""
 
 from __future__ import annotations
 
