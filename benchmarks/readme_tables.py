@@ -174,6 +174,7 @@ def demo_table() -> str:
 GPU_RESULTS = RESULTS / "gpu"
 FINETUNE_LM = RESULTS / "cpu" / "finetune_lm" / "results.json"  # tiny preset, every optimizer
 FINETUNE_LM_CPU = RESULTS / "cpu" / "finetune_lm_cpu" / "results.json"  # cpu preset, the two methods with bars
+FINETUNE_SMOLLM2 = RESULTS / "cpu" / "finetune_smollm2" / "results.json"
 
 
 def finetune_lm_table(path: Path = FINETUNE_LM) -> str:
@@ -222,6 +223,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "gpu": gpu_table,
     "finetune-lm": finetune_lm_table,
     "finetune-lm-cpu": lambda: finetune_lm_table(FINETUNE_LM_CPU),
+    "finetune-lm-smollm2": lambda: finetune_lm_table(FINETUNE_SMOLLM2),
     "step-time": step_time_table,
     "pretrain-cpu": pretrain_reference_table,
     "finetune-rt": finetune_table,
