@@ -194,6 +194,34 @@ def finetune_lm_table(path: Path = FINETUNE_LM) -> str:
     return _table(["optimizer", "lr", "seeds", *[f"× AdamW @{c}" for c in checkpoints], "final vs AdamW"], rows)
 
 
+GPU_ESTIMATE = RESULTS / "gpu_estimate" / "results.json"
+
+
+def gpu_estimate_table(path: Path = GPU_ESTIMATE) -> str:
+    """The modelled GPU step at 1b (``slimopt bench gpu-estimate``): an estimate, not a measurement."""
+    result = _load(path)
+    if result is None:
+        return _missing(path)
+    cases = result["cases"]
+    names = sorted({k.split("/")[0] for k in cases}, key=lambda n: (not n.startswith("adamw"), n))
+    rows = []
+    for name in names:
+        cells = [name]
+        for dtype in ("fp32", "bf16"):
+            c = cases.get(f"{name}/{dtype}")
+            cells += ["–"] * 4 if c is None else [f"{c['predicted_ms']:.1f}", f"{c['x_fused_adamw']:.2f}",
+                                                 str(c["kernels"]), f"{c['bytes_per_param']:.2f}"]
+        fp32 = cases.get(f"{name}/fp32", {})
+        cells.append(str(len(fp32.get("syncs", []))))
+        rows.append(cells)
+    meta = result["meta"]
+    table = _table(["optimizer", "fp32 ms (est.)", "× fused AdamW", "kernels", "B/param moved", "bf16 ms (est.)",
+                    "× fused AdamW", "kernels", "B/param moved", "host syncs"], rows)
+    return (f"{table}\n\nEstimated, not measured: `{meta['command'].split('/')[-1]}` at commit "
+            f"{meta['git_commit'][:7]} ({meta['versions']['torch']}, no GPU); {result['preset']} preset, weight decay "
+            f"{result['weight_decay']}; calibration: {result['calibration']['source']}.")
+
+
 def gpu_table() -> str:
     """Step time at 1B from the newest committed GPU suite run (benchmarks/gpu_suite.py), dry runs left out."""
     runs = sorted(p for p in GPU_RESULTS.glob("*/results.json") if not _load(p).get("dry_run"))
@@ -221,6 +249,7 @@ def gpu_table() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "gpu": gpu_table,
+    "gpu-estimate": gpu_estimate_table,
     "finetune-lm": finetune_lm_table,
     "finetune-lm-cpu": lambda: finetune_lm_table(FINETUNE_LM_CPU),
     "finetune-lm-smollm2": lambda: finetune_lm_table(FINETUNE_SMOLLM2),

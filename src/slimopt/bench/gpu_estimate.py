@@ -1268,10 +1268,13 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results, cal, top=args.top))
     print(f"({len(results)} cases in {time.perf_counter() - t0:.0f} s)")
     if args.json:
+        from .report import run_metadata, write_json
+
         ratio = ratios_to(results, cal=cal)
-        payload = {"calibration": cal.__dict__, "foreach_limits": limits.name,
+        payload = {"meta": run_metadata(), "calibration": cal.__dict__, "foreach_limits": limits.name,
+                   "preset": args.preset, "weight_decay": args.weight_decay,
                    "cases": {k: {**r.to_json(cal), "x_fused_adamw": ratio.get(k)} for k, r in results.items()}}
-        Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+        write_json(args.json, json.loads(json.dumps(payload, default=str)))
     return 0
 
 
