@@ -217,7 +217,7 @@ def gpu_estimate_table(path: Path = GPU_ESTIMATE) -> str:
     meta = result["meta"]
     table = _table(["optimizer", "fp32 ms (est.)", "× fused AdamW", "kernels", "B/param moved", "bf16 ms (est.)",
                     "× fused AdamW", "kernels", "B/param moved", "host syncs"], rows)
-    return (f"{table}\n\nEstimated, not measured: `{meta['command'].split('/')[-1]}` at commit "
+    return (f"{table}\n\nEstimated, not measured: `slimopt bench gpu-estimate` at commit "
             f"{meta['git_commit'][:7]} ({meta['versions']['torch']}, no GPU); {result['preset']} preset, weight decay "
             f"{result['weight_decay']}; calibration: {result['calibration']['source']}.")
 
