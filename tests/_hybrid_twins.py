@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimopt.optim.hybrid import HybridStatelessOptimizer
+from slimopt.optim.hybrid import MatrixAdamWHybrid
 
 FP32_ULP = 2.0**-23
 
 
 def per_matrix(opt):
     """Make ``opt`` update its matrices one at a time, through the reference ``update_matrix``."""
-    opt.update_matrices = lambda views, group: HybridStatelessOptimizer.update_matrices(opt, views, group)
+    opt.update_matrices = lambda views, group: MatrixAdamWHybrid.update_matrices(opt, views, group)
     return opt
 
 

@@ -23,9 +23,9 @@ import slimopt
 from slimopt import AdamMini
 from slimopt.ops import blockstats
 from slimopt.ops.blockstats import (
-    adam_mini_foreach,
-    adam_mini_step,
-    adam_mini_step_reference,
+    block_adam_foreach,
+    block_adam_step,
+    block_adam_step_reference,
     block_mean_sq,
     block_mean_sq_reference,
     block_state_shape,
@@ -79,6 +79,17 @@ def assert_close_to_reference(p, ref, *, steps, lr, msg=""):
     torch.testing.assert_close(p.detach(), ref.detach(), rtol=steps * ulp, atol=steps * lr * 2.0**-18, msg=msg)
 
 
+def _step_beside(mine, opt, ref, torch_opt, gen, *, steps):
+    """``steps`` steps of ``opt`` (on the named pairs ``mine``) and of torch's ``torch_opt`` (on ``ref``), both on the
+    same random gradients."""
+    for _ in range(steps):
+        random_grads(ref, gen)
+        for (_, p), r in zip(mine, ref):
+            p.grad = r.grad.clone()
+        opt.step()
+        torch_opt.step()
+
+
 @pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
 def test_elementwise_blocks_equal_torch_adamw_bit_for_bit(foreach):
     pairs = llama_pairs(bias=True)
@@ -88,13 +99,7 @@ def test_elementwise_blocks_equal_torch_adamw_bit_for_bit(foreach):
     opt = AdamMini(mine, overrides={"*": "elementwise"}, no_decay_roles=(), num_heads=4, num_kv_heads=2,
                    foreach=foreach, **kw)
     torch_opt = torch.optim.AdamW(ref, foreach=False, **kw)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        random_grads(ref, gen)
-        for (_, p), r in zip(mine, ref):
-            p.grad = r.grad.clone()
-        opt.step()
-        torch_opt.step()
+    _step_beside(mine, opt, ref, torch_opt, torch.Generator().manual_seed(1), steps=5)
     for (name, p), r in zip(mine, ref):
         assert torch.equal(opt.state[p]["exp_avg"], torch_opt.state[r]["exp_avg"]), name
         assert torch.equal(opt.state[p]["exp_avg_sq"], torch_opt.state[r]["exp_avg_sq"]), name
@@ -117,12 +122,7 @@ def test_single_element_rows_through_the_block_path_equal_adamw():
     opt = AdamMini(mine, **kw)
     assert all(row.rule == "rows" and row.block_size == 1 for row in opt.plan)
     torch_opt = torch.optim.AdamW(ref, foreach=False, **kw)
-    for _ in range(6):
-        random_grads(ref, gen)
-        for (_, p), r in zip(mine, ref):
-            p.grad = r.grad.clone()
-        opt.step()
-        torch_opt.step()
+    _step_beside(mine, opt, ref, torch_opt, gen, steps=6)
     for (_, p), r in zip(mine, ref):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
 
@@ -188,8 +188,8 @@ def test_fast_step_matches_reference_step(case, dtype):
     kw = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
     for step in range(1, 5):
         grad = torch.randn(shape, generator=gen).to(dtype)
-        adam_mini_step(p_fast, grad, m_fast, v_fast, float(step), layout, **kw)
-        adam_mini_step_reference(p_ref, grad, m_ref, v_ref, float(step), layout, **kw)
+        block_adam_step(p_fast, grad, m_fast, v_fast, float(step), layout, **kw)
+        block_adam_step_reference(p_ref, grad, m_ref, v_ref, float(step), layout, **kw)
     # v differs by float32 accumulation order (squared norm vs scatter in float64, rel ~1e-7); the
     # parameter by that, times lr, plus one rounding of p in its own dtype.
     tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
@@ -305,9 +305,9 @@ def test_foreach_kernel_matches_per_tensor_kernel(dtype):
     decays = [0.1 if i % 2 else 0.0 for i in range(len(cases))]
     for step in range(1, 5):
         grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-        adam_mini_foreach(p_fast, grads, m_fast, v_fast, steps, layouts, weight_decays=decays, **kw)
+        block_adam_foreach(p_fast, grads, m_fast, v_fast, steps, layouts, weight_decays=decays, **kw)
         for i in range(len(cases)):
-            adam_mini_step(p_ref[i], grads[i], m_ref[i], v_ref[i], float(step), layouts[i], weight_decay=decays[i],
+            block_adam_step(p_ref[i], grads[i], m_ref[i], v_ref[i], float(step), layouts[i], weight_decay=decays[i],
                            **kw)
     for i, case in enumerate(cases):
         assert int(steps[i]) == 4, case

@@ -4,7 +4,7 @@ On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON
 ``backend="triton"``; on a GPU the same tests run the compiled kernels (``backend="auto"`` picks them for CUDA
 tensors), and the tests marked ``gpu`` run only there.
 
-References: the torch multi-tensor step (``blockstats.adam_mini_foreach``, itself held to the per-tensor step in
+References: the torch multi-tensor step (``blockstats.block_adam_foreach``, itself held to the per-tensor step in
 tests/test_adam_mini.py) on the same tensors, and the float64 per-tensor reference.
 
 How exact, and why these tolerances:
@@ -47,8 +47,8 @@ triton = pytest.importorskip("triton")
 
 from slimopt.ops.block_moments_triton import BlockMomentsStep, contiguous_blocks  # noqa: E402
 from slimopt.ops.blockstats import (  # noqa: E402
-    adam_mini_foreach,
-    adam_mini_step_reference,
+    block_adam_foreach,
+    block_adam_step_reference,
     block_state_shape,
 )
 from test_adam_mini import MIXED, MIXED_KW, mixed_overrides  # noqa: E402
@@ -149,7 +149,7 @@ def test_kernels_match_the_torch_step(dtype, lr_kind):
         assert bad.dtype == torch.bool and not bad.any()
         sync(mine, ref)
         step.step(mine[0], grads, mine[1], mine[2], mine[3], weight_decays=decays, **hp)
-        adam_mini_foreach(ref[0], grads, ref[1], ref[2], ref[3], layouts, weight_decays=decays, **hp)
+        block_adam_foreach(ref[0], grads, ref[1], ref[2], ref[3], layouts, weight_decays=decays, **hp)
         for i, case in enumerate(cases):
             assert_states_agree(case, [x[i] for x in mine], [x[i] for x in ref], lr=HP["lr"])
 
@@ -167,7 +167,7 @@ def test_kernels_against_the_float64_reference(dtype):
         grads = [torch.randn(SPANS[c][0], generator=gen).to(dtype).to(DEVICE) for c in cases]
         step.step(mine[0], grads, mine[1], mine[2], mine[3], weight_decays=decays, **HP)
         for i, case in enumerate(cases):
-            adam_mini_step_reference(ref[0][i], grads[i].cpu(), ref[1][i], ref[2][i], float(t), SPANS[case][1],
+            block_adam_step_reference(ref[0][i], grads[i].cpu(), ref[1][i], ref[2][i], float(t), SPANS[case][1],
                                      weight_decay=0.1, **HP)
     # as tests/test_adam_mini.py's fast-vs-reference test: v to float32 accumulation (the reference sums in
     # float64), p to that times lr plus one rounding of p in its own dtype; m is the same lerp
@@ -195,7 +195,7 @@ def test_kernels_with_a_bf16_moment_for_fp32_parameters(beta1):
         grads = [torch.randn(SPANS[c][0], generator=gen).to(DEVICE) for c in cases]
         sync(mine, ref)
         step.step(mine[0], grads, mine[1], mine[2], mine[3], weight_decays=[0.1] * 3, **hp)
-        adam_mini_foreach(ref[0], grads, ref[1], ref[2], ref[3], layouts, weight_decays=[0.1] * 3, **hp)
+        block_adam_foreach(ref[0], grads, ref[1], ref[2], ref[3], layouts, weight_decays=[0.1] * 3, **hp)
         for i, case in enumerate(cases):
             assert mine[1][i].dtype == torch.bfloat16
             assert_states_agree(case, [x[i] for x in mine], [x[i] for x in ref], lr=HP["lr"])
@@ -223,7 +223,7 @@ def test_kernels_leave_a_flagged_tensor_and_its_state_alone():
         step.step(mine[0], grads, mine[1], mine[2], mine[3], weight_decays=[0.1] * 4, **HP)
         keep = [0, 1, 3]
         p_ref, m_ref, v_ref, t_ref = ([x[i] for i in keep] for x in ref)
-        adam_mini_foreach(p_ref, [grads[i] for i in keep], m_ref, v_ref, t_ref, [layouts[i] for i in keep],
+        block_adam_foreach(p_ref, [grads[i] for i in keep], m_ref, v_ref, t_ref, [layouts[i] for i in keep],
                           weight_decays=[0.1] * 3, **HP)
         for group, old in zip(mine, before):  # the flagged tensor: p, m, v and its counter untouched
             assert torch.equal(group[2], old[2])
@@ -454,6 +454,6 @@ def test_gpu_kernels_at_a_real_width():
         grads = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
         sync(mine, ref)
         step.step(mine[0], grads, mine[1], mine[2], mine[3], weight_decays=[0.1, 0.1, 0.0], **HP)
-        adam_mini_foreach(ref[0], grads, ref[1], ref[2], ref[3], layouts, weight_decays=[0.1, 0.1, 0.0], **HP)
+        block_adam_foreach(ref[0], grads, ref[1], ref[2], ref[3], layouts, weight_decays=[0.1, 0.1, 0.0], **HP)
         for i in range(len(shapes)):
             assert_states_agree(str(shapes[i]), [x[i] for x in mine], [x[i] for x in ref], lr=HP["lr"])

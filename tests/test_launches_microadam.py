@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 triton = pytest.importorskip("triton")
 
 import slimopt  # noqa: E402
-import slimopt.ops.microadam_triton as kernels  # noqa: E402
+import slimopt.ops.sparse_window_triton as kernels  # noqa: E402
 from slimopt.bench.model import PRESETS, LlamaDecoder  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -92,7 +92,7 @@ def test_adam_mini_keeps_one_v_per_block_on_llama2_7b():
     expected_blocks = 2 * 32000 + 32 * (32 + 32 + 4096 + 4096 + 11008 + 11008 + 4096 + 2) + 1
     assert expected_blocks == 1_163_841
     facts = mm.tensor_facts(models.model_shapes("llama2-7b"), models.MODELS["llama2-7b"].config)
-    assert sum(ADAM_MINI.layout(t, ADAM_MINI.rule_for(t.role)).n_blocks for t in facts) == expected_blocks
+    assert sum(ADAM_MINI.facts(t, ADAM_MINI.rule_for(t.role)).n_blocks for t in facts) == expected_blocks
     total = mm.analytic_state_bytes(facts, "adam-mini")
     assert total == 4 * LLAMA2_7B + 4 * expected_blocks + 4 * len(facts)
 

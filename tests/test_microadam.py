@@ -12,14 +12,14 @@ import torch
 import slimopt
 import slimopt.optim.microadam as microadam_module
 from slimopt import MicroAdam
-from slimopt.ops.microadam_window import (
+from slimopt.ops.sparse_window import (
     adam_update_from_window,
     apply_window_update_,
     dense_update_,
     row_weights,
     window_weights,
 )
-from slimopt.ops.topk import block_layout
+from slimopt.ops.topk import topk_blocks
 from slimopt.optim.microadam import chunk_spans
 
 # --------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def reference_step(p, g, state, hp, t):
 def _unpacked_state(opt_state, d, hp):
     from slimopt.ops.quant import unpack_nibbles
 
-    layout = block_layout(d, hp["topk_block_size"], hp["k_init"])
+    layout = topk_blocks(d, hp["topk_block_size"], hp["k_init"])
     starts = torch.cat([torch.full((layout.k_block,), b * layout.block_size) for b in range(layout.full_blocks)]
                        + [torch.full((layout.k_tail,), layout.full_blocks * layout.block_size)])
     return {
@@ -108,7 +108,7 @@ def test_vectorised_matches_slow_float64_reference(monkeypatch, chunk):
         g = torch.randn_like(p)
         before = _unpacked_state(opt.state[p], p.numel(), hp) if t > 1 else None
         if before is None:
-            layout = block_layout(p.numel(), 256, 0.05)
+            layout = topk_blocks(p.numel(), 256, 0.05)
             before = {"codes": torch.zeros(p.numel(), dtype=torch.uint8), "lo": [0.0] * 14, "hi": [0.0] * 14,
                       "rel": [torch.zeros(layout.k_total, dtype=torch.long)] * 3,
                       "val": [torch.zeros(layout.k_total, dtype=torch.float64)] * 3}
@@ -322,7 +322,7 @@ def test_any_density_trains(k_init):
 
 def test_chunk_spans_cover_a_tensor_beyond_int32():
     n = 2**31 + 77_777
-    layout = block_layout(n, 4096, 0.01)
+    layout = topk_blocks(n, 4096, 0.01)
     spans = list(chunk_spans(layout, 64))
     assert spans[0].start == 0 and spans[-1].end == n and spans[-1].columns[1] == layout.k_total
     assert spans[-1].code_bytes[1] == (n + 1) // 2 and spans[-1].buckets[1] == math.ceil(n / 64)

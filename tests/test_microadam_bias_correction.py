@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import slimopt
-from slimopt.ops.microadam_window import bias_corrections
+from slimopt.ops.sparse_window import bias_corrections
 
 BETAS = (0.9, 0.999)
 

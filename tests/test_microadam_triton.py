@@ -14,7 +14,7 @@ where the CPU computes ``p + (alpha * m) / d``. And on CPU, torch's vectorised `
 rounded (torch 2.13, AVX-512 build: 1 ulp off for ~17% of random fp32 inputs); the kernels' ``sqrt_rn`` is,
 so the window-update reference runs with an IEEE square root (``ieee_sqrt``).
 
-The one-tensor kernels are tested beside their torch references; the group launches (``MultiTensorStep``, all
+The one-tensor kernels are tested beside their torch references; the group launches (``SparseWindowStep``, all
 tensors of a group in three launches) through MicroAdam, against its torch path, tensor by tensor.
 """
 
@@ -32,10 +32,10 @@ import slimopt
 
 triton = pytest.importorskip("triton")
 
-import slimopt.ops.microadam_triton as kernels  # noqa: E402
+import slimopt.ops.sparse_window_triton as kernels  # noqa: E402
 from slimopt import MicroAdam  # noqa: E402
 from slimopt.ops import quant, topk  # noqa: E402
-from slimopt.ops.microadam_window import apply_window_update_, window_weights  # noqa: E402
+from slimopt.ops.sparse_window import apply_window_update_, window_weights  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STATE_KEYS = ("window_indices", "window_values", "ef_codes", "ef_min", "ef_max")
@@ -122,7 +122,7 @@ def test_block_topk_matches_torch(n, block, k_init, data):
     """Same chosen set as ops.topk.block_topk (ties to the lower index), indices ascending per block."""
     torch.manual_seed(n)
     a = torch.randn(n).to(torch.bfloat16).float() if data == "bf16" else _ties(n, n)  # bf16: many ties too
-    layout = topk.block_layout(n, block, k_init)
+    layout = topk.topk_blocks(n, block, k_init)
     idx = torch.zeros(layout.k_total, dtype=torch.int16, device=DEVICE)
     val = torch.zeros(layout.k_total, dtype=torch.bfloat16, device=DEVICE)
     rel = topk.block_topk(a, block, k_init)
@@ -139,7 +139,7 @@ def test_block_topk_matches_torch(n, block, k_init, data):
 def _random_window(n: int, block: int, k_init: float, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A valid window: per row and block, unique ascending block-relative indices; bf16 values."""
     g = torch.Generator().manual_seed(seed)
-    layout = topk.block_layout(n, block, k_init)
+    layout = topk.topk_blocks(n, block, k_init)
     idx = torch.empty(m, layout.k_total, dtype=torch.int16)
     for r in range(m):
         cols = []
@@ -165,7 +165,7 @@ def test_window_update_matches_torch(dtype, weight_decay, step, ieee_sqrt):
     p = p0.to(DEVICE, copy=True)
     kernels.window_update(p, idx.to(DEVICE), val.to(DEVICE), block, k_init, step, betas, eps, lr, weight_decay)
     expected = p0.clone()
-    positions = idx.long() + topk.block_starts(topk.block_layout(n, block, k_init))
+    positions = idx.long() + topk.block_starts(topk.topk_blocks(n, block, k_init))
     apply_window_update_(expected, positions, val, window_weights(step, m, betas), eps, lr, weight_decay,
                          torch.zeros(2, n))
     assert torch.equal(p.cpu(), expected)
@@ -174,7 +174,7 @@ def test_window_update_matches_torch(dtype, weight_decay, step, ieee_sqrt):
 # -- whole steps --------------------------------------------------------------------------------------------
 def _fresh_state(n: int, hp: dict, device) -> dict[str, torch.Tensor]:
     """MicroAdam's state of a fresh tensor of n entries (shapes as MicroAdam._init_state)."""
-    k_total = topk.block_layout(n, hp["topk_block_size"], hp["k_init"]).k_total
+    k_total = topk.topk_blocks(n, hp["topk_block_size"], hp["k_init"]).k_total
     buckets = quant.num_buckets(n, hp["quant_block_size"])
     return {"window_indices": torch.zeros(hp["m"], k_total, dtype=torch.int16, device=device),
             "window_values": torch.zeros(hp["m"], k_total, dtype=torch.bfloat16, device=device),
@@ -185,7 +185,7 @@ def _fresh_state(n: int, hp: dict, device) -> dict[str, torch.Tensor]:
 
 def _triton_step(p: torch.Tensor, grad: torch.Tensor, state: dict, hp: dict, step: int) -> None:
     """How MicroAdam calls the Triton step: tensors and plain numbers."""
-    kernels.microadam_step_triton(p, grad, *(state[key] for key in STATE_KEYS), step=step, lr=hp["lr"],
+    kernels.sparse_window_step_triton(p, grad, *(state[key] for key in STATE_KEYS), step=step, lr=hp["lr"],
                                   betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"], m=hp["m"],
                                   k_init=hp["k_init"], topk_block_size=hp["topk_block_size"],
                                   quant_block_size=hp["quant_block_size"])
@@ -273,7 +273,7 @@ def test_gpu_kernels_follow_torch_path_at_scale(block, weight_decay, ieee_sqrt):
 
 
 # -- the group launches -------------------------------------------------------------------------------------
-# MicroAdam steps the plain tensors of a group on the Triton path together (ops.microadam_triton.MultiTensorStep:
+# MicroAdam steps the plain tensors of a group on the Triton path together (ops.sparse_window_triton.SparseWindowStep:
 # a check, a fused compression and a window update, each one launch for all of them). Held bit for bit to the
 # torch path on CPU, tensor by tensor. Sizes for Top-K blocks of 256 and buckets of 64: smaller than a block
 # (50; 1; 130, which ends in a partial bucket), odd with a partial last block (33 x 17 = 561 = 2 blocks + 49),
@@ -482,19 +482,25 @@ def test_group_first_step_makes_counters_on_the_device_without_reads():
     assert _uses_group_launches(tri_opt) == len(shapes)
 
 
+def _stepped_and_saved(shapes, hp, *, seed, steps, grad_steps, **kwargs):
+    """Group-launch fp32 tensors of ``shapes`` after ``steps`` steps on seeded gradients (``grad_steps`` of them made,
+    the rest for the caller), and a copy of the optimizer's state dict then."""
+    _, _, tri, tri_opt = _twins(shapes, [torch.float32] * len(shapes), hp, seed=seed, **kwargs)
+    g = torch.Generator().manual_seed(seed + 1)
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(grad_steps)]
+    for step in range(steps):
+        for p, grad in zip(tri, grads[step]):
+            p.grad = grad.to(DEVICE)
+        tri_opt.step()
+    return tri, tri_opt, grads, copy.deepcopy(tri_opt.state_dict())
+
+
 def test_group_loaded_counters_are_read_once(ieee_sqrt):
     """After load_state_dict the counters come from elsewhere: the first step reads them back once for all
     tensors (one ``.item()``, not one per tensor), and the run continues as the uninterrupted one."""
     hp = dict(GROUP_HP, m=2)
     shapes = GROUP_SHAPES
-    _, _, tri, tri_opt = _twins(shapes, [torch.float32] * len(shapes), hp, seed=25, nonfinite="skip")
-    g = torch.Generator().manual_seed(26)
-    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
-    for step in range(2):
-        for p, grad in zip(tri, grads[step]):
-            p.grad = grad.to(DEVICE)
-        tri_opt.step()
-    saved = copy.deepcopy(tri_opt.state_dict())
+    tri, tri_opt, grads, saved = _stepped_and_saved(shapes, hp, seed=25, steps=2, grad_steps=4, nonfinite="skip")
     resumed = [p.detach().clone().requires_grad_() for p in tri]
     resumed_opt = MicroAdam(resumed, backend="triton", nonfinite="skip", **hp)
     resumed_opt.load_state_dict(saved)
@@ -544,14 +550,7 @@ def test_group_state_dict_round_trip(ieee_sqrt):
     continue bit-identically to the run that was never interrupted."""
     hp = dict(GROUP_HP, weight_decay=0.1, m=2)
     shapes = GROUP_SHAPES[:4]
-    _, _, tri, tri_opt = _twins(shapes, [torch.float32] * len(shapes), hp, seed=7)
-    g = torch.Generator().manual_seed(8)
-    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(6)]
-    for step in range(3):
-        for p, grad in zip(tri, grads[step]):
-            p.grad = grad.to(DEVICE)
-        tri_opt.step()
-    saved = copy.deepcopy(tri_opt.state_dict())
+    tri, tri_opt, grads, saved = _stepped_and_saved(shapes, hp, seed=7, steps=3, grad_steps=6)
     resumed = [p.detach().clone().requires_grad_() for p in tri]
     resumed_opt = MicroAdam(resumed, backend="triton", **hp)
     resumed_opt.load_state_dict(saved)
@@ -588,8 +587,8 @@ def test_group_step_is_deterministic_bf16(weight_decay):
 
 def test_group_layouts_the_fused_pass_does_not_take_use_the_one_tensor_path(ieee_sqrt):
     """Buckets that are not a power of two (or do not tile a Top-K block) go tensor by tensor, as before."""
-    assert not kernels.group_layout_supported(256, 48) and not kernels.group_layout_supported(96, 64)
-    assert kernels.group_layout_supported(4096, 64) and kernels.group_layout_supported(256, 1)
+    assert not kernels.group_sizes_supported(256, 48) and not kernels.group_sizes_supported(96, 64)
+    assert kernels.group_sizes_supported(4096, 64) and kernels.group_sizes_supported(256, 1)
     hp = dict(GROUP_HP, quant_block_size=48)
     ref, ref_opt, tri, tri_opt = _twins(GROUP_SHAPES[:2], [torch.float32] * 2, hp, seed=11)
     g = torch.Generator().manual_seed(12)
@@ -602,8 +601,8 @@ def test_group_layouts_the_fused_pass_does_not_take_use_the_one_tensor_path(ieee
 
 
 def test_bias_correction_table_matches_window_weights():
-    """The kernels' weights, fp32(beta**age) * fp32(c(step)) from MultiTensorStep's table, are window_weights."""
-    runner = kernels.MultiTensorStep([10], "cpu", torch.float32, m=4, k_init=0.5, topk_block_size=8,
+    """The kernels' weights, fp32(beta**age) * fp32(c(step)) from SparseWindowStep's table, are window_weights."""
+    runner = kernels.SparseWindowStep([10], "cpu", torch.float32, m=4, k_init=0.5, topk_block_size=8,
                                      quant_block_size=2)
     for betas in [(0.9, 0.999), (0.0, 0.5), (0.95, 0.99999)]:
         runner.bound = 3000

@@ -146,7 +146,7 @@ def test_empty_matrices(shape):
 from slimopt.ops.normalize import (  # noqa: E402
     add_stacked_,
     row_standardize_stacked_,
-    sinkgd_update_stacked_,
+    sinkhorn_scaled_add_stacked_,
     sinkhorn_scales_stacked,
 )
 
@@ -200,7 +200,7 @@ def test_stacked_sinkgd_update_is_algorithm_4(dtype, decay):
     before = [p.double() for p in params]
     lr = torch.tensor(0.1) if decay == "tensor" else 0.1
     factor = (1 - lr * 0.5 * 0.2) if decay == "tensor" else decay
-    sinkgd_update_stacked_(params, grads, 5, lr, 0.5, factor, stack=torch.empty(k, m, n),
+    sinkhorn_scaled_add_stacked_(params, grads, 5, lr, 0.5, factor, stack=torch.empty(k, m, n),
                            gram=torch.empty(k, m, n))
     f = 1.0 if decay is None else 0.99 if decay == 0.99 else 1 - 0.1 * 0.5 * 0.2
     for p, w, grad in zip(params, before, grads):
@@ -219,7 +219,7 @@ def test_stacked_sinkgd_update_leaves_a_nonfinite_matrix_unchanged(grads_finite)
     else:
         grads[1][2, 2] = float("nan")
     params = [torch.ones(m, n) for _ in range(k)]
-    sinkgd_update_stacked_(params, grads, 5, 0.1, 1.0, 0.9, stack=torch.empty(k, m, n), gram=torch.empty(k, m, n),
+    sinkhorn_scaled_add_stacked_(params, grads, 5, 0.1, 1.0, 0.9, stack=torch.empty(k, m, n), gram=torch.empty(k, m, n),
                            grads_finite=grads_finite)
     assert torch.equal(params[1], torch.ones(m, n))  # neither stepped nor decayed
     assert all(torch.isfinite(p).all() for p in params)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from slimopt.ops.normalize import sinkhorn_scales, sr_sinkhorn_reference
-from slimopt.ops.sinkhorn_triton import SinkhornScaledAdd, sinkhorn_layout
+from slimopt.ops.sinkhorn_triton import SinkhornScaledAdd, storage_order
 from slimopt.ops.triton_support import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -45,7 +45,7 @@ def matrices(shapes, *, transposed=False, dtype=torch.float32, seed=0, scale_row
 
 
 def build(params, grads):
-    layouts = [sinkhorn_layout(p, g) for p, g in zip(params, grads)]
+    layouts = [storage_order(p, g) for p, g in zip(params, grads)]
     assert len({t for t, _ in layouts}) == 1
     return SinkhornScaledAdd([(p.shape[0], p.shape[1], s) for p, (_, s) in zip(params, layouts)],
                              transposed=layouts[0][0], device=params[0].device, param_dtype=params[0].dtype,
@@ -179,12 +179,12 @@ def test_new_gradient_tensors_are_followed():
 
 def test_layouts():
     w = torch.zeros(6, 10)
-    assert sinkhorn_layout(w, torch.zeros(6, 10)) == (False, 10)
-    assert sinkhorn_layout(w.t(), torch.zeros(6, 10).t()) == (True, 10)
-    assert sinkhorn_layout(torch.zeros(6, 20)[:, :10], torch.zeros(6, 20)[:, :10]) == (False, 20)  # row stride
-    assert sinkhorn_layout(w, torch.zeros(10, 6).t()) is None  # gradient laid out otherwise
-    assert sinkhorn_layout(torch.zeros(6, 20)[:, ::2], torch.zeros(6, 20)[:, ::2]) is None
-    assert sinkhorn_layout(torch.zeros(0, 5), torch.zeros(0, 5)) is None
+    assert storage_order(w, torch.zeros(6, 10)) == (False, 10)
+    assert storage_order(w.t(), torch.zeros(6, 10).t()) == (True, 10)
+    assert storage_order(torch.zeros(6, 20)[:, :10], torch.zeros(6, 20)[:, :10]) == (False, 20)  # row stride
+    assert storage_order(w, torch.zeros(10, 6).t()) is None  # gradient laid out otherwise
+    assert storage_order(torch.zeros(6, 20)[:, ::2], torch.zeros(6, 20)[:, ::2]) is None
+    assert storage_order(torch.zeros(0, 5), torch.zeros(0, 5)) is None
 
 
 def test_construction_names_what_it_refuses():

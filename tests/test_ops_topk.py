@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slimopt.ops.topk import block_layout, block_starts, block_topk, block_topk_fast, k_for
+from slimopt.ops.topk import block_starts, block_topk, block_topk_fast, k_for, topk_blocks
 
 
 def slow_block_topk(x: torch.Tensor, block_size: int, k_init: float) -> list[int]:
@@ -28,7 +28,7 @@ def test_matches_slow_reference(n, block, k_init):
     x = torch.randn(n)
     rel = block_topk(x, block, k_init)
     assert rel.tolist() == slow_block_topk(x, block, k_init)
-    layout = block_layout(n, block, k_init)
+    layout = topk_blocks(n, block, k_init)
     assert rel.numel() == layout.k_total
     assert int(rel.max()) < block  # block-relative
 
@@ -42,7 +42,7 @@ def test_ties_go_to_the_lower_index():
 
 def test_k_per_block():
     assert k_for(4096, 0.01) == 41 and k_for(100, 0.07) == 7 and k_for(3, 0.01) == 1 and k_for(5, 1.0) == 5
-    layout = block_layout(10_000, 4096, 0.01)
+    layout = topk_blocks(10_000, 4096, 0.01)
     assert (layout.full_blocks, layout.k_block, layout.tail, layout.k_tail) == (2, 41, 1808, 19)
     starts = block_starts(layout)
     assert starts[:41].eq(0).all() and starts[41:82].eq(4096).all() and starts[82:].eq(8192).all()
@@ -51,7 +51,7 @@ def test_k_per_block():
 def test_index_math_beyond_int32():
     """A tensor above 2**31 entries: the layout is Python-int arithmetic and indices stay block-relative."""
     n = 2**31 + 12_345
-    layout = block_layout(n, 32768, 0.01)
+    layout = topk_blocks(n, 32768, 0.01)
     assert layout.full_blocks * layout.block_size + layout.tail == n
     assert layout.k_total == layout.full_blocks * 328 + math.ceil(12_345 * 0.01)
 

@@ -523,8 +523,8 @@ def test_module_types_change_nothing_where_names_decide(arch):
     for rule_set in (ADAM_MINI, ROUTING, routing_rules(True)):
         by_module = _quiet_plan(model, rule_set)
         by_name = _quiet_plan(pairs, rule_set, config=model.config)
-        assert [(r.name, r.role, r.rule, r.layout_dict()) for r in by_module] == \
-               [(r.name, r.role, r.rule, r.layout_dict()) for r in by_name]
+        assert [(r.name, r.role, r.rule, r.facts_dict()) for r in by_module] == \
+               [(r.name, r.role, r.rule, r.facts_dict()) for r in by_name]
     facts = module_facts(model)
     assert all(f.role != "other" for f in facts.values())
 

@@ -316,22 +316,29 @@ def test_gpt2_conv1d_transposed_views_take_the_stacked_path():
     torch.testing.assert_close(w.detach().t().double(), expected, rtol=0, atol=2e-6)
 
 
+def _step_with_bad_gradients(a, opt_a, b, opt_b, bad: dict[int, tuple[tuple[int, int], float]]) -> list[torch.Tensor]:
+    """Plant ``bad`` (matrix -> (position, NaN or inf)) in ``a``'s gradients and step ``opt_a``: those matrices must
+    stay exactly as they were (not even decayed), the others step as the reference ``opt_b`` does, which sees the
+    finite gradients only. Returns ``a`` before the step."""
+    for i, (where, value) in bad.items():
+        a[i].grad[where] = value
+    before = [p.detach().clone() for p in a]
+    opt_a.step()
+    for i, p in enumerate(a):
+        b[i].grad = None if i in bad else p.grad.clone()
+    opt_b.step()
+    for i, p in enumerate(a):
+        if i in bad:
+            assert torch.equal(p, before[i])
+        else:
+            torch.testing.assert_close(p, b[i], rtol=4 * FP32_ULP, atol=2e-6 * 0.05)
+    return before
+
+
 def test_skip_policy_leaves_a_matrix_with_a_nonfinite_gradient_alone_without_a_host_sync():
     a, opt_a, b, opt_b = twins([(12, 20)] * 4, lr=0.1, scale=0.5, weight_decay=0.1, nonfinite="skip")
     set_grads(a, b, seed=1)
-    for bad, value in ((1, float("nan")), (3, float("inf"))):
-        a[bad].grad[2, 3] = value
-    before = [p.detach().clone() for p in a]
-    opt_a.step()
-    for i in (0, 2):  # the rest of the bucket steps as the reference does (which sees finite gradients only)
-        b[i].grad = a[i].grad.clone()
-    for i in (1, 3):
-        b[i].grad = None
-    opt_b.step()
-    for i in (1, 3):
-        assert torch.equal(a[i], before[i])  # not even decayed
-    for i in (0, 2):
-        torch.testing.assert_close(a[i], b[i], rtol=4 * FP32_ULP, atol=2e-6 * 0.05)
+    _step_with_bad_gradients(a, opt_a, b, opt_b, {1: ((2, 3), float("nan")), 3: ((2, 3), float("inf"))})
 
 
 def test_raise_policy_names_the_matrix_and_changes_nothing():
@@ -507,19 +514,7 @@ def test_triton_path_skip_leaves_a_matrix_with_a_nonfinite_gradient_alone_and_co
     a, opt_a, b, opt_b = twins([(12, 20)] * 3 + [(20, 12)], lr=0.1, scale=0.5, weight_decay=0.1, backend="triton")
     assert opt_a.param_groups[0]["nonfinite"] == "skip"  # the default
     set_grads(a, b, seed=1)
-    a[1].grad[2, 3] = float("nan")
-    a[3].grad[0, 0] = float("inf")
-    before = [p.detach().clone() for p in a]
-    opt_a.step()
-    for i in (0, 2):
-        b[i].grad = a[i].grad.clone()
-    for i in (1, 3):
-        b[i].grad = None
-    opt_b.step()
-    for i in (1, 3):
-        assert torch.equal(a[i], before[i])  # not even decayed
-    for i in (0, 2):
-        torch.testing.assert_close(a[i], b[i], rtol=4 * FP32_ULP, atol=2e-6 * 0.05)
+    before = _step_with_bad_gradients(a, opt_a, b, opt_b, {1: ((2, 3), float("nan")), 3: ((0, 0), float("inf"))})
     assert opt_a.nonfinite_skips == 2
     set_grads(a, b, seed=2)  # finite again: every matrix steps, nothing more is counted
     opt_a.step()

@@ -16,7 +16,7 @@ foreach AdamW, the baselines) with weight decay 0.01, takes two warm-up steps an
   arguments its schema marks as mutated; ``zero_``/``fill_``/``copy_`` write without reading). A Triton kernel
   reads each tensor argument once and writes it once more if its source stores through that argument (found in
   the kernel's AST, through local names and ``@triton.jit`` helpers). Tensors a kernel reaches through int64
-  address tables (host integers copied to the device, e.g. MicroAdam's ``MultiTensorStep``) are found again
+  address tables (host integers copied to the device, e.g. MicroAdam's ``SparseWindowStep``) are found again
   from the addresses (FakeTensors get synthetic ``data_ptr()`` values) and
   costed by ``TABLE_TRAFFIC`` for the kernels it lists, else generically (parameters and optimizer state read
   and written, gradients and anything else read).
@@ -405,7 +405,7 @@ def _window_traffic(r: Reached, a: dict[str, Any]) -> float:
 
 
 # Per kernel (by name), bytes of one launch from the tensors its tables reach and its bound arguments; their
-# kernel docstrings (ops/microadam_triton.py) give the same counts per parameter.
+# kernel docstrings (ops/sparse_window_triton.py) give the same counts per parameter.
 TABLE_TRAFFIC: dict[str, Callable[[Reached, dict[str, Any]], float]] = {
     # g once (finiteness)
     "_group_check_kernel": lambda r, a: r.grads,

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .weight_decay import decay_factor
+
 __all__ = ["CHUNK_NUMEL", "adamw_multi", "adamw_reference", "fused_available"]
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,7 +52,7 @@ def adamw_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Te
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """One AdamW step on one tensor, in place. ``step`` is the step number t >= 1 (already advanced)."""
     if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)  # decoupled weight decay
+        param.mul_(decay_factor(lr, weight_decay))  # decoupled weight decay
     exp_avg.lerp_(grad, 1 - beta1)  # m <- beta1 m + (1 - beta1) g
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v <- beta2 v + (1 - beta2) g^2
     step_size, bias_correction2_sqrt = _bias_corrections(step, beta1, beta2, lr)
@@ -63,7 +65,7 @@ def _adamw_chunked(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
                    chunk_numel: int) -> None:
     """``adamw_reference`` on one big contiguous tensor, chunk by chunk, with one reused scratch."""
     step_size, bias_correction2_sqrt = _bias_corrections(step, beta1, beta2, lr)
-    decay = 1 - lr * weight_decay
+    decay = decay_factor(lr, weight_decay)
     flats = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
     denom = torch.empty(min(chunk_numel, param.numel()), dtype=exp_avg_sq.dtype, device=param.device)
     for p, g, m, v in zip(*(t.split(chunk_numel) for t in flats)):
@@ -81,7 +83,7 @@ def _adamw_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
                    beta2: float, eps: float, weight_decay: float) -> None:
     """``adamw_reference`` on a list of tensors with torch's multi-tensor ops (same ops, same order)."""
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_mul_(params, decay_factor(lr, weight_decay))
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)

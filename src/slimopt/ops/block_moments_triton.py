@@ -57,7 +57,7 @@ are rounded to nearest-even where torch rounds them (m after the lerp, p after t
 by bit arithmetic for bf16 (the interpreter's own cast truncates).
 
 Sizes: a tensor of at most 2**31 - 2**20 elements (offsets are int32), p, g and m contiguous;
-``contiguous_blocks`` says whether a layout is one this step takes.
+``contiguous_blocks`` says whether a partition is one this step takes.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 from .tables import AddressTable, ValueTable, upload
+from .triton_helpers import EXACT, bf16_nearest, float64_bits, pow2
 from .triton_support import tl, triton, triton_available
 
 __all__ = ["DTYPES", "BlockMomentsStep", "contiguous_blocks", "triton_available"]
@@ -91,33 +92,31 @@ _ROW_TILE_INTERPRETED = 8192
 _UPDATE_BLOCK_INTERPRETED = 16384
 _INT32_LIMIT = 2**31 - 1
 _MAX_NUMEL = 2**31 - 2**20  # int32 offsets, with room for the last tile of a span
-# Every launch: no mul + add -> FMA contraction; the fused multiply-adds are written as tl.fma
-_EXACT = {"enable_fp_fusion": False}
 
 
-def contiguous_blocks(shape: Sequence[int], layout: dict[str, Any]) -> list[tuple[int, int, int, int, int]] | None:
-    """The spans of a tensor of ``shape`` under ``layout`` (a parameter plan's layout dict: ``rule`` rows, heads,
+def contiguous_blocks(shape: Sequence[int], partition: dict[str, Any]) -> list[tuple[int, int, int, int, int]] | None:
+    """The spans of a tensor of ``shape`` under ``partition`` (``blockstats.Partition``: ``rule`` rows, heads,
     qkv or whole, ``out_dim``, ``unit``, ``segments``), as ``(first element, elements, rows, row length, rows per
     block)``, when every block is a run of contiguous rows; None when this step does not take the tensor: blocks
-    along another dimension than the first (GPT-2's Conv1D columns), elementwise layouts, no elements, or
+    along another dimension than the first (GPT-2's Conv1D columns), elementwise partitions, no elements, or
     more than 2**31 - 2**20 (int32 offsets). A whole tensor is one span of rows of at most 4096 elements (any
     shape), all in one block."""
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
-    rule = layout.get("rule")
+    rule = partition.get("rule")
     if numel == 0 or numel > _MAX_NUMEL:
         return None
     if rule == "whole":
         row = min(numel, _WHOLE_ROW)
         rows = -(-numel // row)
         return [(0, numel, rows, row, rows)]
-    if rule not in ("rows", "heads", "qkv") or len(shape) < 2 or layout["out_dim"] % len(shape) != 0:
+    if rule not in ("rows", "heads", "qkv") or len(shape) < 2 or partition["out_dim"] % len(shape) != 0:
         return None
     rows, row = shape[0], numel // shape[0]
     if rule == "qkv":
-        segments = [tuple(int(x) for x in s) for s in layout["segments"]]
+        segments = [tuple(int(x) for x in s) for s in partition["segments"]]
     else:
-        segments = [(0, rows, int(layout.get("unit", 1)))]
+        segments = [(0, rows, int(partition.get("unit", 1)))]
     spans, covered = [], 0
     for start, length, unit in segments:
         if start != covered or unit < 1 or length % unit:
@@ -129,17 +128,8 @@ def contiguous_blocks(shape: Sequence[int], layout: dict[str, Any]) -> list[tupl
     return spans
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def _triton_dtype(dtype: torch.dtype) -> Any:
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
-def _bits(x: float) -> int:
-    """The IEEE bits of a double as an int64 (Triton passes Python floats as fp32; these pass as i64)."""
-    return int(np.array(x, dtype=np.float64).view(np.int64))
 
 
 if triton is not None:
@@ -150,8 +140,7 @@ if triton is not None:
         DTYPE). bf16 by bit arithmetic: the interpreter's fp32 -> bf16 cast truncates. No NaN reaches it (flagged
         tensors are masked); inf stays inf and an overflow rounds to inf, as the cast does."""
         if tl.bfloat16 == DTYPE:
-            bits = x.to(tl.int32, bitcast=True)
-            x = ((bits + (32767 + ((bits >> 16) & 1))) & -65536).to(tl.float32, bitcast=True)
+            x = bf16_nearest(x)
         else:
             x = x.to(DTYPE).to(tl.float32)
         return x
@@ -342,7 +331,7 @@ class BlockMomentsStep:
     Triton launches whatever their number: ``check`` (row sums of g² and the non-finite flags), then ``step``
     (block second moments and rates, then the update).
 
-    Built once per list of (shape, layout) (``contiguous_blocks`` must take each): the span table and each
+    Built once per list of (shape, partition) (``contiguous_blocks`` must take each): the span table and each
     launch's program table are uploaded here, the buffers for the row sums, the rates and the flags allocated
     here. Per step only address tables are uploaded, and only when an address changed. Nothing is read back.
 
@@ -352,30 +341,32 @@ class BlockMomentsStep:
     number of steps taken; advanced where the tensor is updated).
     """
 
-    def __init__(self, shapes: Sequence[Sequence[int]], layouts: Sequence[dict[str, Any]], device: torch.device | str,
-                 *, param_dtype: torch.dtype, grad_dtype: torch.dtype, moment_dtype: torch.dtype) -> None:
+    def __init__(self, shapes: Sequence[Sequence[int]], partitions: Sequence[dict[str, Any]],
+                 device: torch.device | str, *, param_dtype: torch.dtype, grad_dtype: torch.dtype,
+                 moment_dtype: torch.dtype) -> None:
         if not triton_available():
             raise RuntimeError("BlockMomentsStep needs Triton")
         for name, dtype in (("param_dtype", param_dtype), ("grad_dtype", grad_dtype), ("moment_dtype", moment_dtype)):
             if dtype not in DTYPES:
                 raise ValueError(f"Invalid {name}: {dtype} (must be torch.float32, torch.bfloat16 or torch.float16)")
-        if len(shapes) != len(layouts) or not shapes:
-            raise ValueError(f"BlockMomentsStep: {len(shapes)} shapes and {len(layouts)} layouts (non-empty, equal)")
+        if len(shapes) != len(partitions) or not shapes:
+            raise ValueError(f"BlockMomentsStep: {len(shapes)} shapes and {len(partitions)} partitions (non-empty, "
+                             "equal)")
         self.device = torch.device(device)
         self.count = len(shapes)
         self.p_dtype, self.g_dtype, self.m_dtype = (_triton_dtype(d) for d in (param_dtype, grad_dtype, moment_dtype))
         self.dtypes = (param_dtype, grad_dtype, moment_dtype)
         self.numels = [math.prod(int(s) for s in shape) for shape in shapes]
         spans = []
-        for i, (shape, layout) in enumerate(zip(shapes, layouts)):
-            found = contiguous_blocks(shape, layout)
+        for i, (shape, partition) in enumerate(zip(shapes, partitions)):
+            found = contiguous_blocks(shape, partition)
             if found is None:
-                raise ValueError(f"BlockMomentsStep: tensor {i} (shape {tuple(shape)}, rule {layout.get('rule')!r}) "
+                raise ValueError(f"BlockMomentsStep: tensor {i} (shape {tuple(shape)}, rule {partition.get('rule')!r}) "
                                  "is not cut into blocks of contiguous rows")
             spans += [(i, *s) for s in found]
         interpreted = self.device.type != "cuda"
         max_row = max(s[4] for s in spans)
-        self.cols = min(_ROW_TILE_COLS, _pow2(max_row))
+        self.cols = min(_ROW_TILE_COLS, pow2(max_row))
         self.rows = max(1, (_ROW_TILE_INTERPRETED if interpreted else _ROW_TILE) // self.cols)
         self.block = _UPDATE_BLOCK_INTERPRETED if interpreted else _UPDATE_BLOCK
         meta = np.zeros((len(spans), _META), dtype=np.int64)
@@ -436,7 +427,7 @@ class BlockMomentsStep:
         self.parity ^= 1
         now, following = self.parity * self.count, (1 - self.parity) * self.count
         _row_sq_sums_kernel[self.grids[0]](self.spans, self.programs[0], table, self.sums, self.flags, now, following,
-                                           G_DTYPE=self.g_dtype, ROWS=self.rows, COLS=self.cols, META=_META, **_EXACT)
+                                           G_DTYPE=self.g_dtype, ROWS=self.rows, COLS=self.cols, META=_META, **EXACT)
         self._checked = addresses
         return self.flag_rows[self.parity]
 
@@ -484,18 +475,18 @@ class BlockMomentsStep:
                 lr, lr_from_ptr = lr.to(self.device), True
         if lr_from_ptr and lr.numel() != 1:
             raise ValueError(f"step: lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
-        lr_ptr, lr_bits = (lr, 0) if lr_from_ptr else (self._no_lr, _bits(float(lr)))
+        lr_ptr, lr_bits = (lr, 0) if lr_from_ptr else (self._no_lr, float64_bits(float(lr)))
         weight = float(np.float32(1.0 - beta1))  # torch: the Python double 1 - beta1, as fp32
         now = self.parity * self.count
         _block_second_moment_kernel[self.grids[1]](
             self.spans, self.programs[1], self._state_table(exp_avg_sqs, steps), self.sums, self.rates, self.flags,
-            now, lr_ptr, lr_bits, _bits(float(beta1)), _bits(float(beta2)), float(beta2), 1.0 - float(beta2),
-            float(eps), LR_FROM_PTR=lr_from_ptr, LANES=_BLOCK_LANES, UNIT_BLOCKS=_UNIT_TILE[0],
-            UNIT_ROWS=_UNIT_TILE[1], META=_META, **_EXACT)
+            now, lr_ptr, lr_bits, float64_bits(float(beta1)), float64_bits(float(beta2)), float(beta2),
+            1.0 - float(beta2), float(eps), LR_FROM_PTR=lr_from_ptr, LANES=_BLOCK_LANES, UNIT_BLOCKS=_UNIT_TILE[0],
+            UNIT_ROWS=_UNIT_TILE[1], META=_META, **EXACT)
         _scaled_moment_update_kernel[self.grids[2]](
             self.spans, self.programs[2], self._grad_table(grads), self._tensor_table(params, exp_avgs, steps),
             self._decays([float(w) for w in weight_decays]), self.rates, self.flags, now, lr_ptr, lr_bits, weight,
             P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, M_DTYPE=self.m_dtype, SMALL_WEIGHT=abs(weight) < 0.5,
             LR_FROM_PTR=lr_from_ptr, ALIGNED=aligned, BLOCK=self.block, META=_META,
             num_warps=8 if self.block >= 4096 else 4,
-            **_EXACT)
+            **EXACT)

@@ -1,25 +1,25 @@
-"""Adam-mini's kernels: per-block mean of g², and the block-wise Adam update.
+"""Block-wise Adam: per-block mean of g², and the Adam update with one second moment per block.
 
-A *layout* is the dict a parameter plan stores for each tensor (``slimopt.plans.param_plan.adam_mini_layout``):
-``rule`` is ``elementwise`` (a block per element), ``whole`` (one block), ``rows`` / ``heads`` (blocks of
-``unit`` consecutive output neurons, along ``out_dim``) or ``qkv`` (output neurons cut into ``segments``
-``[start, length, unit]``). Every block keeps one second-moment value ``v_b``.
+A *partition* (``Partition``) is the dict of facts a parameter plan stores for each tensor, saying how it is cut
+into blocks: ``rule`` is ``elementwise`` (a block per element), ``whole`` (one block), ``rows`` / ``heads``
+(blocks of ``unit`` consecutive output neurons, along ``out_dim``) or ``qkv`` (output neurons cut into
+``segments`` ``[start, length, unit]``). Every block keeps one second-moment value ``v_b``.
 
 Three versions of the same step, each held to the one before it by the tests:
 
-* ``block_mean_sq_reference`` / ``adam_mini_step_reference``: the obvious version, an explicit
+* ``block_mean_sq_reference`` / ``block_adam_step_reference``: the obvious version, an explicit
   element-to-block index, ``scatter_add`` in float64.
-* ``block_mean_sq`` / ``adam_mini_step``: one tensor at a time (the optimizer's reference path, and its
+* ``block_mean_sq`` / ``block_adam_step``: one tensor at a time (the optimizer's reference path, and its
   path for FSDP2 shards). It never materialises ``g²``: per-output-neuron sums of squares come from
   ``torch.linalg.vector_norm`` (a reduction, no temporary), grouped into blocks on vectors as small as the
   output dimension; the block denominators broadcast, never expanded to the tensor's size.
-* ``block_sq_sums`` / ``adam_mini_foreach``: all tensors of a param group at once, a fixed number of
+* ``block_sq_sums`` / ``block_adam_foreach``: all tensors of a param group at once, a fixed number of
   launches per step whatever the number of tensors: ``torch._foreach_*`` ops over the tensors, and the
   blocks of all tensors as one flat vector (bias corrections from the step counters as device tensors,
   no host sync, no branch on a device value).
 
 On CUDA a fourth version takes the tensors whose blocks are runs of contiguous rows: three Triton launches
-over pointer tables (``ops.block_moments_triton``), held to ``adam_mini_foreach`` by the tests.
+over pointer tables (``ops.block_moments_triton``), held to ``block_adam_foreach`` by the tests.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ import torch
 from torch import Tensor
 
 from .tables import upload
+from .weight_decay import decay_factor
 
 __all__ = [
-    "adam_mini_foreach",
-    "adam_mini_step",
-    "adam_mini_step_reference",
+    "block_adam_foreach",
+    "block_adam_step",
+    "block_adam_step_reference",
     "block_index",
     "block_mean_sq",
     "block_mean_sq_reference",
@@ -45,30 +46,30 @@ __all__ = [
     "neuron_repeats",
 ]
 
-LayoutDict = dict[str, Any]
+Partition = dict[str, Any]  # how a tensor is cut into blocks (see the module docstring)
 
 
-def block_state_shape(layout: LayoutDict, shape: tuple[int, ...]) -> tuple[int, ...]:
+def block_state_shape(partition: Partition, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the second-moment state: the tensor's shape (elementwise), ``()`` (whole), or ``(n_blocks,)``."""
-    rule = layout["rule"]
+    rule = partition["rule"]
     if rule == "elementwise":
         return tuple(shape)
     if rule == "whole":
         return ()
-    return (int(layout["n_blocks"]),)
+    return (int(partition["n_blocks"]),)
 
 
-def _segments(layout: LayoutDict, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+def _segments(partition: Partition, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """``(start, length, unit)`` runs along the output dimension; ``unit`` neurons share one block."""
-    if layout["rule"] == "qkv":
-        return [tuple(s) for s in layout["segments"]]
-    return [(0, shape[layout["out_dim"]], int(layout.get("unit", 1)))]
+    if partition["rule"] == "qkv":
+        return [tuple(s) for s in partition["segments"]]
+    return [(0, shape[partition["out_dim"]], int(partition.get("unit", 1)))]
 
 
-def neuron_repeats(layout: LayoutDict, shape: tuple[int, ...]) -> list[int]:
+def neuron_repeats(partition: Partition, shape: tuple[int, ...]) -> list[int]:
     """For each block (in order), how many consecutive output neurons it covers."""
     reps: list[int] = []
-    for _, length, unit in _segments(layout, shape):
+    for _, length, unit in _segments(partition, shape):
         reps += [unit] * (length // unit)
     return reps
 
@@ -77,29 +78,29 @@ def neuron_repeats(layout: LayoutDict, shape: tuple[int, ...]) -> list[int]:
 # reference: explicit block index, float64 scatter
 
 
-def block_index(layout: LayoutDict, shape: tuple[int, ...]) -> Tensor:
+def block_index(partition: Partition, shape: tuple[int, ...]) -> Tensor:
     """The block of every element of a tensor of ``shape`` (int64, same shape)."""
-    rule = layout["rule"]
+    rule = partition["rule"]
     numel = math.prod(shape)
     if rule == "elementwise":
         return torch.arange(numel).reshape(shape)
     if rule == "whole":
         return torch.zeros(shape, dtype=torch.long)
-    out_dim = layout["out_dim"]
-    of_neuron = torch.repeat_interleave(torch.arange(layout["n_blocks"]),
-                                        torch.tensor(neuron_repeats(layout, shape)))
+    out_dim = partition["out_dim"]
+    of_neuron = torch.repeat_interleave(torch.arange(partition["n_blocks"]),
+                                        torch.tensor(neuron_repeats(partition, shape)))
     view = [1] * len(shape)
     view[out_dim] = shape[out_dim]
     return of_neuron.reshape(view).expand(shape).contiguous()
 
 
-def block_mean_sq_reference(grad: Tensor, layout: LayoutDict) -> Tensor:
+def block_mean_sq_reference(grad: Tensor, partition: Partition) -> Tensor:
     """mean(g²) over each block, in float64 (shape :func:`block_state_shape`)."""
     shape = tuple(grad.shape)
-    state_shape = block_state_shape(layout, shape)
-    if layout["rule"] == "elementwise":
+    state_shape = block_state_shape(partition, shape)
+    if partition["rule"] == "elementwise":
         return grad.double() ** 2
-    index = block_index(layout, shape).reshape(-1)
+    index = block_index(partition, shape).reshape(-1)
     n_blocks = math.prod(state_shape)
     g2 = grad.double().reshape(-1) ** 2
     sums = torch.zeros(n_blocks, dtype=torch.float64).scatter_add_(0, index, g2)
@@ -107,25 +108,25 @@ def block_mean_sq_reference(grad: Tensor, layout: LayoutDict) -> Tensor:
     return (sums / counts.clamp_min_(1)).reshape(state_shape)  # a block of no elements: mean 0
 
 
-def adam_mini_step_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
-                             layout: LayoutDict, *, lr: float, beta1: float, beta2: float, eps: float,
+def block_adam_step_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
+                             partition: Partition, *, lr: float, beta1: float, beta2: float, eps: float,
                              weight_decay: float) -> None:
-    """One Adam-mini step on one tensor, in place (paper Algorithm 1; ``step`` = t >= 1, advanced).
+    """One step of block-wise Adam on one tensor, in place (Adam-mini's Algorithm 1; ``step`` = t >= 1, advanced).
 
     ``exp_avg`` is full size, ``exp_avg_sq`` holds one value per block (float32).
     """
     if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)  # decoupled weight decay, as AdamW
+        param.mul_(decay_factor(lr, weight_decay))  # decoupled weight decay, as AdamW
     exp_avg.lerp_(grad.to(exp_avg.dtype), 1 - beta1)  # m <- beta1 m + (1 - beta1) g
-    mean_sq = block_mean_sq_reference(grad, layout).to(exp_avg_sq.dtype)
+    mean_sq = block_mean_sq_reference(grad, partition).to(exp_avg_sq.dtype)
     exp_avg_sq.mul_(beta2).add_(mean_sq, alpha=1 - beta2)  # v_b <- beta2 v_b + (1 - beta2) mean_b(g²)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     denom_blocks = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat_b) + eps
-    if layout["rule"] == "elementwise":
+    if partition["rule"] == "elementwise":
         denom = denom_blocks
     else:
-        denom = denom_blocks.reshape(-1)[block_index(layout, tuple(param.shape))]
+        denom = denom_blocks.reshape(-1)[block_index(partition, tuple(param.shape))]
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)  # p <- p - lr m_hat / (sqrt(v_hat_b) + eps)
 
 
@@ -133,30 +134,30 @@ def adam_mini_step_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_a
 # one tensor at a time
 
 
-def block_mean_sq(grad: Tensor, layout: LayoutDict, *, sums: Tensor | None = None,
+def block_mean_sq(grad: Tensor, partition: Partition, *, sums: Tensor | None = None,
                   shape: tuple[int, ...] | None = None) -> Tensor:
     """mean(g²) over each block in float32, without a g² temporary (shape :func:`block_state_shape`).
 
-    Not for ``elementwise`` layouts (that is plain Adam's ``g²``). When ``grad`` is one device's part of
+    Not for ``elementwise`` partitions (that is plain Adam's ``g²``). When ``grad`` is one device's part of
     a sharded tensor, pass the tensor's global ``shape`` and ``sums``: Σ g² over the whole tensor (``whole``)
     or per output neuron along ``out_dim`` (``slimopt.core.distributed.sq_sum`` / ``sq_sums_along``).
     A block of no elements has mean 0.
     """
-    rule = layout["rule"]
+    rule = partition["rule"]
     shape = tuple(grad.shape) if shape is None else tuple(shape)
     acc = torch.promote_types(grad.dtype, torch.float32)  # float32, or float64 for float64 gradients
     if rule == "whole":
         total = torch.linalg.vector_norm(grad, dtype=acc).square_() if sums is None else sums
         return total.float().div_(max(math.prod(shape), 1))
     if rule == "elementwise":
-        raise ValueError("block_mean_sq: an elementwise layout has no blocks to average over")
-    out_dim = layout["out_dim"]
+        raise ValueError("block_mean_sq: an elementwise partition has no blocks to average over")
+    out_dim = partition["out_dim"]
     other = [d for d in range(grad.dim()) if d != out_dim]
     per_neuron = math.prod(shape[d] for d in other)
     if sums is None:  # (shape[out_dim],)
         sums = torch.linalg.vector_norm(grad, dim=other, dtype=acc).square_()
     sums = sums.float()
-    segments = _segments(layout, shape)
+    segments = _segments(partition, shape)
     if len(segments) == 1:  # rows (unit 1) or heads (unit head_dim): blocks of equal size
         unit = segments[0][2]
         blocks = sums if unit == 1 else sums.view(-1, unit).sum(1)
@@ -169,32 +170,32 @@ def block_mean_sq(grad: Tensor, layout: LayoutDict, *, sums: Tensor | None = Non
     return torch.cat(parts).div_(torch.cat(sizes))
 
 
-def _denominator_view(denom_blocks: Tensor, layout: LayoutDict, shape: tuple[int, ...]) -> Tensor:
+def _denominator_view(denom_blocks: Tensor, partition: Partition, shape: tuple[int, ...]) -> Tensor:
     """Per-block denominators as a tensor that broadcasts against the parameter (no full-size copy)."""
-    rule = layout["rule"]
+    rule = partition["rule"]
     if rule == "whole":
         return denom_blocks
-    segments = _segments(layout, shape)
+    segments = _segments(partition, shape)
     if len(segments) == 1 and segments[0][2] > 1:  # heads
         denom_blocks = denom_blocks.repeat_interleave(segments[0][2])
     elif len(segments) > 1:  # fused qkv
-        reps = torch.tensor(neuron_repeats(layout, shape), device=denom_blocks.device)
-        denom_blocks = denom_blocks.repeat_interleave(reps, output_size=shape[layout["out_dim"]])
+        reps = torch.tensor(neuron_repeats(partition, shape), device=denom_blocks.device)
+        denom_blocks = denom_blocks.repeat_interleave(reps, output_size=shape[partition["out_dim"]])
     view = [1] * len(shape)
-    view[layout["out_dim"]] = shape[layout["out_dim"]]
+    view[partition["out_dim"]] = shape[partition["out_dim"]]
     return denom_blocks.view(view)
 
 
-def adam_mini_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
-                   layout: LayoutDict, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+def block_adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: float,
+                   partition: Partition, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    mean_sq: Tensor | None = None,
                    offset: tuple[int, ...] | None = None, full_shape: tuple[int, ...] | None = None) -> None:
-    """``adam_mini_step_reference`` without temporaries of the tensor's size, one tensor (``step`` = t >= 1).
+    """``block_adam_step_reference`` without temporaries of the tensor's size, one tensor (``step`` = t >= 1).
 
     Same algorithm; the block means are computed as squared norms (a reduction, no ``g²`` tensor) and the
     per-block denominators broadcast along the output dimension, so each of ``p``, ``m``, ``g`` is read
     about twice per step (AdamW: about five times). Agrees with the reference to float32 rounding, not
-    bit for bit. Elementwise layouts are torch's for-loop AdamW op for op (bit for bit).
+    bit for bit. Elementwise partitions are torch's for-loop AdamW op for op (bit for bit).
 
     For one device's part of a sharded tensor (``param``, ``grad``, ``exp_avg`` local; ``exp_avg_sq``
     holding every block): ``mean_sq`` the blocks' means over the whole tensor, ``full_shape`` its global
@@ -202,25 +203,25 @@ def adam_mini_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     """
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    if layout["rule"] == "elementwise":  # plain AdamW, op for op as torch's for-loop AdamW
+    if partition["rule"] == "elementwise":  # plain AdamW, op for op as torch's for-loop AdamW
         if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
+            param.mul_(decay_factor(lr, weight_decay))
         exp_avg.lerp_(grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype), 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # float32 v, also for bf16 grads
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         return
     if mean_sq is None:
-        mean_sq = block_mean_sq(grad, layout)
+        mean_sq = block_mean_sq(grad, partition)
     exp_avg_sq.mul_(beta2).add_(mean_sq, alpha=1 - beta2)  # v_b <- beta2 v_b + (1 - beta2) mean_b(g²)
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat_b) + eps
     shape = tuple(param.shape)
-    denom = _denominator_view(denom, layout, shape if full_shape is None else tuple(full_shape))
-    out_dim = layout.get("out_dim", 0)
+    denom = _denominator_view(denom, partition, shape if full_shape is None else tuple(full_shape))
+    out_dim = partition.get("out_dim", 0)
     if full_shape is not None and denom.dim() and denom.shape[out_dim] != shape[out_dim]:
         denom = denom.narrow(out_dim, offset[out_dim], shape[out_dim])  # a shard's own neurons
     if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)  # decoupled weight decay
+        param.mul_(decay_factor(lr, weight_decay))  # decoupled weight decay
     exp_avg.lerp_(grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype), 1 - beta1)
     # p <- p - lr m_hat / (sqrt(v_hat_b) + eps), the block's denominator broadcast over the block
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
@@ -238,7 +239,7 @@ CAT_CHUNK_NUMEL = 1 << 22  # at most this many elements per concatenation (bound
 
 
 class _GroupPlan:
-    """How the tensors of a group are laid out for the multi-tensor step (derived from shapes and layouts).
+    """How the tensors of a group are laid out for the multi-tensor step (derived from shapes and partitions).
 
     ``order`` permutes the tensors: block tensors (rows, heads, qkv) first, sorted so that those whose
     gradients are concatenated are neighbours; then ``whole`` tensors; then ``elementwise`` ones. In that
@@ -328,22 +329,23 @@ def _other(shape: tuple[int, ...], out_dim: int) -> tuple[int, ...]:
     return tuple(s for d, s in enumerate(shape) if d != out_dim)
 
 
-def _layout_key(layout: LayoutDict, shape: tuple[int, ...]) -> tuple[Any, ...]:
-    rule = layout["rule"]
+def _partition_key(partition: Partition, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    rule = partition["rule"]
     if rule in ("elementwise", "whole"):
         return (rule,)
     if len(shape) < 2:
         raise ValueError(f"rule {rule!r} needs a matrix, got shape {shape}")
-    return (rule, layout["out_dim"] % len(shape), tuple(tuple(int(x) for x in s) for s in _segments(layout, shape)))
+    segments = tuple(tuple(int(x) for x in s) for s in _segments(partition, shape))
+    return (rule, partition["out_dim"] % len(shape), segments)
 
 
 _PLANS: dict[Any, _GroupPlan] = {}
 
 
-def _group_plan(tensors: list[Tensor], layouts: list[LayoutDict]) -> _GroupPlan:
-    """The cached plan of these tensors (built once per layout and device: its index tensors are copied to
+def _group_plan(tensors: list[Tensor], partitions: list[Partition]) -> _GroupPlan:
+    """The cached plan of these tensors (built once per partition and device: its index tensors are copied to
     the device then, never during later steps)."""
-    sig = tuple((tuple(t.shape), _layout_key(layout, tuple(t.shape))) for t, layout in zip(tensors, layouts))
+    sig = tuple((tuple(t.shape), _partition_key(part, tuple(t.shape))) for t, part in zip(tensors, partitions))
     key = (sig, tensors[0].device)
     plan = _PLANS.get(key)
     if plan is None:
@@ -353,7 +355,7 @@ def _group_plan(tensors: list[Tensor], layouts: list[LayoutDict]) -> _GroupPlan:
     return plan
 
 
-def block_sq_sums(grads: list[Tensor], layouts: list[LayoutDict]) -> Tensor:
+def block_sq_sums(grads: list[Tensor], partitions: list[Partition]) -> Tensor:
     """Σ g² of every block of every tensor, as one float32 vector: the ``K`` blocks of the non-elementwise
     tensors in :class:`_GroupPlan` order, then one total per elementwise tensor (for the non-finite check).
 
@@ -363,7 +365,7 @@ def block_sq_sums(grads: list[Tensor], layouts: list[LayoutDict]) -> Tensor:
     sizes. Sums of g² are formed exactly as :func:`block_mean_sq` forms them. Every element of ``g`` is
     read once (4 B per fp32 element; a small gradient is also copied once, +8 B).
     """
-    plan = _group_plan(grads, layouts)
+    plan = _group_plan(grads, partitions)
     g = [grads[i] for i in plan.order]
     acc = torch.float64 if any(x.dtype == torch.float64 for x in g) else torch.float32
     norms = []
@@ -385,10 +387,10 @@ def _float64(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-def adam_mini_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                      steps: list[Tensor], layouts: list[LayoutDict], *, lr: float | Tensor, beta1: float,
+def block_adam_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                      steps: list[Tensor], partitions: list[Partition], *, lr: float | Tensor, beta1: float,
                       beta2: float, eps: float, weight_decays: list[float], sq_sums: Tensor | None = None) -> None:
-    """One Adam-mini step on many tensors of one device, in place: :func:`adam_mini_step` for each, in a
+    """One step of block-wise Adam on many tensors of one device, in place: :func:`block_adam_step` for each, in a
     number of ops that does not grow with the number of tensors (46 per step for the 1b preset's 219
     tensors, check included; ``tests/test_launches_adammini.py``). Exceptions: a gradient larger than
     ``CAT_MAX_NUMEL`` adds its own reduction; ``m`` in another dtype than ``g`` adds a cast per tensor;
@@ -402,7 +404,7 @@ def adam_mini_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     the host and nothing branches on a device value. ``lr`` may be a tensor. ``sq_sums`` is
     :func:`block_sq_sums` of ``grads`` when already computed (the optimizer's non-finite check does).
 
-    Algorithm (the elementwise layouts are plain AdamW with per-element v)::
+    Algorithm (the elementwise partitions are plain AdamW with per-element v)::
 
         t <- t + 1;  s = lr / (1 - beta1^t);  c = sqrt(1 - beta2^t)         per tensor, on the device
         p <- p (1 - lr lambda)                                               _foreach_mul_
@@ -419,15 +421,15 @@ def adam_mini_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     that only a fused kernel computing a block's sums and its update in one pass reaches. v, the bias
     corrections and the block values are O(blocks), not O(params).
 
-    Differs from :func:`adam_mini_step` in rounding only: the update is p - m·(s/d) (one rounding of s/d per
+    Differs from :func:`block_adam_step` in rounding only: the update is p - m·(s/d) (one rounding of s/d per
     block) where the per-tensor step computes p + (-s·m)/d; a GPU also contracts p - m·r into one FMA. v and
     m are bit-identical on CPU.
     """
     if not params:
         return
-    plan = _group_plan(grads, layouts)
+    plan = _group_plan(grads, partitions)
     if sq_sums is None:
-        sq_sums = block_sq_sums(grads, layouts)
+        sq_sums = block_sq_sums(grads, partitions)
     order = plan.order
     P, G, M, V, S = ([x[i] for i in order] for x in (params, grads, exp_avgs, exp_avg_sqs, steps))
     W = [weight_decays[i] for i in order]
@@ -447,7 +449,8 @@ def adam_mini_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
 
     # decoupled weight decay: p <- p (1 - lr lambda)
     for wd in sorted(set(W) - {0.0}):
-        factor = 1 - lr * wd if not isinstance(lr, Tensor) else torch.rsub(lr, 1, alpha=wd)
+        # a tensor lr: one launch (rsub), not decay_factor's three (the step's launch count is held by a test)
+        factor = decay_factor(lr, wd) if not isinstance(lr, Tensor) else torch.rsub(lr, 1, alpha=wd)
         if isinstance(factor, Tensor) and factor.device.type != "cpu" and P[0].dtype in (torch.float32, torch.float64):
             factor = factor.to(P[0].dtype)  # torch's fused multi-tensor mul takes a device scalar of p's dtype
         torch._foreach_mul_([p for p, w in zip(P, W) if w == wd], factor)

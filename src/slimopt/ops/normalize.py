@@ -19,7 +19,7 @@ depend on the gradient's overall scale).
 
 Two forms of each kernel. The per-matrix functions (``sinkhorn_scales``, ``add_scaled_``,
 ``row_standardize``) are the plain references, and the path for a matrix sharded across devices. The
-stacked ones (``sinkgd_update_stacked_``, ``row_standardize_stacked_``, ``add_stacked_``) update k
+stacked ones (``sinkhorn_scaled_add_stacked_``, ``row_standardize_stacked_``, ``add_stacked_``) update k
 same-shaped matrices with one launch per operation: they are what SinkGD and SWAN run on a bucket of
 same-shaped matrices, and are tested against the per-matrix ones (tests/test_ops_normalize.py). On CUDA,
 SinkGD takes a third form, ``slimopt.ops.sinkhorn_triton`` (Triton kernels over tables of matrix addresses:
@@ -42,7 +42,7 @@ __all__ = [
     "decay_factors",
     "row_standardize",
     "row_standardize_stacked_",
-    "sinkgd_update_stacked_",
+    "sinkhorn_scaled_add_stacked_",
     "sinkhorn_scales",
     "sinkhorn_scales_stacked",
     "sr_sinkhorn",
@@ -194,12 +194,12 @@ def sinkhorn_scales_stacked(a: Tensor, iters: int, eps: float = 1e-8, *,
     return row_sq.sqrt_(), col_sq.sqrt_()
 
 
-def sinkgd_update_stacked_(params: Sequence[Tensor], grads: Sequence[Tensor], iters: int, lr: float | Tensor,
+def sinkhorn_scaled_add_stacked_(params: Sequence[Tensor], grads: Sequence[Tensor], iters: int, lr: float | Tensor,
                            scale: float = 1.0, decay: float | Tensor | None = None, eps: float = 1e-8, *,
                            stack: Tensor, gram: Tensor, gram_t: Tensor | None = None,
                            updates: Sequence[Tensor] | None = None, gram_rows: Sequence[Tensor] | None = None,
                            grads_finite: bool = False) -> Tensor:
-    """SinkGD on k same-shaped matrices: ``W <- W * decay - lr scale SR-Sinkhorn(G, iters)``, in place.
+    """The SR-Sinkhorn step of k same-shaped matrices: ``W <- W * decay - lr scale SR-Sinkhorn(G, iters)``, in place.
     Returns which matrices were left alone (bool, (k, 1, 1), on the device: see below).
 
     ``decay`` is the weight-decay factor 1 - lr scale wd (None: no decay). ``lr`` (and ``decay``) may be

@@ -17,11 +17,11 @@ C = 1 and stores the raw sums S_i = sum_j G_ij^2; the first column pass derives 
 program of a matrix sums the m values itself, in the same order: the same f, bit for bit, no extra launch)
 and the first R_i = n / (S_i + f) on the fly, and stores f for the later row passes.
 
-Tables (built once per list of matrix layouts; ``meta`` holds sizes only, the addresses are tables of their
+Tables (built once per list of matrices; ``meta`` holds sizes only, the addresses are tables of their
 own, ``tables.AddressTable``, uploaded only when they change): per matrix its storage rows a, columns b and
 row stride (the kernels read storage rows contiguously, so a GPT-2 Conv1D weight, whose (out, in) view is the
 transpose of its storage, is the same matrix with the Sinkhorn rows on the storage columns: ``transposed``,
-a constexpr of the launch; a list with both layouts is two ``SinkhornScaledAdd``), the offsets of its R and C
+a constexpr of the launch; a list with both storage orders is two ``SinkhornScaledAdd``), the offsets of its R and C
 in one flat fp32 vector, and the first program of each of its two tilings: blocks of storage rows (the
 program owns them and loops over the columns) and blocks of storage columns (it owns those and loops over
 the rows). Every sum has one owner, which adds its tile's partial sums in a fixed order: no atomics, the same
@@ -74,9 +74,11 @@ import torch
 from torch import Tensor
 
 from .tables import AddressTable, upload
+from .triton_helpers import EXACT, POINTER_KINDS, bf16_nearest_finite, pow2, typed_pointer
 from .triton_support import tl, triton
+from .weight_decay import decay_factor
 
-__all__ = ["SinkhornScaledAdd", "sinkhorn_layout"]
+__all__ = ["SinkhornScaledAdd", "storage_order"]
 
 _META = 8  # int64 per matrix: a, b, row stride, R offset, C offset, first row-block program, first column-block one
 # Tiles on a GPU (4 warps): programs that own blocks of 8 storage rows read 256 columns at a time (1 KB per row
@@ -88,15 +90,11 @@ _WALK_ROWS, _OWN_COLS = 32, 128
 _OWN_ROWS_INTERPRETED, _ROW_STEP_INTERPRETED = 64, 128
 _WALK_ROWS_INTERPRETED, _OWN_COLS_INTERPRETED = 64, 128
 _VECTOR_BLOCK = 256  # lanes of the first column pass's sum of S
-# No contraction of a * b + c into an FMA: each operation rounds as written, on a GPU as under the interpreter
-# (the kernels are memory-bound: the extra instructions cost nothing measurable)
-_EXACT = {"enable_fp_fusion": False}
-_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def sinkhorn_layout(param: Tensor, grad: Tensor) -> tuple[bool, int] | None:
+def storage_order(param: Tensor, grad: Tensor) -> tuple[bool, int] | None:
     """``(transposed, row_stride)`` of a non-empty (m, n) view whose storage rows the kernels can read
     contiguously, its gradient laid out the same way, or None. ``transposed``: the view's rows are its
     storage's columns (strides (1, s), a GPT-2 Conv1D weight seen as (out, in))."""
@@ -111,29 +109,16 @@ def sinkhorn_layout(param: Tensor, grad: Tensor) -> tuple[bool, int] | None:
     return None
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 if triton is not None:
 
     @triton.jit
-    def _typed_ptr(raw, KIND: tl.constexpr):
-        """An int64 address from a table as a typed pointer: 0 fp32, 1 bf16, 2 fp16."""
-        if KIND == 0:
-            out = raw.to(tl.pointer_type(tl.float32))
-        elif KIND == 1:
-            out = raw.to(tl.pointer_type(tl.bfloat16))
-        else:
-            out = raw.to(tl.pointer_type(tl.float16))
-        return out
-
-    @triton.jit
-    def _round_bf16_nearest(x):
-        """fp32 -> the nearest bf16 (ties to even) as an fp32 with its low 16 bits zero; NaN and inf unchanged."""
-        bits = x.to(tl.int32, bitcast=True)
-        rounded = ((bits + (32767 + ((bits >> 16) & 1))) & -65536).to(tl.float32, bitcast=True)
-        return tl.where(tl.abs(x) < float("inf"), rounded, x)
+    def _weights(scales, lanes, ok, n_f, row_floor, FIRST: tl.constexpr):
+        """The other scale vector at ``lanes``, the weights of this half-step's sums of squares; in the first column
+        pass the first R = n / (S + f), from the raw row sums S the first row pass stored."""
+        w = tl.load(scales + lanes, mask=ok, other=0.0)
+        if FIRST:
+            w = tl.div_rn(n_f, w + row_floor)
+        return w
 
     @triton.jit
     def _sinkhorn_half_step_kernel(meta_ptr, grad_ptrs, programs_ptr, scales_ptr, floors_ptr, flags_ptr, eps_sq,
@@ -169,8 +154,9 @@ if triton is not None:
             in_off = tl.load(row + 3)
             target = m.to(tl.float32)
         n_f = n.to(tl.float32)
-        g = _typed_ptr(tl.load(grad_ptrs + mat), G_KIND)
+        g = typed_pointer(tl.load(grad_ptrs + mat), G_KIND)
         floor = eps_sq
+        row_floor = eps_sq  # (set below where it is read: the first column pass)
         if FIRST and not ROWS:  # f = eps^2 sum(S) / (m n), >= n 1e-37, the same in every program of the matrix
             lanes = tl.arange(0, BLOCK_V)
             partial = tl.zeros((BLOCK_V,), dtype=tl.float32)
@@ -196,10 +182,7 @@ if triton is not None:
                 if FIRST and ROWS:
                     acc += x * x
                 else:
-                    w = tl.load(scales_ptr + in_off + cols, mask=cols_ok, other=0.0)
-                    if FIRST:
-                        w = tl.div_rn(n_f, w + row_floor)  # the first R = n / (S + f)
-                    acc += (x * x) * w[None, :]
+                    acc += (x * x) * _weights(scales_ptr + in_off, cols, cols_ok, n_f, row_floor, FIRST)[None, :]
             sums = tl.sum(acc, axis=1)
         else:  # the program owns storage columns and walks down the rows
             block = pid - tl.load(row + 6)
@@ -214,10 +197,7 @@ if triton is not None:
                 if FIRST and ROWS:
                     acc += x * x
                 else:
-                    w = tl.load(scales_ptr + in_off + rows, mask=rows_ok, other=0.0)
-                    if FIRST:
-                        w = tl.div_rn(n_f, w + row_floor)  # the first R = n / (S + f)
-                    acc += (x * x) * w[:, None]
+                    acc += (x * x) * _weights(scales_ptr + in_off, rows, rows_ok, n_f, row_floor, FIRST)[:, None]
             sums = tl.sum(acc, axis=0)
         if FIRST and ROWS:
             out = sums
@@ -281,8 +261,8 @@ if triton is not None:
             su = tl.sqrt_rn(su)
         if TRANSPOSED:
             su = su * alpha  # the columns' scale carries the step, as in add_scaled_
-        p = _typed_ptr(tl.load(param_ptrs + mat), P_KIND)
-        g = _typed_ptr(tl.load(grad_ptrs + mat), G_KIND)
+        p = typed_pointer(tl.load(param_ptrs + mat), P_KIND)
+        g = typed_pointer(tl.load(grad_ptrs + mat), G_KIND)
         offs_rows = idx.to(tl.int64)[:, None] * lda
         for j0 in range(0, b, BLOCK_B):
             cols = j0 + tl.arange(0, BLOCK_B)
@@ -304,49 +284,49 @@ if triton is not None:
             else:
                 new = w.to(tl.float32) + update
             if P_KIND == 1:
-                new = _round_bf16_nearest(new)
+                new = bf16_nearest_finite(new)
             tl.store(p + offs, new.to(w.dtype), mask=ok)
 
 
 class SinkhornScaledAdd:
     """``W_t <- W_t * decay - lr * scale * SR-Sinkhorn(G_t, iters)`` for k matrices of one device, one parameter
-    dtype (fp32 or bf16), one gradient dtype and one layout, in 2 iters + 1 launches whatever k.
+    dtype (fp32 or bf16), one gradient dtype and one storage order, in 2 iters + 1 launches whatever k.
 
-    Built once per list of matrix layouts (``layouts``: per matrix (m, n, row stride) of its (m, n) view,
-    laid out as ``sinkhorn_layout`` says; ``transposed`` as it returns): the size tables, the program tables
+    Built once per list of matrices (``matrices``: per matrix (m, n, row stride) of its (m, n) view,
+    stored as ``storage_order`` says; ``transposed`` as it returns): the size tables, the program tables
     and the fp32 scale vectors (sum of m + n), floors and flags (k each) live here, reused every step. The
     parameters' and gradients' addresses are tables of their own, uploaded again only when they change. No host
     sync: ``step`` returns the flags of the matrices it left alone (a NaN/inf in G, or squares overflowing).
     """
 
-    def __init__(self, layouts: Sequence[tuple[int, int, int]], *, transposed: bool, device: torch.device | str,
+    def __init__(self, matrices: Sequence[tuple[int, int, int]], *, transposed: bool, device: torch.device | str,
                  param_dtype: torch.dtype, grad_dtype: torch.dtype) -> None:
         if triton is None:
             raise RuntimeError("SinkhornScaledAdd needs Triton (pip install triton)")
         if param_dtype not in PARAM_DTYPES or grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"SinkhornScaledAdd takes fp32 or bf16 parameters and fp32, bf16 or fp16 gradients, "
                              f"got param_dtype={param_dtype} and grad_dtype={grad_dtype}")
-        if not layouts or min(m * n for m, n, _ in layouts) < 1:
+        if not matrices or min(m * n for m, n, _ in matrices) < 1:
             raise ValueError("SinkhornScaledAdd takes a non-empty list of non-empty matrices")
         self.device = torch.device(device)
-        self.count, self.transposed = len(layouts), bool(transposed)
-        self.p_kind, self.g_kind = _KINDS[param_dtype], _KINDS[grad_dtype]
+        self.count, self.transposed = len(matrices), bool(transposed)
+        self.p_kind, self.g_kind = POINTER_KINDS[param_dtype], POINTER_KINDS[grad_dtype]
         if self.device.type == "cuda":
             self.row_tile, self.col_tile = (_OWN_ROWS, _ROW_STEP), (_WALK_ROWS, _OWN_COLS)
         else:
             self.row_tile = (_OWN_ROWS_INTERPRETED, _ROW_STEP_INTERPRETED)
             self.col_tile = (_WALK_ROWS_INTERPRETED, _OWN_COLS_INTERPRETED)
-        dims = np.array([(n, m) if transposed else (m, n) for m, n, _ in layouts], dtype=np.int64)  # storage a, b
-        sizes = np.array([(m, n) for m, n, _ in layouts], dtype=np.int64)
+        dims = np.array([(n, m) if transposed else (m, n) for m, n, _ in matrices], dtype=np.int64)  # storage a, b
+        sizes = np.array([(m, n) for m, n, _ in matrices], dtype=np.int64)
         a_max, b_max = int(dims[:, 0].max()), int(dims[:, 1].max())
         # small matrices (tests, toy models) take smaller tiles; at 1B sizes the caps
-        self.row_tile = (min(self.row_tile[0], _pow2(a_max)), min(self.row_tile[1], _pow2(b_max)))
-        self.col_tile = (min(self.col_tile[0], _pow2(a_max)), min(self.col_tile[1], _pow2(b_max)))
+        self.row_tile = (min(self.row_tile[0], pow2(a_max)), min(self.row_tile[1], pow2(b_max)))
+        self.col_tile = (min(self.col_tile[0], pow2(a_max)), min(self.col_tile[1], pow2(b_max)))
         row_blocks = -(-dims[:, 0] // self.row_tile[0])
         col_blocks = -(-dims[:, 1] // self.col_tile[1])
         meta = np.zeros((self.count, _META), dtype=np.int64)
         meta[:, 0:2] = dims
-        meta[:, 2] = [s for _, _, s in layouts]
+        meta[:, 2] = [s for _, _, s in matrices]
         lengths = sizes.sum(axis=1)
         meta[:, 3] = np.cumsum(lengths) - lengths  # R at r_off (m entries), C right after it (n)
         meta[:, 4] = meta[:, 3] + sizes[:, 0]
@@ -361,14 +341,14 @@ class SinkhornScaledAdd:
         self.floors = torch.empty(self.count, dtype=torch.float32, device=self.device)
         self.flags = torch.zeros(self.count, dtype=torch.int8, device=self.device)
         self.left_alone = self.flags.view(torch.bool)  # made once: a view is a dispatched op
-        self.vector_block = min(_VECTOR_BLOCK, _pow2(int(sizes[:, 0].max())))
+        self.vector_block = min(_VECTOR_BLOCK, pow2(int(sizes[:, 0].max())))
         self._params = AddressTable(self.device)
         self._grads = AddressTable(self.device)
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], iters: int, lr: float | Tensor,
              scale: float, weight_decay: float, eps: float) -> Tensor:
         """One step of every matrix, in place. ``params`` and ``grads``: the k (m, n) views, in the order and
-        layouts the tables were built for. ``lr`` a number or a 0-d fp32 tensor on the device (read by the
+        storage orders the tables were built for. ``lr`` a number or a 0-d fp32 tensor on the device (read by the
         update kernel: no sync). Returns the flags (bool, (k,), on the device; valid until the next ``step``)."""
         if len(params) != self.count or len(grads) != self.count:
             raise ValueError(f"SinkhornScaledAdd.step: {len(params)} parameters and {len(grads)} gradients, the "
@@ -385,16 +365,16 @@ class SinkhornScaledAdd:
                     self.meta, grad_table, self.row_programs if contiguous else self.col_programs, self.scales,
                     self.floors, self.flags, eps_sq, G_KIND=self.g_kind, ROWS=rows, TRANSPOSED=self.transposed,
                     FIRST=i == 0, LAST=i == iters - 1, BLOCK_A=tile[0], BLOCK_B=tile[1],
-                    BLOCK_V=self.vector_block, META=_META, **_EXACT)
+                    BLOCK_V=self.vector_block, META=_META, **EXACT)
         lr_from_ptr = isinstance(lr, Tensor) and lr.device == self.device
         if lr_from_ptr:
             lr_ptr, neg_step, decay = lr, 0.0, 1.0
         else:
             value = float(lr)  # a number (or a tensor on another device: a CPU scalar, no device sync)
-            lr_ptr, neg_step, decay = self.floors, -(value * scale), 1 - value * scale * weight_decay
+            lr_ptr, neg_step, decay = self.floors, -(value * scale), decay_factor(value, weight_decay, scale)
         _scaled_add_kernel[self.row_grid](
             self.meta, self._params(params), grad_table, self.row_programs, self.scales, self.floors, self.flags,
             neg_step, decay, lr_ptr, float(scale), float(weight_decay), P_KIND=self.p_kind, G_KIND=self.g_kind,
             TRANSPOSED=self.transposed, RAW_ROWS=iters == 1, DECAY=weight_decay != 0,
-            LR_FROM_PTR=lr_from_ptr, BLOCK_A=self.row_tile[0], BLOCK_B=self.row_tile[1], META=_META, **_EXACT)
+            LR_FROM_PTR=lr_from_ptr, BLOCK_A=self.row_tile[0], BLOCK_B=self.row_tile[1], META=_META, **EXACT)
         return self.left_alone

@@ -11,12 +11,13 @@ block, which keeps them below 2**15 (int16 in the window) whatever the size of t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BLOCK_SIZE", "BlockLayout", "block_layout", "block_starts", "block_topk", "block_topk_fast", "k_for"]
+__all__ = ["MAX_BLOCK_SIZE", "TopKBlocks", "block_starts", "block_topk", "block_topk_fast", "k_for", "topk_blocks"]
 
 MAX_BLOCK_SIZE = 1 << 15  # block-relative indices 0..32767 fit int16
 
@@ -28,7 +29,7 @@ def k_for(length: int, k_init: float) -> int:
 
 
 @dataclass(frozen=True)
-class BlockLayout:
+class TopKBlocks:
     """How a 1-D tensor of ``n`` entries is cut into Top-K blocks."""
 
     n: int
@@ -46,16 +47,17 @@ class BlockLayout:
         return self.full_blocks * self.k_block + self.k_tail
 
 
-def block_layout(n: int, block_size: int, k_init: float) -> BlockLayout:
+def topk_blocks(n: int, block_size: int, k_init: float) -> TopKBlocks:
+    """How ``n`` entries are cut into Top-K blocks of ``block_size``, keeping ``k_init`` of each."""
     tail = n % block_size
-    return BlockLayout(n, block_size, k_for(block_size, k_init), tail, k_for(tail, k_init) if tail else 0)
+    return TopKBlocks(n, block_size, k_for(block_size, k_init), tail, k_for(tail, k_init) if tail else 0)
 
 
-def block_starts(layout: BlockLayout, device: torch.device | str = "cpu") -> Tensor:
+def block_starts(blocks: TopKBlocks, device: torch.device | str = "cpu") -> Tensor:
     """int64 offset of the block each of the ``k_total`` selected entries belongs to (length k_total)."""
-    column = torch.arange(layout.k_total, device=device)
-    return torch.div(column, layout.k_block, rounding_mode="floor").clamp_(max=layout.full_blocks) \
-        * layout.block_size
+    column = torch.arange(blocks.k_total, device=device)
+    return torch.div(column, blocks.k_block, rounding_mode="floor").clamp_(max=blocks.full_blocks) \
+        * blocks.block_size
 
 
 def _unique_keys(magnitude: Tensor, column: Tensor, width: int) -> Tensor:
@@ -79,15 +81,20 @@ def _topk_rows(rows: Tensor, k: int) -> Tensor:
 
 def block_topk(x: Tensor, block_size: int, k_init: float) -> Tensor:
     """Block-relative int64 indices (length ``k_total``) of each block's top entries of the fp32 ``x``."""
+    return _block_topk(x, block_size, k_init, _topk_rows)
+
+
+def _block_topk(x: Tensor, block_size: int, k_init: float, full_rows: Callable[[Tensor, int], Tensor]) -> Tensor:
+    """``block_topk`` with ``full_rows(rows, k)`` ranking the full blocks (the short tail block: ``_topk_rows``)."""
     if x.dtype != torch.float32:
         x = x.float()
-    layout = block_layout(x.numel(), block_size, k_init)
-    n_full = layout.full_blocks * block_size
+    blocks = topk_blocks(x.numel(), block_size, k_init)
+    n_full = blocks.full_blocks * block_size
     parts = []
-    if layout.full_blocks:
-        parts.append(_topk_rows(x[:n_full].view(-1, block_size), layout.k_block).view(-1))
-    if layout.tail:
-        parts.append(_topk_rows(x[n_full:].view(1, -1), layout.k_tail).view(-1))
+    if blocks.full_blocks:
+        parts.append(full_rows(x[:n_full].view(-1, block_size), blocks.k_block).view(-1))
+    if blocks.tail:
+        parts.append(_topk_rows(x[n_full:].view(1, -1), blocks.k_tail).view(-1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -140,13 +147,4 @@ def _topk_rows_by_groups(rows: Tensor, k: int) -> Tensor:
 
 def block_topk_fast(x: Tensor, block_size: int, k_init: float) -> Tensor:
     """Same result as ``block_topk`` (tested), ranking only the entries of the k strongest groups."""
-    if x.dtype != torch.float32:
-        x = x.float()
-    layout = block_layout(x.numel(), block_size, k_init)
-    n_full = layout.full_blocks * block_size
-    parts = []
-    if layout.full_blocks:
-        parts.append(_topk_rows_by_groups(x[:n_full].view(-1, block_size), layout.k_block).view(-1))
-    if layout.tail:
-        parts.append(_topk_rows(x[n_full:].view(1, -1), layout.k_tail).view(-1))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return _block_topk(x, block_size, k_init, _topk_rows_by_groups)

@@ -15,7 +15,7 @@ shapes and ``model.config`` -- not from name substrings alone:
     bias                          elementwise (plain AdamW)
     norm and anything else        one block per tensor
 
-Every tensor's layout is stored in its param group (``param_layouts``), so the optimizer keeps working
+Every tensor's partition is stored in its param group (``param_layouts``), so the optimizer keeps working
 when FSDP2 or Accelerate swap the parameter objects. ``print(opt.partition_table())`` shows the plan.
 
 State per tensor: ``exp_avg`` (m, full size, in the parameter's dtype unless ``exp_avg_dtype`` says
@@ -27,13 +27,14 @@ default) steps all tensors of a param group together in a fixed number of launch
 on the tensors' device and no host sync in the update: on CUDA (``backend="auto"``) three Triton launches
 for the tensors whose blocks are runs of contiguous rows (``slimopt.ops.block_moments_triton``: g read
 twice, p and m once, 24 B/param in fp32, the non-finite decision on the device), ``torch._foreach_*`` ops
-for the rest and on the CPU (``slimopt.ops.blockstats.adam_mini_foreach``); the per-tensor path
+for the rest and on the CPU (``slimopt.ops.blockstats.block_adam_foreach``); the per-tensor path
 (``foreach=False``, ``_single_tensor_adam_mini``) is the reference the tests hold them to, and the path
 FSDP2 shards always take (their block sums need an all-reduce per tensor).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -57,15 +58,15 @@ from ..core.distributed import is_sharded, local, local_offset, sq_sum, sq_sums_
 from ..ops.block_moments_triton import DTYPES as TRITON_DTYPES
 from ..ops.block_moments_triton import BlockMomentsStep, contiguous_blocks, triton_available
 from ..ops.blockstats import (
-    adam_mini_foreach,
-    adam_mini_step,
+    block_adam_foreach,
+    block_adam_step,
     block_mean_sq,
     block_sq_sums,
     block_state_shape,
 )
 from ..plans.param_plan import ROLES, BlockFacts, ParamInfo, ParamPlan, RuleSet
 
-__all__ = ["ADAM_MINI", "AdamMini", "adam_mini_layout", "comm_bytes", "state_bytes_formula"]
+__all__ = ["ADAM_MINI", "AdamMini", "adam_mini_blocks", "comm_bytes", "state_bytes_formula"]
 
 BACKENDS = ("auto", "torch", "triton")
 _DTYPES = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
@@ -76,7 +77,7 @@ _DTYPES = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch
 # the partition: Adam-mini's rule set over the plan's roles
 
 
-def adam_mini_layout(info: ParamInfo, rule: str) -> BlockFacts:
+def adam_mini_blocks(info: ParamInfo, rule: str) -> BlockFacts:
     """Blocks of one tensor under Adam-mini's rules; each block will keep one second-moment value.
 
     ``elementwise`` one block per element (plain Adam, biases); ``whole`` one block per tensor;
@@ -124,7 +125,7 @@ def adam_mini_layout(info: ParamInfo, rule: str) -> BlockFacts:
     if rows != (h + 2 * kv) * hd:
         raise ValueError(f"{rows} output neurons, but fused q,k,v of {h}+{kv}+{kv} heads x {hd} need "
                          f"{(h + 2 * kv) * hd}")
-    if info.qkv_layout == "grouped":  # per kv group: [q_1 .. q_g, k] by heads, then v by neurons
+    if info.qkv_order == "grouped":  # per kv group: [q_1 .. q_g, k] by heads, then v by neurons
         g = h // kv
         segments = []
         for i in range(kv):
@@ -133,7 +134,8 @@ def adam_mini_layout(info: ParamInfo, rule: str) -> BlockFacts:
     else:  # [q | k | v]
         segments = [[0, (h + kv) * hd, hd], [(h + kv) * hd, kv * hd, 1]]
     n_blocks = (h + kv) + kv * hd
-    return BlockFacts(n_blocks, hd * per_row, {"segments": segments, "layout": info.qkv_layout})
+    # (the order is kept under "layout": param groups of saved state dicts hold that key, and must compare equal)
+    return BlockFacts(n_blocks, hd * per_row, {"segments": segments, "layout": info.qkv_order})
 
 
 ADAM_MINI = RuleSet(
@@ -152,7 +154,7 @@ ADAM_MINI = RuleSet(
         "norm": "whole",
         "other": "whole",
     },
-    layout=adam_mini_layout,
+    facts=adam_mini_blocks,
     default="whole",
     extra_rules=("elementwise", "whole", "rows", "heads", "qkv"),
 )
@@ -164,7 +166,7 @@ def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4, exp_avg_dtype: An
     (``param_bytes``: 4 B/param for fp32 parameters, 2 for bf16 ones, as torch's AdamW keeps its moments), one
     fp32 v per block of the partition, the step."""
     m_bytes = param_bytes if _DTYPES.get(exp_avg_dtype) is None else _DTYPES[exp_avg_dtype].itemsize
-    blocks = ADAM_MINI.layout(t, ADAM_MINI.rule_for(t.role)).n_blocks
+    blocks = ADAM_MINI.facts(t, ADAM_MINI.rule_for(t.role)).n_blocks
     return t.numel * m_bytes + blocks * 4 + STEP_BYTES
 
 
@@ -173,11 +175,11 @@ def comm_bytes(group: dict[str, Any], index: int, shape: tuple[int, ...], hops: 
     """Collectives of one sharded tensor per step: its blocks' sums of squares, one all-reduce per mesh
     dimension that shards it (float32, float64 for float64 parameters)."""
     acc = 8 if p.dtype == torch.float64 else 4
-    layout = group["param_layouts"][index]
-    if layout["rule"] == "whole":
+    partition = group["param_layouts"][index]
+    if partition["rule"] == "whole":
         return {"sq_sum": acc * hops}
-    if layout["rule"] != "elementwise":
-        return {"sq_sums": acc * shape[layout["out_dim"]] * hops}
+    if partition["rule"] != "elementwise":
+        return {"sq_sums": acc * shape[partition["out_dim"]] * hops}
     return {}
 
 
@@ -303,8 +305,8 @@ class AdamMini(SlimOptimizer):
         p <- p (1 - lr lambda) - lr m_hat / (sqrt(v_hat_b) + eps), for every block b of every tensor.
 
         The tensors of the group on one device are stepped together: on CUDA those the Triton kernels take in
-        three launches (``BlockMomentsStep``), the others with ``torch._foreach_*`` ops (``adam_mini_foreach``);
-        FSDP2 shards, and every tensor when ``foreach=False``, one at a time (``adam_mini_step``).
+        three launches (``BlockMomentsStep``), the others with ``torch._foreach_*`` ops (``block_adam_foreach``);
+        FSDP2 shards, and every tensor when ``foreach=False``, one at a time (``block_adam_step``).
         """
         beta1, beta2 = group["betas"]
         hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
@@ -329,7 +331,7 @@ class AdamMini(SlimOptimizer):
         return getattr(self, "foreach", True) and not is_sharded(p) and local(p).device.type != "meta"
 
     def _init_state(self, group: dict[str, Any], index: int, p: Tensor) -> None:
-        layout = group["param_layouts"][index]
+        partition = group["param_layouts"][index]
         state = self.state[p]
         device = local(p).device
         # torch's convention: the counter on the CPU for a per-tensor step, on the device for a multi-tensor one
@@ -337,15 +339,15 @@ class AdamMini(SlimOptimizer):
         m_dtype = group["exp_avg_dtype"] or p.dtype
         state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=torch.preserve_format)
         # one float32 value per block (a full float32 tensor, sharded like p, for elementwise blocks)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32) if layout["rule"] == "elementwise" \
-            else torch.zeros(block_state_shape(layout, tuple(p.shape)), dtype=torch.float32, device=device)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32) if partition["rule"] == "elementwise" \
+            else torch.zeros(block_state_shape(partition, tuple(p.shape)), dtype=torch.float32, device=device)
 
     def _weight_decay(self, group: dict[str, Any], index: int) -> float:
         return group["weight_decay"] if group["param_roles"][index] not in group["no_decay_roles"] else 0.0
 
     def _multi_tensor_adam_mini(self, group: dict[str, Any], key: Any, items: list[tuple[int, Tensor, Tensor]],
                                 *, lr: float | Tensor, beta1: float, beta2: float, eps: float) -> None:
-        """All tensors of ``group`` on one device (and gradient dtype) in one go; see ``adam_mini_foreach``."""
+        """All tensors of ``group`` on one device (and gradient dtype) in one go; see ``block_adam_foreach``."""
         indices = tuple(index for index, _, _ in items)
         steps = []
         for _, p, _ in items:
@@ -354,7 +356,7 @@ class AdamMini(SlimOptimizer):
                 state["step"] = state["step"].to(local(p).device)
             steps.append(state["step"])
         prepared = self.__dict__.get("_sq_sums", {}).pop((id(group), key), None)
-        adam_mini_foreach([local(p) for _, p, _ in items], [local(g) for _, _, g in items],
+        block_adam_foreach([local(p) for _, p, _ in items], [local(g) for _, _, g in items],
                           [local(self.state[p]["exp_avg"]) for _, p, _ in items],
                           [local(self.state[p]["exp_avg_sq"]) for _, p, _ in items], steps,
                           [group["param_layouts"][i] for i in indices], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -363,26 +365,26 @@ class AdamMini(SlimOptimizer):
 
     def _single_tensor_adam_mini(self, group: dict[str, Any], index: int, p: Tensor, grad: Tensor, *,
                                  lr: float | Tensor, beta1: float, beta2: float, eps: float) -> None:
-        """One tensor (the reference path; FSDP2 shards): ``adam_mini_step`` with host-side step and lr."""
-        layout = group["param_layouts"][index]
+        """One tensor (the reference path; FSDP2 shards): ``block_adam_step`` with host-side step and lr."""
+        partition = group["param_layouts"][index]
         state = self.state[p]
         lr = float(lr) if isinstance(lr, Tensor) else lr  # torch's addcdiv takes a Python number
         step = float(self.advance_step(state))
         mean_sq = offset = full_shape = None
-        if is_sharded(p) and layout["rule"] != "elementwise":
+        if is_sharded(p) and partition["rule"] != "elementwise":
             # FSDP2: every rank keeps all blocks' v; block sums of g² are completed across ranks by one
             # all-reduce (of a scalar, or of one value per output neuron), so every rank's v agrees.
-            sums = sq_sum(grad) if layout["rule"] == "whole" else sq_sums_along(grad, dim=layout["out_dim"])
-            mean_sq = block_mean_sq(local(grad), layout, sums=sums, shape=tuple(p.shape))
+            sums = sq_sum(grad) if partition["rule"] == "whole" else sq_sums_along(grad, dim=partition["out_dim"])
+            mean_sq = block_mean_sq(local(grad), partition, sums=sums, shape=tuple(p.shape))
             offset, full_shape = local_offset(p), tuple(p.shape)
-        adam_mini_step(local(p), local(grad), local(state["exp_avg"]), local(state["exp_avg_sq"]), step, layout,
+        block_adam_step(local(p), local(grad), local(state["exp_avg"]), local(state["exp_avg_sq"]), step, partition,
                        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=self._weight_decay(group, index),
                        mean_sq=mean_sq, offset=offset, full_shape=full_shape)
 
     # -- the Triton path (CUDA) ---------------------------------------------------------------------------
     def _triton_key(self, group: dict[str, Any], index: int, p: Tensor, grad: Tensor) -> tuple[Any, ...] | None:
         """The launch set of ``p`` on the Triton path, ``("triton", device, p, g and m dtypes)``, or None when it
-        takes the torch ops: by backend and device, dtypes, contiguity, and its layout (blocks of contiguous
+        takes the torch ops: by backend and device, dtypes, contiguity, and its partition (blocks of contiguous
         rows: ``contiguous_blocks``)."""
         backend = getattr(self, "backend", "auto")
         if backend == "torch" or (backend == "auto" and not p.is_cuda):  # (the CPU's answer, first and cheap)
@@ -396,12 +398,12 @@ class AdamMini(SlimOptimizer):
             return None
         if not p.is_contiguous() or not grad.is_contiguous() or (m is not None and not m.is_contiguous()):
             return None
-        layout = group["param_layouts"][index]
-        fits = self.__dict__.setdefault("_fits", {})  # (layout, shape) -> whether the kernels take it
+        partition = group["param_layouts"][index]
+        fits = self.__dict__.setdefault("_fits", {})  # (partition, shape) -> whether the kernels take it
         shape = tuple(p.shape)
-        known = fits.get((id(layout), shape))
-        if known is None or known[0] is not layout:
-            known = fits[(id(layout), shape)] = (layout, contiguous_blocks(shape, layout) is not None)
+        known = fits.get((id(partition), shape))
+        if known is None or known[0] is not partition:
+            known = fits[(id(partition), shape)] = (partition, contiguous_blocks(shape, partition) is not None)
         return ("triton", grad.device, p.dtype, grad.dtype, m_dtype) if known[1] else None
 
     def _block_step(self, group: dict[str, Any], key: tuple[Any, ...], indices: list[int]) -> BlockMomentsStep:
@@ -466,8 +468,8 @@ class AdamMini(SlimOptimizer):
                 sq_sums[(id(group), key)] = (tuple(idx), None)
                 out.append(GradFlags(idx, bad, True))  # the update leaves flagged tensors alone on the device
                 continue
-            layouts = [group["param_layouts"][i] for i in idx]
-            sq = block_sq_sums(grads, layouts)
+            partitions = [group["param_layouts"][i] for i in idx]
+            sq = block_sq_sums(grads, partitions)
             sq_sums[(id(group), key)] = (tuple(idx), sq)
             # one value for the subgroup (not gated), non-finite iff some gradient is: the base looks closer then
             out.append(GradFlags(idx, sq.sum(), False))
@@ -499,3 +501,11 @@ def _named(groups: list[dict[str, Any]], offset: int = 0) -> list[dict[str, Any]
     return out
 
 
+
+
+def __getattr__(name: str) -> Any:
+    """The name of slimopt 0.1, with a ``FutureWarning``."""
+    if name == "adam_mini_layout":
+        warnings.warn("slimopt.optim.adam_mini.adam_mini_layout is now adam_mini_blocks", FutureWarning, stacklevel=2)
+        return adam_mini_blocks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

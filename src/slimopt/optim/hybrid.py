@@ -1,4 +1,4 @@
-"""Hybrid routing for SinkGD and SWAN: hidden matrices take the stateless update, the rest AdamW.
+"""Hybrid routing for SinkGD and SWAN: hidden matrices take the matrix update, the rest AdamW.
 
 Both papers apply their normalised, stateless update only to the linear weights of attention (q, k, v,
 o) and of the MLP; token embeddings, the output head, norm gains and biases are trained with Adam
@@ -6,9 +6,12 @@ o) and of the MLP; token embeddings, the output head, norm gains and biases are 
 
 * ``routing_rules(conv_as_matrix)``: that split as a rule set over the shared parameter plan
   (``slimopt.plans.param_plan``: roles from names and shapes -> rule ``"stateless"`` or ``"adamw"``);
-* ``HybridStatelessOptimizer``: the bookkeeping SinkGD and SWAN share. It routes every tensor to one
+* ``MatrixAdamWHybrid``: the bookkeeping SinkGD and SWAN share. It routes every tensor to one
   of two kinds of param group, runs the AdamW fallback (``slimopt.ops.adamw``) on ``"adamw"`` groups,
-  and hands each matrix of a ``"stateless"`` group to the subclass's ``update_matrix``.
+  and hands each matrix of a ``"stateless"`` group to the subclass's ``update_matrix`` (the rule keeps the
+  papers' name; a subclass may keep per-matrix state, ``matrix_state``);
+* ``routed_state_bytes``: the state bytes of one tensor under that routing, which SinkGD's and SWAN's
+  formulas share.
 
 How a tensor is routed, in order of precedence:
 
@@ -46,6 +49,7 @@ A step in few launches, and no host sync in the update:
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -62,25 +66,25 @@ from ..core.base import (
     check_nonnegative,
     placeholder_names,
 )
+from ..core.scratch import Scratch
 from ..ops.adamw import adamw_multi
-from ..plans.param_plan import BlockFacts, ParamInfo, ParamPlan, RuleSet
+from ..ops.weight_decay import decay_factor
+from ..plans.param_plan import HIDDEN_ROLES, BlockFacts, ParamInfo, ParamPlan, RuleSet
 from .adamw import adamw_state_bytes
 
-__all__ = ["ADAMW", "STATELESS", "HybridStatelessOptimizer", "MatrixView", "matrix_dims", "routing_layout",
-           "routing_rules", "state_bytes_formula"]
+__all__ = ["ADAMW", "STATELESS", "MatrixAdamWHybrid", "MatrixView", "matrix_dims", "routed_state_bytes",
+           "routing_facts", "routing_rules"]
 
-STATELESS = "stateless"
+STATELESS = "stateless"  # the rule of the matrix update (the papers' name; param groups and overrides hold it)
 ADAMW = "adamw"
 _UPDATES = ("auto", STATELESS, ADAMW)
-# Roles whose weights the papers update with the stateless rule: attention and MLP linear layers.
-_HIDDEN_ROLES = ("query", "key", "value", "qkv", "attn_out", "mlp")
 
 
 # --------------------------------------------------------------------------------------------------
 # the rule set
 
 
-def routing_layout(info: ParamInfo, rule: str, conv_as_matrix: bool = False) -> BlockFacts:
+def routing_facts(info: ParamInfo, rule: str, conv_as_matrix: bool = False) -> BlockFacts:
     """Check ``rule`` against the tensor's shape; a stateless tensor gets its ``matrix`` view (rows, cols).
 
     Rows are the output dimension (``out_dim``; GPT-2's Conv1D stores ``(in, out)``). A tensor of 3 or more
@@ -104,23 +108,24 @@ def routing_layout(info: ParamInfo, rule: str, conv_as_matrix: bool = False) -> 
 
 
 def routing_rules(conv_as_matrix: bool = False) -> RuleSet:
-    """Role -> ``"stateless"`` for attention and MLP weights, ``"adamw"`` for everything else."""
+    """Role -> ``"stateless"`` for the hidden weights the papers update with it (attention, MLP, other hidden
+    matrices and convolutions: ``HIDDEN_ROLES``), ``"adamw"`` for everything else."""
     return RuleSet(
         "sinkgd/swan routing",
-        {role: STATELESS for role in _HIDDEN_ROLES},
-        layout=lambda info, rule: routing_layout(info, rule, conv_as_matrix),
+        {role: STATELESS for role in sorted(HIDDEN_ROLES)},
+        facts=lambda info, rule: routing_facts(info, rule, conv_as_matrix),
         default=ADAMW,
         extra_rules=(STATELESS, ADAMW),
     )
 
 
-def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4, conv_as_matrix: bool = False) -> int:
-    """State bytes of one tensor (registry formula of SinkGD and SWAN): none for a matrix the routing sends
-    to the stateless update; AdamW's m and v in the parameter dtype + the step for the rest."""
+def routed_state_bytes(t: ParamInfo, *, param_bytes: int, conv_as_matrix: bool, matrix_bytes: int = 0) -> int:
+    """State bytes of one tensor under the routing: ``matrix_bytes`` for a matrix it sends to the matrix update
+    (none for a stateless method), AdamW's m and v in the parameter dtype + the step for the rest."""
     rules = routing_rules(conv_as_matrix)
     rule = rules.rule_for(t.role)
-    if (rules.layout(t, rule).rule or rule) == STATELESS:
-        return 0
+    if (rules.facts(t, rule).rule or rule) == STATELESS:
+        return matrix_bytes
     return adamw_state_bytes(t, param_bytes=param_bytes)
 
 
@@ -129,8 +134,8 @@ def matrix_dims(group: dict[str, Any], index: int, shape: tuple[int, ...]) -> tu
     for a tensor on AdamW. ``transposed``: the view is the stored tensor's transpose (GPT-2's Conv1D)."""
     if group.get("update") != STATELESS:
         return None
-    layouts = group.get("param_layouts")
-    matrix = layouts[index].get("matrix") if layouts is not None else None
+    facts = group.get("param_layouts")  # per tensor its plan facts (the key old state dicts hold)
+    matrix = facts[index].get("matrix") if facts is not None else None
     transposed = matrix is not None and len(shape) == 2 and matrix[0] != shape[0]
     rows, cols = (shape[1], shape[0]) if transposed else (shape[0], math.prod(shape[1:]))
     return rows, cols, transposed
@@ -146,10 +151,6 @@ def _shape_rule(p: Tensor, conv_as_matrix: bool) -> str:
 
 def _is_named(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
-
-
-def _scalar(value: float | Tensor) -> float:
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
 class MatrixView(NamedTuple):
@@ -174,9 +175,10 @@ def _step_device(p: Tensor) -> torch.device:
     return p.device if p.device.type not in ("cpu", "meta") else torch.device("cpu")
 
 
-class HybridStatelessOptimizer(SlimOptimizer):
+class MatrixAdamWHybrid(SlimOptimizer):
     """A matrix update for hidden matrices + AdamW for the rest; subclasses implement ``update_matrix``
-    (one matrix) or ``update_matrices`` (a bucket of same-shaped matrices at once)."""
+    (one matrix) or ``update_matrices`` (a bucket of same-shaped matrices at once), and keep per-matrix state
+    when they set ``matrix_state``."""
 
     matrix_state = False  # True: the matrix update keeps per-tensor state (momentum, projectors) in ``state``
     # The most elements a stacked matrix update puts in one stack, per device type (default: other
@@ -204,8 +206,6 @@ class HybridStatelessOptimizer(SlimOptimizer):
                     "adamw_eps": adamw_eps, "adamw_weight_decay": adamw_weight_decay,
                     "conv_as_matrix": self._conv_as_matrix}
         self.plan: ParamPlan | None = None
-        self._scratch: dict[torch.device, Tensor] = {}
-        self._workspaces: dict[tuple[Any, ...], Any] = {}  # (device, key) -> views into _scratch[device]
         self._views: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # id(p) -> (p, its matrix view)
         super().__init__(params, defaults)
 
@@ -213,7 +213,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
     @classmethod
     def from_model(cls, model: torch.nn.Module, lr: float | Tensor | None = None, weight_decay: float = 0.0, *,
                    overrides: Mapping[str, str] | None = None, print_plan: bool = False,
-                   conv_as_matrix: bool = False, **kwargs: Any) -> HybridStatelessOptimizer:
+                   conv_as_matrix: bool = False, **kwargs: Any) -> MatrixAdamWHybrid:
         """Route ``model``'s trainable tensors by name and shape (``slimopt.plans.param_plan``) and build the optimizer.
 
         ``overrides`` maps a name or ``fnmatch`` pattern to a role or to ``"stateless"``/``"adamw"``;
@@ -331,8 +331,8 @@ class HybridStatelessOptimizer(SlimOptimizer):
         so a method may key per-matrix buffers on it. GPT-2's Conv1D stores (in, out): the view is the
         transpose; a 3-D+ weight under ``conv_as_matrix`` is (out, in*kh*kw).
         """
-        layouts = group.get("param_layouts")
-        out_dim = layouts[index].get("out_dim", 0) if layouts is not None else 0
+        facts = group.get("param_layouts")
+        out_dim = facts[index].get("out_dim", 0) if facts is not None else 0
         if p.ndim < 2:
             raise RuntimeError(f"{type(self).__name__}: the stateless update needs a matrix, but "
                                f"{self.param_name(group, index)} has shape {tuple(p.shape)}; mark its "
@@ -359,19 +359,11 @@ class HybridStatelessOptimizer(SlimOptimizer):
     def scratch(self, like: Tensor) -> Tensor:
         """An fp32 work buffer shaped like ``like``, valid until the next call.
 
-        One flat buffer per device, the size of the largest request seen, reused by every matrix and
-        every step: a fresh multi-MB temporary per matrix costs page faults that outweigh the arithmetic
-        of a memory-bound update on CPU. It is scratch, not state (not saved, not in ``state_bytes``).
+        One flat buffer per device (``core.scratch.Scratch``), the size of the largest request seen, reused by
+        every matrix and every step: a fresh multi-MB temporary per matrix costs page faults that outweigh the
+        arithmetic of a memory-bound update on CPU. It is scratch, not state (not saved, not in ``state_bytes``).
         """
-        return self._flat(like.device, like.numel())[: like.numel()].view(like.shape)
-
-    def _flat(self, device: torch.device, numel: int) -> Tensor:
-        buffer = self._scratch.get(device)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._scratch[device] = torch.empty(numel, dtype=torch.float32, device=device)
-            for key in [k for k in self._workspaces if k[0] == device]:  # views of the old buffer: rebuilt
-                del self._workspaces[key]
-        return buffer
+        return self._scratch_on(like.device).like(like)
 
     def workspace(self, device: torch.device, key: tuple[Any, ...], numel: int, build: Callable[[Tensor], Any]
                   ) -> Any:
@@ -379,23 +371,30 @@ class HybridStatelessOptimizer(SlimOptimizer):
         fp32 elements) and kept: a step then makes no views (each one is a dispatched op) and the
         addresses stay fixed from step to step (what a CUDA graph needs). Valid until the next call that
         grows the buffer; the same buffer serves ``scratch``."""
-        flat = self._flat(device, numel)
-        entry = self._workspaces.get((device, key))
-        if entry is None:
-            entry = self._workspaces[(device, key)] = build(flat[:numel])
-        return entry
+        return self._scratch_on(device).views(key, numel, build)
+
+    def _scratch_on(self, device: torch.device) -> Scratch:
+        scratches = self.__dict__.setdefault("_scratches", {})  # not in the state dict, not pickled
+        found = scratches.get(device)
+        if found is None:
+            found = scratches[device] = Scratch(device)
+        return found
 
     @staticmethod
     def decay_factor(group: dict[str, Any]) -> float | Tensor | None:
-        """The matrices' weight-decay factor 1 - lr * scale * weight_decay (None without decay), rounded as
-        the per-matrix ``W.mul_(1 - step_size * weight_decay)`` rounds it; a 0-d tensor for a tensor lr."""
+        """The matrices' weight-decay factor 1 - lr * scale * weight_decay (``ops.weight_decay``; None without
+        decay); a 0-d tensor for a tensor lr."""
         weight_decay = group["weight_decay"]
         if weight_decay == 0:
             return None
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            return (lr * group["scale"]).mul_(-weight_decay).add_(1.0)
-        return 1 - lr * group["scale"] * weight_decay
+        return decay_factor(group["lr"], weight_decay, group["scale"])
+
+    def decay_where(self, param: Tensor, group: dict[str, Any], ok: Tensor) -> None:
+        """The per-matrix reference's weight decay: ``param *= decay_factor`` where ``ok``, else unchanged (no host
+        sync)."""
+        factor = self.decay_factor(group)
+        if factor is not None:
+            param.mul_(torch.where(ok, factor, 1.0))
 
     def stack_chunks(self, views: list[MatrixView], numel_each: int) -> Iterator[list[MatrixView]]:
         """``views`` in consecutive chunks of at most ``stack_numel`` elements (at least one matrix each),
@@ -471,7 +470,7 @@ class HybridStatelessOptimizer(SlimOptimizer):
             for name, p in zip(names, group["params"]):
                 row = plan_rows.get(name)
                 rows.append((name, "x".join(map(str, p.shape)) or "()", row.role if row else "-",
-                             (row.basis or "-") if row else "-", group["update"], f"{_scalar(group['lr']):g}"))
+                             (row.basis or "-") if row else "-", group["update"], f"{float(group['lr']):g}"))
                 totals[group["update"]] += p.numel()
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -480,3 +479,14 @@ class HybridStatelessOptimizer(SlimOptimizer):
         if self.plan is not None and self.plan.notes:
             lines.append(self.plan.report())
         return "\n".join(lines)
+
+
+_RENAMED = {"HybridStatelessOptimizer": "MatrixAdamWHybrid", "routing_layout": "routing_facts"}
+
+
+def __getattr__(name: str) -> Any:
+    """The names of slimopt 0.1, with a ``FutureWarning``."""
+    if name in _RENAMED:
+        warnings.warn(f"slimopt.optim.hybrid.{name} is now {_RENAMED[name]}", FutureWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ SR-Sinkhorn's iterates are all diag(r) G diag(c), so it is computed through two 
 A step has two paths for the matrices of a group (``backend``):
 
 * Triton (CUDA tensors under ``"auto"``; any device under ``"triton"``, CPU tensors through the interpreter):
-  ``slimopt.ops.sinkhorn_triton.SinkhornScaledAdd`` steps all the group's matrices of one dtype and layout
+  ``slimopt.ops.sinkhorn_triton.SinkhornScaledAdd`` steps all the group's matrices of one dtype and storage order
   together, 2L + 1 launches whatever their number and shapes: each half-step a weighted sum of squares read
   straight from G, then one pass W <- W decay - lr scale diag(r) G diag(c). 52 B per element at L = 5 for
   fp32 G and W (26 B bf16), no copies; its docstring has the design, the bytes, and what would go below.
@@ -23,7 +23,7 @@ A step has two paths for the matrices of a group (``backend``):
   for why that is not done).
 * torch (CPU tensors, ``"torch"``, and what the kernels do not take: DTensor shards, fp16 or fp64
   parameters, views whose storage rows are not contiguous): same-shaped matrices are updated as stacks of
-  up to ``stack_numel`` elements by ``slimopt.ops.normalize.sinkgd_update_stacked_`` (~40 launches per
+  up to ``stack_numel`` elements by ``slimopt.ops.normalize.sinkhorn_scaled_add_stacked_`` (~40 launches per
   stack whatever its size, 84 B moved per element at L = 5: its docstring has the design); on a CPU the
   stacks sit in the last-level cache, which is what that path is built around.
 
@@ -36,19 +36,27 @@ included, on every path, and counted in ``nonfinite_skips``, without a host sync
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..core.base import check_choice, check_positive, check_positive_int
 from ..core.distributed import global_shape, is_dtensor, local, partial_sums
-from ..ops.normalize import add_scaled_, sinkgd_update_stacked_, sinkhorn_scales
-from ..ops.sinkhorn_triton import GRAD_DTYPES, PARAM_DTYPES, SinkhornScaledAdd, sinkhorn_layout
+from ..ops.normalize import add_scaled_, sinkhorn_scaled_add_stacked_, sinkhorn_scales
+from ..ops.sinkhorn_triton import GRAD_DTYPES, PARAM_DTYPES, SinkhornScaledAdd, storage_order
 from ..ops.triton_support import triton_available
-from .hybrid import STATELESS, HybridStatelessOptimizer, MatrixView, matrix_dims
+from ..plans.param_plan import ParamInfo
+from .hybrid import STATELESS, MatrixAdamWHybrid, MatrixView, matrix_dims, routed_state_bytes
 
-__all__ = ["SinkGD", "comm_bytes"]
+__all__ = ["SinkGD", "comm_bytes", "state_bytes_formula"]
+
+
+def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4, conv_as_matrix: bool = False) -> int:
+    """State bytes of one tensor (registry formula): none for a matrix (SinkGD keeps no state), AdamW's for a
+    tensor the routing sends to AdamW (``hybrid.routed_state_bytes``)."""
+    return routed_state_bytes(t, param_bytes=param_bytes, conv_as_matrix=conv_as_matrix)
 
 
 def comm_bytes(group: dict[str, Any], index: int, shape: tuple[int, ...], hops: int, local_numel: int,
@@ -63,7 +71,7 @@ def comm_bytes(group: dict[str, Any], index: int, shape: tuple[int, ...], hops: 
     return {"sums": 4 * hops * (iters * rows if transposed else iters * cols + 1)}
 
 
-class SinkGD(HybridStatelessOptimizer):
+class SinkGD(MatrixAdamWHybrid):
     """SinkGD with the papers' hybrid routing (AdamW for non-hidden tensors).
 
     Args:
@@ -121,7 +129,7 @@ class SinkGD(HybridStatelessOptimizer):
         super().load_state_dict(state_dict)
 
     def update_group(self, group: dict[str, Any]) -> None:
-        """A matrix group: the matrices the Triton kernels take, per (device, dtypes, layout), in one
+        """A matrix group: the matrices the Triton kernels take, per (device, dtypes, storage order), in one
         ``SinkhornScaledAdd`` step each; the rest by ``update_matrices`` per bucket of same-shaped matrices
         (hybrid's ``update_group``, which an AdamW group and a group without kernels take whole)."""
         backend = group.get("backend", "auto")
@@ -133,7 +141,7 @@ class SinkGD(HybridStatelessOptimizer):
         buckets: dict[tuple[Any, ...], list[MatrixView]] = {}
         for index, p, grad in self.grads(group):
             view = self._matrix_view(group, index, p, grad)
-            taken = self._kernel_layout(view, backend)
+            taken = self._kernel_storage(view, backend)
             if taken is None:
                 buckets.setdefault(self.bucket_key(view), []).append(view)
             else:
@@ -146,33 +154,33 @@ class SinkGD(HybridStatelessOptimizer):
             self.update_matrices(views, group)
 
     @staticmethod
-    def _kernel_layout(view: MatrixView, backend: str) -> tuple[bool, int] | None:
-        """``sinkhorn_layout`` of a matrix the kernels take under ``backend``, else None."""
+    def _kernel_storage(view: MatrixView, backend: str) -> tuple[bool, int] | None:
+        """``storage_order`` of a matrix the kernels take under ``backend``, else None."""
         p, g = view.param, view.grad
         if (p.dtype not in PARAM_DTYPES or g.dtype not in GRAD_DTYPES or p.is_meta or is_dtensor(p)
                 or (backend == "auto" and not p.is_cuda)):
             return None
-        return sinkhorn_layout(p, g)
+        return storage_order(p, g)
 
     @torch.compiler.disable  # Triton launches over address tables built on the host
     def _update_with_kernels(self, group: dict[str, Any], key: tuple[Any, ...],
                              batch: list[tuple[MatrixView, int]]) -> None:
         """One ``SinkhornScaledAdd`` step of the matrices of ``batch`` (kept per group and key, rebuilt when
-        their layouts change); the matrices it left alone are counted as skipped (no host sync)."""
+        their shapes or strides change); the matrices it left alone are counted as skipped (no host sync)."""
         device, param_dtype, grad_dtype, transposed = key
-        layouts = tuple((v.param.shape[0], v.param.shape[1], stride) for v, stride in batch)
+        matrices = tuple((v.param.shape[0], v.param.shape[1], stride) for v, stride in batch)
         cache = self.__dict__.setdefault("_sinkhorn_steps", {})  # scratch: not in the state dict, not pickled
         entry = cache.get((id(group), key))
-        if entry is None or entry[0] != layouts:
-            entry = cache[(id(group), key)] = (layouts, SinkhornScaledAdd(
-                layouts, transposed=transposed, device=device, param_dtype=param_dtype, grad_dtype=grad_dtype))
+        if entry is None or entry[0] != matrices:
+            entry = cache[(id(group), key)] = (matrices, SinkhornScaledAdd(
+                matrices, transposed=transposed, device=device, param_dtype=param_dtype, grad_dtype=grad_dtype))
         left_alone = entry[1].step([v.param for v, _ in batch], [v.grad for v, _ in batch], group["iters"],
                                    group["lr"], group["scale"], group["weight_decay"], group["eps"])
         self._count_skips(left_alone)
 
     def update_matrices(self, views: list[MatrixView], group: dict[str, Any]) -> None:
         """A bucket of same-shaped matrices (the torch path): stacks of up to ``stack_numel`` elements, each
-        updated by ``sinkgd_update_stacked_`` (sharded matrices one by one, by ``update_matrix``)."""
+        updated by ``sinkhorn_scaled_add_stacked_`` (sharded matrices one by one, by ``update_matrix``)."""
         sharded = [v for v in views if is_dtensor(v.param)]
         for view in sharded:
             self.update_matrix(view.param, view.grad, group, view.state)
@@ -186,12 +194,11 @@ class SinkGD(HybridStatelessOptimizer):
         decay = self.decay_factor(group)
         for chunk in self.stack_chunks(views, m * n):
             k = len(chunk)
-            stack, gram, gram_t, stack_rows, gram_rows = self.workspace(
-                device, ("sinkgd", k, m, n), 2 * k * m * n, _stacks(k, m, n))
-            left_alone = sinkgd_update_stacked_(
+            work = self.workspace(device, ("sinkgd", k, m, n), 2 * k * m * n, _StackBuffers.build(k, m, n))
+            left_alone = sinkhorn_scaled_add_stacked_(
                 [v.param for v in chunk], [v.grad for v in chunk], group["iters"], group["lr"], group["scale"], decay,
-                group["eps"], stack=stack, gram=gram, gram_t=gram_t, updates=stack_rows, gram_rows=gram_rows,
-                grads_finite=self.grads_checked(group))
+                group["eps"], stack=work.stack, gram=work.gram, gram_t=work.gram_t, updates=work.stack_rows,
+                gram_rows=work.gram_rows, grads_finite=self.grads_checked(group))
             self._count_skips(left_alone)
 
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: None) -> None:
@@ -207,8 +214,7 @@ class SinkGD(HybridStatelessOptimizer):
         # c is the whole column vector on every rank (the same there), and a NaN in r reaches it
         ok = torch.isfinite(c.sum())
         self._count_skips(ok.logical_not())
-        if group["weight_decay"] != 0:
-            param_local.mul_(torch.where(ok, 1 - step_size * group["weight_decay"], 1.0))
+        self.decay_where(param_local, group, ok)
         if not self.grads_checked(group):  # a non-finite G times the zeroed scales would still be NaN
             grad_local = grad_local.nan_to_num(0.0, 0.0, 0.0)
         add_scaled_(param_local, grad_local, torch.where(ok, r, 0.0), torch.where(ok, c, 0.0), -step_size,
@@ -222,9 +228,20 @@ def _check_backend(backend: str) -> None:
                          "backend='auto'")
 
 
-def _stacks(k: int, m: int, n: int):
-    """The work buffers of a stack of k (m, n) matrices: G's stack, A = G*G, A's transpose, the rows of both."""
-    def build(flat: Tensor) -> tuple[Any, ...]:
-        stack, gram = flat.view(2, k, m, n).unbind(0)
-        return stack, gram, gram.mT, stack.unbind(0), gram.unbind(0)
-    return build
+class _StackBuffers(NamedTuple):
+    """The work buffers of a stack of k (m, n) matrices, and the views a step takes of them (made once: a view is
+    a dispatched op)."""
+
+    stack: Tensor  # G's stack (k, m, n), then the updates
+    gram: Tensor  # A = G*G
+    gram_t: Tensor  # A's transpose
+    stack_rows: tuple[Tensor, ...]  # the stack's matrices
+    gram_rows: tuple[Tensor, ...]
+
+    @staticmethod
+    def build(k: int, m: int, n: int) -> Callable[[Tensor], _StackBuffers]:
+        """The buffers as views of ``flat`` (2 k m n fp32 elements), for ``MatrixAdamWHybrid.workspace``."""
+        def build(flat: Tensor) -> _StackBuffers:
+            stack, gram = flat.view(2, k, m, n).unbind(0)
+            return _StackBuffers(stack, gram, gram.mT, stack.unbind(0), gram.unbind(0))
+        return build

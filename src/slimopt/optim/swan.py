@@ -48,7 +48,8 @@ norm, which any NaN or inf makes non-finite, gates it on the device; no host syn
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -58,9 +59,10 @@ from ..core.distributed import full, is_dtensor, local_part
 from ..core.distributed import local as local_tensor
 from ..ops.newton_schulz import DEFAULT_ITERS, whiten, whiten_stacked_
 from ..ops.normalize import add_stacked_, decay_factors, row_standardize, row_standardize_stacked_
-from .hybrid import HybridStatelessOptimizer, MatrixView, matrix_dims
+from ..plans.param_plan import ParamInfo
+from .hybrid import MatrixAdamWHybrid, MatrixView, matrix_dims, routed_state_bytes
 
-__all__ = ["SWAN", "comm_bytes", "swan_direction"]
+__all__ = ["SWAN", "comm_bytes", "state_bytes_formula", "swan_direction"]
 
 
 def swan_direction(grad: Tensor, ns_iters: int, rescale: bool = True, eps: float = 1e-8, tf32: bool = True
@@ -76,6 +78,12 @@ def swan_direction(grad: Tensor, ns_iters: int, rescale: bool = True, eps: float
     return x.t() if tall else x
 
 
+def state_bytes_formula(t: ParamInfo, *, param_bytes: int = 4, conv_as_matrix: bool = False) -> int:
+    """State bytes of one tensor (registry formula): none for a matrix (SWAN is stateless), AdamW's for a tensor
+    the routing sends to AdamW (``hybrid.routed_state_bytes``)."""
+    return routed_state_bytes(t, param_bytes=param_bytes, conv_as_matrix=conv_as_matrix)
+
+
 def comm_bytes(group: dict[str, Any], index: int, shape: tuple[int, ...], hops: int, local_numel: int,
                p: Tensor) -> dict[str, int]:
     """Collectives of one sharded tensor per step: SWAN gathers the whole matrix (bytes received)."""
@@ -84,7 +92,7 @@ def comm_bytes(group: dict[str, Any], index: int, shape: tuple[int, ...], hops: 
     return {"gather": (math.prod(shape) - local_numel) * p.element_size()}
 
 
-class SWAN(HybridStatelessOptimizer):
+class SWAN(MatrixAdamWHybrid):
     """SWAN with the papers' hybrid routing (AdamW for non-hidden tensors).
 
     Args:
@@ -148,22 +156,22 @@ class SWAN(HybridStatelessOptimizer):
             tall = sum(1 for v in chunk if v.param.shape[0] > v.param.shape[1])
             k = len(chunk)
             work = self.workspace(device, ("swan", tall, k - tall, h, w), (2 * k + tall) * h * w,
-                                  _stacks(tall, k - tall, h, w))
+                                  _StackBuffers.build(tall, k - tall, h, w))
             self._update_stack(chunk, tall, work, decay, group)
 
-    def _update_stack(self, chunk: list[MatrixView], tall: int, work: tuple[Any, ...],
+    def _update_stack(self, chunk: list[MatrixView], tall: int, work: _StackBuffers,
                       decay: float | Tensor | None, group: dict[str, Any]) -> None:
-        x, y, transposes, x_tall_t, x_wide, y_tall, y_wide, v, v_rows, x_wide_rows, y_tall_rows, y_wide_rows = work
+        x, y = work.stack, work.work
         _, h, w = x.shape
         sharded = is_dtensor(chunk[0].param)
         grads = [full(view.grad) for view in chunk] if sharded else [view.grad for view in chunk]
         if tall:  # a tall matrix's transpose, written in place by the stacking copy
-            torch.stack(grads[:tall], out=x_tall_t)
+            torch.stack(grads[:tall], out=work.stack_tall_t)
         if tall < len(chunk):
-            torch.stack(grads[tall:], out=x_wide)
+            torch.stack(grads[tall:], out=work.stack_wide)
         # GradNorm, divided by sqrt(hw) so that every matrix has Frobenius norm <= 1 for the whitening
         row_standardize_stacked_(x, group["eps"], scale=1.0 / math.sqrt(h * w))
-        out = whiten_stacked_(x, group["ns_iters"], work=y, transposes=transposes,  # y if ns_iters is odd, else x
+        out = whiten_stacked_(x, group["ns_iters"], work=y, transposes=work.transposes,  # y if ns_iters is odd, else x
                               tf32=group.get("tf32", True))  # (a group from an older state dict has no key)
         # the per-matrix factor: -lr scale sqrt(hw) / ||X||_F (rescale) or -lr scale; NaN for a matrix whose
         # update has a NaN or inf (its norm is then NaN or inf), which nan_to_num turns into a zero update
@@ -179,25 +187,25 @@ class SWAN(HybridStatelessOptimizer):
         torch.mul(out, factor, out=x)
         x.nan_to_num_(0.0, 0.0, 0.0)
         if tall:
-            v.copy_(x_tall_t)  # the tall matrices' updates in their own (rows, cols) layout
+            work.tall_updates.copy_(work.stack_tall_t)  # the tall matrices' updates in their own (rows, cols) shape
         params = [view.param for view in chunk]
         factors = None if decay is None else decay_factors(factor, decay, bad)
         if sharded:  # each rank its own rows (FSDP2 shards the stored tensor's first dimension)
-            for j, (view, update) in enumerate(zip(chunk, [*v_rows, *x_wide_rows])):
+            for j, (view, update) in enumerate(zip(chunk, [*work.tall_update_rows, *work.wide_update_rows])):
                 param = local_tensor(view.param)
                 if factors is not None:
                     param.mul_(factors[j])
                 param.add_(local_part(update, view.grad))
             return
         if factors is None and all(p.dtype == torch.float32 for p in params):  # tall and wide in one launch
-            torch._foreach_add_(params, [*v_rows, *x_wide_rows])
+            torch._foreach_add_(params, [*work.tall_update_rows, *work.wide_update_rows])
             return
         if tall:
-            add_stacked_(params[:tall], v, None if factors is None else factors[:tall], work=y_tall,
-                         updates=v_rows, work_rows=y_tall_rows)
+            add_stacked_(params[:tall], work.tall_updates, None if factors is None else factors[:tall],
+                         work=work.work_tall, updates=work.tall_update_rows, work_rows=work.work_tall_rows)
         if tall < len(chunk):
-            add_stacked_(params[tall:], x_wide, None if factors is None else factors[tall:], work=y_wide,
-                         updates=x_wide_rows, work_rows=y_wide_rows)
+            add_stacked_(params[tall:], work.stack_wide, None if factors is None else factors[tall:],
+                         work=work.work_wide, updates=work.wide_update_rows, work_rows=work.work_wide_rows)
 
     def update_matrix(self, param: Tensor, grad: Tensor, group: dict[str, Any], state: None) -> None:
         """The reference: one matrix, ``swan_direction``; a non-finite update leaves the matrix unchanged,
@@ -209,21 +217,38 @@ class SWAN(HybridStatelessOptimizer):
         update = swan_direction(full(grad), group["ns_iters"], group["rescale"], group["eps"], group.get("tf32", True))
         ok = torch.isfinite(update).all()  # the whole update, the same on every rank
         self._count_skips(ok.logical_not())
-        if group["weight_decay"] != 0:
-            param.mul_(torch.where(ok, 1 - step_size * group["weight_decay"], 1.0))
+        self.decay_where(param, group, ok)
         param.sub_(torch.where(ok, local_part(update, grad), 0.0).mul_(step_size))
 
 
-def _stacks(tall: int, wide: int, h: int, w: int):
-    """SWAN's work buffers for a stack of ``tall`` (w, h) and ``wide`` (h, w) matrices, h <= w: the stack
-    X (k, h, w), the whitening's second buffer Y, a (tall, w, h) buffer for the tall updates, and views."""
-    k = tall + wide
+class _StackBuffers(NamedTuple):
+    """The work buffers of a stack of ``tall`` (w, h) and ``wide`` (h, w) matrices, h <= w, and the views a step
+    takes of them (made once: a view is a dispatched op)."""
 
-    def build(flat: Tensor) -> tuple[Any, ...]:
-        x = flat[: k * h * w].view(k, h, w)
-        y = flat[k * h * w: 2 * k * h * w].view(k, h, w)
-        v = flat[2 * k * h * w:].view(tall, w, h)
-        y_tall = y[:tall].view(tall, w, h)
-        return (x, y, (x.mT, y.mT), x[:tall].mT, x[tall:], y_tall, y[tall:], v, v.unbind(0), x[tall:].unbind(0),
-                y_tall.unbind(0), y[tall:].unbind(0))
-    return build
+    stack: Tensor  # X (k, h, w): the gradients (tall ones transposed), then the updates
+    work: Tensor  # Y (k, h, w): the whitening's second buffer
+    transposes: tuple[Tensor, Tensor]  # X.mT, Y.mT
+    stack_tall_t: Tensor  # X[:tall].mT (tall, w, h): a tall gradient stacked here lands transposed in X
+    stack_wide: Tensor  # X[tall:]
+    work_tall: Tensor  # Y[:tall] as (tall, w, h)
+    work_wide: Tensor  # Y[tall:]
+    tall_updates: Tensor  # (tall, w, h): the tall matrices' updates in their own shape
+    tall_update_rows: tuple[Tensor, ...]
+    wide_update_rows: tuple[Tensor, ...]  # X[tall:]'s matrices
+    work_tall_rows: tuple[Tensor, ...]
+    work_wide_rows: tuple[Tensor, ...]
+
+    @staticmethod
+    def build(tall: int, wide: int, h: int, w: int) -> Callable[[Tensor], _StackBuffers]:
+        """The buffers as views of ``flat`` ((2 k + tall) h w fp32 elements, k = tall + wide), for
+        ``MatrixAdamWHybrid.workspace``."""
+        k = tall + wide
+
+        def build(flat: Tensor) -> _StackBuffers:
+            x = flat[: k * h * w].view(k, h, w)
+            y = flat[k * h * w: 2 * k * h * w].view(k, h, w)
+            v = flat[2 * k * h * w:].view(tall, w, h)
+            y_tall = y[:tall].view(tall, w, h)
+            return _StackBuffers(x, y, (x.mT, y.mT), x[:tall].mT, x[tall:], y_tall, y[tall:], v, v.unbind(0),
+                                 x[tall:].unbind(0), y_tall.unbind(0), y[tall:].unbind(0))
+        return build

@@ -1,6 +1,7 @@
-"""Triton kernels for MicroAdam's step (the GPU path): group launches, and their one-tensor references.
+"""Triton kernels for Adam from a window of block Top-K gradients with 4-bit error feedback (the GPU path):
+group launches, and their one-tensor references.
 
-**Group launches** (``MultiTensorStep``; MicroAdam steps the plain contiguous fp32/bf16/fp16 tensors of a param
+**Group launches** (``SparseWindowStep``; the optimizer steps the plain contiguous fp32/bf16/fp16 tensors of a param
 group this way, per device and dtype): three launches per step whatever the number of tensors. The program
 grid runs over (tensor, Top-K block) pairs of the whole group, through tables built once per list of tensors:
 ``block_tensor`` (int32, the tensor of each program) and ``meta`` (int64 per tensor: n, k_total, full blocks,
@@ -59,7 +60,7 @@ launches per tensor, plus ~16 torch ops per tensor.
 
 **One-tensor kernels**: the references the group launches' parts are tested beside, and the path for what the
 group launches do not take (DTensor shards, non-contiguous parameters, bucket sizes that are not a power of two
-<= TILE_MAX tiling the Top-K blocks). Each mirrors a torch reference, and tests/test_microadam_triton.py holds
+<= TILE_MAX tiling the Top-K blocks). Each mirrors a torch reference, and the tests (test_microadam_triton.py) hold
 them against each other (on CPU under ``TRITON_INTERPRET=1``, on a GPU with the same tests):
 
 ==================  ===============================================================  ==================================
@@ -71,7 +72,7 @@ kernel              does                                                        
                     zeroes a there
 ``bucket_ranges``   per-bucket min/max rounded outwards to bf16                      ops.quant.bucket_ranges
 ``quantize_pack``   4-bit codes, two per byte                                        ops.quant.quantize_4bit
-``window_update``   p <- p * (1 - lr wd) - lr * m_hat / (sqrt(v_hat) + eps), the     ops.microadam_window.
+``window_update``   p <- p * (1 - lr wd) - lr * m_hat / (sqrt(v_hat) + eps), the     ops.sparse_window.
                     moments summed from the window rows (rows in order 0..m-1)       apply_window_update_
 ==================  ===============================================================  ==================================
 
@@ -140,11 +141,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .microadam_window import window_weights
-from .topk import block_layout
+from .sparse_window import window_weights
+from .topk import topk_blocks
+from .triton_helpers import (
+    EXACT,
+    POINTER_KINDS,
+    bf16_nearest,
+    float64_bits,
+    pow2,
+    round_fp32,
+    typed_pointer,
+)
 from .triton_support import tl, triton, triton_available
+from .weight_decay import decay_factor
 
-__all__ = ["MultiTensorStep", "group_layout_supported", "microadam_step_triton", "triton_available"]
+__all__ = ["SparseWindowStep", "group_sizes_supported", "sparse_window_step_triton", "triton_available"]
 
 TILE_MAX = 4096  # entries of a block that one Top-K tile holds in registers
 SUB_MAX = 512  # entries a Top-K kernel's selection pass (and its histogram passes) takes at a time
@@ -154,8 +165,6 @@ _ELEMENTWISE_BLOCK = 1024
 # width, so fewer, wider programs
 _WINDOW_ENTRIES = 128
 _WINDOW_ENTRIES_INTERPRETED = 1024
-# Every launch: no mul + add -> FMA contraction, so each operation rounds as in the torch reference.
-_EXACT = {"enable_fp_fusion": False}
 # The kernels whose results tests/test_microadam_triton.py holds bit-equal to the torch reference (torch.equal):
 # compiled for a GPU they must contain no FMA and no approximate instruction (bench/triton_check.py checks the PTX)
 BIT_EXACT_KERNELS = ("_dequant_add_kernel", "_block_topk_kernel", "_bucket_ranges_kernel", "_quantize_pack_kernel",
@@ -202,6 +211,14 @@ if triton is not None:
             # the lanes that do not match were counted in bin 0 (histogram's mask= needs Triton >= 3.4)
             unmatched = TILE - tl.sum(match.to(tl.int32), axis=0)
             hist += tl.histogram(digit, 32) - tl.where(bins == 0, unmatched, 0)
+        return _next_digit(hist, k, prefix, above, WIDTH)
+
+    @triton.jit
+    def _next_digit(hist, k, prefix, above, WIDTH: tl.constexpr):
+        """From the histogram of the next WIDTH-bit digit of the keys that match ``prefix``: the largest digit d
+        with at least k - above of them at d or higher, appended to ``prefix``, and ``above`` grown by the keys
+        whose digit exceeds d."""
+        bins = tl.arange(0, 32)
         at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # matching keys with digit >= bin
         digit = tl.max(tl.where(at_least >= k - above, bins, 0), axis=0)
         above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
@@ -254,7 +271,7 @@ if triton is not None:
             chosen = higher | (tied & (ties_upto <= need))
             slot = above_before + (rank & 65535) + tl.minimum(ties_upto, need) - 1
             tl.store(idx + slot, cols.to(tl.int16), mask=chosen)
-            tl.store(val + slot, _bf16_nearest(x).to(tl.bfloat16), mask=chosen)
+            tl.store(val + slot, bf16_nearest(x).to(tl.bfloat16), mask=chosen)
             tl.store(a + cols, tl.zeros_like(x), mask=chosen)  # after this lane's last read of it
             counts = tl.sum(packed, axis=0)
             tied_before += counts >> 16
@@ -272,14 +289,6 @@ if triton is not None:
             away = bits >= 0
         bumped = tl.where(inexact & away, truncated + 65536, truncated)
         return bumped.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _bf16_nearest(x):
-        """fp32 -> nearest bf16 (ties to even), as an fp32 whose low 16 bits are zero. Done on the bits
-        because the interpreter's own fp32 -> bf16 cast truncated (older Triton)."""
-        bits = x.to(tl.int32, bitcast=True)
-        rounded = (bits + (32767 + ((bits >> 16) & 1))) & -65536
-        return rounded.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _bucket_ranges_kernel(a_ptr, lo_ptr, hi_ptr, n, bucket_size, BLOCK: tl.constexpr):
@@ -333,6 +342,25 @@ if triton is not None:
         return lo
 
     @triton.jit
+    def _row_entry(idx, val, segment, count, x, live, steps):
+        """Per lane: where position ``x`` would stand among the ``count`` ascending indices of a window row's
+        block (``segment``), whether the row holds it there, and its value (fp32; 0 where not held)."""
+        at = _lower_bound(idx, segment, count, x, live, steps)
+        inside = live & (at < count)
+        found = inside & (tl.load(idx + segment + at, mask=inside, other=0).to(tl.int32) == x)
+        return at, found, tl.load(val + segment + at, mask=found, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _add_moments(first, second, found, v, w1, w2):
+        """One window row's terms of the moments where it holds the position: v w1 and v² w2, rows in order."""
+        return tl.where(found, first + v * w1, first), tl.where(found, second + (v * v) * w2, second)
+
+    @triton.jit
+    def _window_direction(first, second, neg_lr, eps):
+        """As ``apply_window_update_``: (-lr m_hat) / (sqrt(v_hat + TINY) + eps), each operation rounded once."""
+        return tl.div_rn(neg_lr * first, tl.sqrt_rn(second + 1.1754943508222875e-38) + eps)
+
+    @triton.jit
     def _window_entries_kernel(p_ptr, idx_ptr, val_ptr, w1_ptr, w2_ptr, upd_ptr, own_ptr, k_total, block_size,
                                k_block, full_blocks, k_tail, rows, steps, lr, eps, decay,
                                IN_PLACE: tl.constexpr, ENTRIES: tl.constexpr):
@@ -351,26 +379,17 @@ if triton is not None:
         second = tl.zeros((ENTRIES,), dtype=tl.float32)
         owner = live
         for other in range(0, rows):
-            segment = other * stride + col0
-            at = _lower_bound(idx_ptr, segment, count, x, live, steps)
-            inside = live & (at < count)
-            found = inside & (tl.load(idx_ptr + segment + at, mask=inside, other=0).to(tl.int32) == x)
+            at, found, v = _row_entry(idx_ptr, val_ptr, other * stride + col0, count, x, live, steps)
             # not the owner: an earlier row holds the position, or an earlier entry of its own row does
             earlier = (found & (other < row)) | ((other == row) & (at != j - col0))
             owner = tl.where(earlier, False, owner)
-            v = tl.load(val_ptr + segment + at, mask=found, other=0.0).to(tl.float32)
-            w1 = tl.load(w1_ptr + other)
-            w2 = tl.load(w2_ptr + other)
-            first = tl.where(found, first + v * w1, first)
-            second = tl.where(found, second + (v * v) * w2, second)
-        # apply_window_update_: denominator = sqrt(v_hat + TINY) + eps; p * decay + (-lr * m_hat) / denominator
-        denominator = tl.sqrt_rn(second + 1.1754943508222875e-38) + eps
-        update = tl.div_rn((-lr) * first, denominator)
+            first, second = _add_moments(first, second, found, v, tl.load(w1_ptr + other), tl.load(w2_ptr + other))
+        update = _window_direction(first, second, -lr, eps)
         pos = block.to(tl.int64) * block_size + x
         p = tl.load(p_ptr + pos, mask=owner, other=0.0)
         new = p.to(tl.float32) * decay + update
         if p.dtype == tl.bfloat16:
-            new = _bf16_nearest(new)
+            new = bf16_nearest(new)
         if IN_PLACE:
             tl.store(p_ptr + pos, new.to(p.dtype), mask=owner)  # only the owner reads or writes p[pos]
         else:
@@ -385,7 +404,7 @@ if triton is not None:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         new = p.to(tl.float32) * decay
         if p.dtype == tl.bfloat16:
-            new = _bf16_nearest(new)
+            new = bf16_nearest(new)
         tl.store(p_ptr + offs, new.to(p.dtype), mask=mask)
 
     @triton.jit
@@ -402,21 +421,6 @@ if triton is not None:
     # Program = (tensor, Top-K block), found through ``block_tensor`` (int32, one entry per block of the group).
     # Per tensor a row of META int64 in ``meta``: its sizes, then the addresses of p and of its state tensors
     # (read with _ptr). Gradients' addresses are a table of their own (they change more often than state).
-
-    @triton.jit
-    def _ptr(raw, KIND: tl.constexpr):
-        """An int64 address from a table as a typed pointer: 0 fp32, 1 bf16, 2 fp16, 3 int16, 4 uint8."""
-        if KIND == 0:
-            out = raw.to(tl.pointer_type(tl.float32))
-        elif KIND == 1:
-            out = raw.to(tl.pointer_type(tl.bfloat16))
-        elif KIND == 2:
-            out = raw.to(tl.pointer_type(tl.float16))
-        elif KIND == 3:
-            out = raw.to(tl.pointer_type(tl.int16))
-        else:
-            out = raw.to(tl.pointer_type(tl.uint8))
-        return out
 
     # flag rows alternate: their offsets are not specialised on (one compiled kernel, not two)
     @triton.jit(do_not_specialize=["flag_now", "flag_next"])
@@ -435,7 +439,7 @@ if triton is not None:
         present = g_raw != 0
         start = b * block_size
         length = tl.where(present, tl.minimum(block_size, n - start), 0)
-        g = _ptr(g_raw, G_KIND)
+        g = typed_pointer(g_raw, G_KIND)
         bad = tl.zeros((), dtype=tl.int32)
         for t0 in range(0, length, TILE):
             cols = t0 + tl.arange(0, TILE)
@@ -445,7 +449,7 @@ if triton is not None:
         first = b == 0
         tl.store(flags_ptr + flag_next + t, 1, mask=first)
         step_raw = tl.load(row + 11)
-        old = tl.load(_ptr(step_raw, 0), mask=first & (step_raw != 0), other=0.0)
+        old = tl.load(typed_pointer(step_raw, 0), mask=first & (step_raw != 0), other=0.0)
         tl.store(old_ptr + t, old, mask=first)
 
     @triton.jit
@@ -504,10 +508,7 @@ if triton is not None:
             digit = tl.where(match, (key >> SHIFT) & ((1 << WIDTH) - 1), 0)
             unmatched = TILE - _count(match)  # counted in bin 0 below
             hist += tl.histogram(tl.reshape(digit, (TILE,)), 32) - tl.where(bins == 0, unmatched, 0)
-        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-        digit = tl.max(tl.where(at_least >= k - above, bins, 0), axis=0)
-        above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
-        return (prefix << WIDTH) | digit, above
+        return _next_digit(hist, k, prefix, above, WIDTH)
 
     @triton.jit
     def _select_requantize(x, cols, valid, key, threshold, need, tied_before, above_before, idx, val, codes, lo,
@@ -527,7 +528,7 @@ if triton is not None:
         chosen = above | (tied & (ties_upto <= need))
         slot = above_before + (rank & 65535) + tl.minimum(ties_upto, need) - 1
         tl.store(idx + slot, cols.to(tl.int16), mask=chosen)
-        tl.store(val + slot, _bf16_nearest(x).to(tl.bfloat16), mask=chosen)
+        tl.store(val + slot, bf16_nearest(x).to(tl.bfloat16), mask=chosen)
         az = tl.where(chosen, 0.0, x)
         bucket = t0 // BUCKET + tl.arange(0, NB)
         held = bucket * BUCKET < length
@@ -571,13 +572,13 @@ if triton is not None:
         k = tl.where(whole == block_size, k_block, k_tail).to(tl.int32)
         ring = tl.load(old_ptr + t).to(tl.int32) % m  # (step - 1) % m of this step
         # the block's own pointers (int64 arithmetic once; per lane int32 offsets from them)
-        g = _ptr(tl.load(gptr_ptr + t), G_KIND) + start
+        g = typed_pointer(tl.load(gptr_ptr + t), G_KIND) + start
         out = ring * k_total + b * k_block
-        idx = _ptr(tl.load(row + 6), 3) + out
-        val = _ptr(tl.load(row + 7), 1) + out
-        codes = _ptr(tl.load(row + 8), 4) + start // 2  # block_size is even and a multiple of BUCKET
-        lo = _ptr(tl.load(row + 9), 1) + start // BUCKET
-        hi = _ptr(tl.load(row + 10), 1) + start // BUCKET
+        idx = typed_pointer(tl.load(row + 6), 3) + out
+        val = typed_pointer(tl.load(row + 7), 1) + out
+        codes = typed_pointer(tl.load(row + 8), 4) + start // 2  # block_size is even and a multiple of BUCKET
+        lo = typed_pointer(tl.load(row + 9), 1) + start // BUCKET
+        hi = typed_pointer(tl.load(row + 10), 1) + start // BUCKET
         zero = tl.zeros((), dtype=tl.int32)
         # 1. the threshold: the k-th largest key of the block, and how many keys lie above it
         if SINGLE_TILE:
@@ -640,7 +641,7 @@ if triton is not None:
         b = pid - tl.load(row + 4)
         active = tl.load(flags_ptr + flag_now + t) != 0
         old = tl.load(old_ptr + t)
-        tl.store(_ptr(tl.load(row + 11), 0), old + 1.0, mask=active & (b == 0))
+        tl.store(typed_pointer(tl.load(row + 11), 0), old + 1.0, mask=active & (b == 0))
         step = old.to(tl.int32) + 1
         rows = tl.where(active, tl.minimum(step, m), 0)
         newest = (step - 1) % m
@@ -658,9 +659,9 @@ if triton is not None:
         # values live across them
         col0 = b * k_block
         base = b * block_size
-        p = _ptr(tl.load(row + 5), P_KIND) + base
-        idx = _ptr(tl.load(row + 6), 3) + col0
-        val = _ptr(tl.load(row + 7), 1) + col0
+        p = typed_pointer(tl.load(row + 5), P_KIND) + base
+        idx = typed_pointer(tl.load(row + 6), 3) + col0
+        val = typed_pointer(tl.load(row + 7), 1) + col0
         count = tl.where(b < full_blocks, k_block, k_tail).to(tl.int32)  # int32: _lower_bound's loop types
         total = rows * count
         if DECAY:
@@ -671,24 +672,18 @@ if triton is not None:
             second = tl.zeros((ENTRIES,), dtype=tl.float32)
             owner = live
             for other in range(0, rows):
-                segment = other * k_total
-                at = _lower_bound(idx, segment, count, x, live, search_steps)
-                inside = live & (at < count)
-                found = inside & (tl.load(idx + segment + at, mask=inside, other=0).to(tl.int32) == x)
+                at, found, v = _row_entry(idx, val, other * k_total, count, x, live, search_steps)
                 earlier = (found & (other < r)) | ((other == r) & (at != j))
                 owner = tl.where(earlier, False, owner)
-                v = tl.load(val + segment + at, mask=found, other=0.0).to(tl.float32)
                 age = (newest - other + m) % m
-                w1 = tl.load(table_ptr + age) * c1  # window_weights: fp32(beta1**age) * fp32(c1)
-                w2 = tl.load(table_ptr + m + age) * c2
-                first = tl.where(found, first + v * w1, first)
-                second = tl.where(found, second + (v * v) * w2, second)
-            denominator = tl.sqrt_rn(second + 1.1754943508222875e-38) + eps
-            update = tl.div_rn(neg_lr * first, denominator)
+                # window_weights: fp32(beta**age) * fp32(c)
+                first, second = _add_moments(first, second, found, v, tl.load(table_ptr + age) * c1,
+                                             tl.load(table_ptr + m + age) * c2)
+            update = _window_direction(first, second, neg_lr, eps)
             q = tl.load(p + x, mask=owner, other=0.0)
             new = q.to(tl.float32) * decay_ + update
             if P_KIND == 1:
-                new = _bf16_nearest(new)
+                new = bf16_nearest(new)
             tl.store(p + x, new.to(q.dtype), mask=owner)
         if DECAY:
             bins = tl.arange(0, TILE)
@@ -705,12 +700,8 @@ if triton is not None:
                 q = tl.load(p + cols, mask=keep, other=0.0)
                 new = q.to(tl.float32) * decay_
                 if P_KIND == 1:
-                    new = _bf16_nearest(new)
+                    new = bf16_nearest(new)
                 tl.store(p + cols, new.to(q.dtype), mask=keep)
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def dequant_add(codes: Tensor, lo: Tensor, hi: Tensor, grad: Tensor, bucket_size: int) -> Tensor:
@@ -718,20 +709,20 @@ def dequant_add(codes: Tensor, lo: Tensor, hi: Tensor, grad: Tensor, bucket_size
     n = grad.numel()
     out = torch.empty(n, dtype=torch.float32, device=grad.device)
     grid = (triton.cdiv(n, _ELEMENTWISE_BLOCK),)
-    _dequant_add_kernel[grid](codes, lo, hi, grad, out, n, bucket_size, BLOCK=_ELEMENTWISE_BLOCK, **_EXACT)
+    _dequant_add_kernel[grid](codes, lo, hi, grad, out, n, bucket_size, BLOCK=_ELEMENTWISE_BLOCK, **EXACT)
     return out
 
 
 def block_topk_into(a: Tensor, indices: Tensor, values: Tensor, block_size: int, k_init: float) -> None:
     """Top-K of every block of ``a`` into one window row (int16 ``indices``, bf16 ``values``); a[chosen] = 0."""
     n = a.numel()
-    layout = block_layout(n, block_size, k_init)
+    blocks = topk_blocks(n, block_size, k_init)
     longest = min(block_size, n)
-    tile = min(_pow2(longest), TILE_MAX)
-    grid = (layout.full_blocks + (1 if layout.tail else 0),)
-    _block_topk_kernel[grid](a, indices, values, n, block_size, layout.k_block, layout.k_tail, TILE=tile,
+    tile = min(pow2(longest), TILE_MAX)
+    grid = (blocks.full_blocks + (1 if blocks.tail else 0),)
+    _block_topk_kernel[grid](a, indices, values, n, block_size, blocks.k_block, blocks.k_tail, TILE=tile,
                              SUB=min(tile, SUB_MAX), SINGLE_TILE=longest <= tile, num_warps=8 if tile >= 2048 else 4,
-                             **_EXACT)
+                             **EXACT)
 
 
 def bucket_ranges(a: Tensor, bucket_size: int, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -742,7 +733,7 @@ def bucket_ranges(a: Tensor, bucket_size: int, out: tuple[Tensor, Tensor] | None
         out = (torch.empty(buckets, dtype=torch.bfloat16, device=a.device),
                torch.empty(buckets, dtype=torch.bfloat16, device=a.device))
     lo, hi = out
-    _bucket_ranges_kernel[(buckets,)](a, lo, hi, n, bucket_size, BLOCK=min(_pow2(bucket_size), 1024), **_EXACT)
+    _bucket_ranges_kernel[(buckets,)](a, lo, hi, n, bucket_size, BLOCK=min(pow2(bucket_size), 1024), **EXACT)
     return lo, hi
 
 
@@ -751,7 +742,7 @@ def quantize_pack(a: Tensor, lo: Tensor, hi: Tensor, bucket_size: int, out: Tens
     if out is None:
         out = torch.empty((n + 1) // 2, dtype=torch.uint8, device=a.device)
     grid = (triton.cdiv((n + 1) // 2, _ELEMENTWISE_BLOCK),)
-    _quantize_pack_kernel[grid](a, lo, hi, out, n, bucket_size, BLOCK=_ELEMENTWISE_BLOCK, **_EXACT)
+    _quantize_pack_kernel[grid](a, lo, hi, out, n, bucket_size, BLOCK=_ELEMENTWISE_BLOCK, **EXACT)
     return out
 
 
@@ -761,10 +752,6 @@ def _weights(step: int, m: int, betas: tuple[float, float], device: torch.device
     """``window_weights`` (bias corrections folded in, as the torch path uses them), built once per step:
     the tensors of a group share it instead of copying two small tensors to the device each."""
     return window_weights(step, m, betas, device, bias_correction)
-
-
-def _fp32(x: float) -> float:
-    return float(np.float32(x))  # round to nearest, as torch's cast (no torch op: no dispatch, no sync)
 
 
 def window_update(p_flat: Tensor, indices: Tensor, values: Tensor, block_size: int, k_init: float, step: int,
@@ -777,49 +764,45 @@ def window_update(p_flat: Tensor, indices: Tensor, values: Tensor, block_size: i
     n, (m, k_total) = p_flat.numel(), indices.shape
     if not (p_flat.is_contiguous() and indices.is_contiguous() and values.is_contiguous()):
         raise ValueError("window_update needs contiguous p_flat, indices and values")
-    layout = block_layout(n, block_size, k_init)
+    blocks = topk_blocks(n, block_size, k_init)
     rows = min(step, m)
     w1, w2 = _weights(step, m, (float(betas[0]), float(betas[1])), p_flat.device, bias_correction)
-    decay = 1.0 - lr * weight_decay  # as the torch path computes it (in Python floats, then fp32)
-    in_place = _fp32(decay) == 1.0  # then p * decay is p: no dense pass, owners update p themselves
-    steps = max(layout.k_block, layout.k_tail).bit_length()
+    decay = decay_factor(lr, weight_decay)  # as the torch path computes it (in Python floats, then fp32)
+    in_place = round_fp32(decay) == 1.0  # then p * decay is p: no dense pass, owners update p themselves
+    steps = max(blocks.k_block, blocks.k_tail).bit_length()
     entries = _WINDOW_ENTRIES if p_flat.is_cuda else _WINDOW_ENTRIES_INTERPRETED
     grid = (triton.cdiv(k_total, entries), rows)
-    args = (k_total, block_size, layout.k_block, layout.full_blocks, layout.k_tail, rows, steps, lr, eps, decay)
+    args = (k_total, block_size, blocks.k_block, blocks.full_blocks, blocks.k_tail, rows, steps, lr, eps, decay)
     if in_place:
         _window_entries_kernel[grid](p_flat, indices, values, w1, w2, p_flat, indices, *args, IN_PLACE=True,
-                                     ENTRIES=entries, **_EXACT)
+                                     ENTRIES=entries, **EXACT)
         return
     upd = torch.empty(rows, k_total, dtype=p_flat.dtype, device=p_flat.device)
     own = torch.empty(rows, k_total, dtype=torch.int8, device=p_flat.device)
     _window_entries_kernel[grid](p_flat, indices, values, w1, w2, upd, own, *args, IN_PLACE=False,
-                                 ENTRIES=entries, **_EXACT)
-    _decay_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](p_flat, n, decay, BLOCK=_ELEMENTWISE_BLOCK, **_EXACT)
+                                 ENTRIES=entries, **EXACT)
+    _decay_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](p_flat, n, decay, BLOCK=_ELEMENTWISE_BLOCK, **EXACT)
     total = rows * k_total
     _window_scatter_kernel[(triton.cdiv(total, _ELEMENTWISE_BLOCK),)](
-        p_flat, indices, upd, own, total, k_total, block_size, layout.k_block, layout.full_blocks,
-        BLOCK=_ELEMENTWISE_BLOCK, **_EXACT)
+        p_flat, indices, upd, own, total, k_total, block_size, blocks.k_block, blocks.full_blocks,
+        BLOCK=_ELEMENTWISE_BLOCK, **EXACT)
 
 
-def _to_float(x: float | Tensor) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-def microadam_step_triton(p: Tensor, grad: Tensor, window_indices: Tensor, window_values: Tensor,
+def sparse_window_step_triton(p: Tensor, grad: Tensor, window_indices: Tensor, window_values: Tensor,
                           ef_codes: Tensor, ef_min: Tensor, ef_max: Tensor, *, step: int, lr: float | Tensor,
                           betas: tuple[float | Tensor, float | Tensor], eps: float | Tensor,
                           weight_decay: float | Tensor, m: int, k_init: float, topk_block_size: int,
                           quant_block_size: int, bias_correction: str = "paper") -> None:
-    """One MicroAdam step of one tensor with the Triton kernels (same semantics as the torch path).
+    """One step of one tensor with the Triton kernels (the same maths as the torch references).
 
-    ``p`` is updated in place and the five state tensors (shapes as MicroAdam's state: window (m, k_total)
+    ``p`` is updated in place and the five state tensors (the window (m, k_total)
     int16 / bf16, ``ef_codes`` (ceil(n / 2),) uint8, ``ef_min``/``ef_max`` (buckets,) bf16) are advanced;
     ``step`` is the tensor's own step count, from 1. Hyperparameters are plain numbers (a 0-dim tensor is
     read with ``.item()``)."""
     if window_indices.shape[0] != m:
         raise ValueError(f"window has {window_indices.shape[0]} rows, m = {m}")
-    lr_, wd, eps_ = _to_float(lr), _to_float(weight_decay), _to_float(eps)
-    betas_ = (_to_float(betas[0]), _to_float(betas[1]))
+    lr_, wd, eps_ = float(lr), float(weight_decay), float(eps)  # a 0-d tensor: read once (.item())
+    betas_ = (float(betas[0]), float(betas[1]))
     row = (step - 1) % m
 
     a = dequant_add(ef_codes, ef_min, ef_max, grad.reshape(-1), quant_block_size)  # (4)
@@ -835,7 +818,6 @@ def microadam_step_triton(p: Tensor, grad: Tensor, window_indices: Tensor, windo
 
 
 # -- the group launches -------------------------------------------------------------------------------------
-_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # parameter and gradient dtypes of _ptr
 _META = 12  # int64 per tensor: n, k_total, full_blocks, k_tail, first block, p, idx, val, codes, lo, hi, step
 _GROUP_ENTRIES = 512  # window entries per chunk of a block's program (GPU); the interpreter takes wider ones
 _GROUP_ENTRIES_INTERPRETED = 4096
@@ -847,8 +829,8 @@ _TABLE_START = 1024  # steps the first bias-correction table covers (it doubles 
 _STATE_DTYPES = (torch.int16, torch.bfloat16, torch.uint8, torch.bfloat16, torch.bfloat16, torch.float32)
 
 
-def group_layout_supported(topk_block_size: int, quant_block_size: int) -> bool:
-    """Whether ``MultiTensorStep`` takes this layout: the fused pass keeps every bucket of a Top-K block in
+def group_sizes_supported(topk_block_size: int, quant_block_size: int) -> bool:
+    """Whether ``SparseWindowStep`` takes these sizes: the fused pass keeps every bucket of a Top-K block in
     registers, so buckets must be a power of two <= TILE_MAX that tiles every block (and nibble pairs too)."""
     b = quant_block_size
     return b >= 1 and b & (b - 1) == 0 and b <= TILE_MAX and topk_block_size % max(b, 2) == 0
@@ -871,55 +853,51 @@ def _saturation(beta: float) -> int:
     return hi
 
 
-def _bits(x: float) -> int:
-    return int(np.array(x, dtype=np.float64).view(np.int64))
-
-
-class MultiTensorStep:
-    """One MicroAdam step of many tensors of one device and one parameter dtype, in three launches whatever
+class SparseWindowStep:
+    """One step of many tensors of one device and one parameter dtype, in three launches whatever
     their number: ``check`` (stage 0: which gradients are present and finite), then ``step`` (stage 1: the
     fused compression, stage 2: the window update, which also advances each tensor's step counter).
 
     Built once per list of tensor sizes: ``block_tensor`` maps each program (a Top-K block of the whole list)
-    to its tensor, ``meta`` holds per tensor its layout and the addresses of p and of its state (``bind``);
+    to its tensor, ``meta`` holds per tensor its Top-K blocks and the addresses of p and of its state (``bind``);
     the gradients' addresses are a table of their own, uploaded only when they change. No host sync: the
     flags, the step counters and a tensor lr stay on the device; bias corrections come from a table of fp32
     values per step (computed in Python doubles exactly as ``window_weights`` does), indexed in the kernel by
-    the tensor's own step. Each state tensor must be contiguous, with MicroAdam's shapes and dtypes; ``step``
+    the tensor's own step. Each state tensor must be contiguous, with the shapes and dtypes of ``bind``; ``step``
     is a 0-d fp32 tensor on the device (the kernels advance it where the tensor was updated)."""
 
     def __init__(self, numels: Sequence[int], device: torch.device | str, param_dtype: torch.dtype, *, m: int,
                  k_init: float, topk_block_size: int, quant_block_size: int, bias_correction: str = "paper") -> None:
-        if not group_layout_supported(topk_block_size, quant_block_size):
-            raise ValueError(f"MultiTensorStep needs a power-of-two quant_block_size <= {TILE_MAX} dividing "
+        if not group_sizes_supported(topk_block_size, quant_block_size):
+            raise ValueError(f"SparseWindowStep needs a power-of-two quant_block_size <= {TILE_MAX} dividing "
                              f"topk_block_size, got {quant_block_size} and {topk_block_size}")
-        if param_dtype not in _KINDS or not numels or min(numels) < 1:
-            raise ValueError("MultiTensorStep takes non-empty fp32, bf16 or fp16 tensors")
-        self.device, self.count, self.p_kind = torch.device(device), len(numels), _KINDS[param_dtype]
+        if param_dtype not in POINTER_KINDS or not numels or min(numels) < 1:
+            raise ValueError("SparseWindowStep takes non-empty fp32, bf16 or fp16 tensors")
+        self.device, self.count, self.p_kind = torch.device(device), len(numels), POINTER_KINDS[param_dtype]
         self.m, self.k_init, self.block_size, self.bucket = m, k_init, topk_block_size, quant_block_size
-        self.bias_correction = bias_correction  # "window": corrections at min(step, m) (ops.microadam_window)
-        layouts = [block_layout(n, topk_block_size, k_init) for n in numels]
-        blocks = np.array([lay.full_blocks + (1 if lay.tail else 0) for lay in layouts], dtype=np.int64)
+        self.bias_correction = bias_correction  # "window": corrections at min(step, m) (ops.sparse_window)
+        splits = [topk_blocks(n, topk_block_size, k_init) for n in numels]
+        blocks = np.array([lay.full_blocks + (1 if lay.tail else 0) for lay in splits], dtype=np.int64)
         self.blocks = int(blocks.sum())
         meta = np.zeros((self.count, _META), dtype=np.int64)
         meta[:, 0] = numels
-        meta[:, 1] = [lay.k_total for lay in layouts]
-        meta[:, 2] = [lay.full_blocks for lay in layouts]
-        meta[:, 3] = [lay.k_tail for lay in layouts]
+        meta[:, 1] = [lay.k_total for lay in splits]
+        meta[:, 2] = [lay.full_blocks for lay in splits]
+        meta[:, 3] = [lay.k_tail for lay in splits]
         meta[:, 4] = np.cumsum(blocks) - blocks
         self._meta = meta
         self.meta = self._upload(meta)
         self.block_tensor = self._upload(np.repeat(np.arange(self.count, dtype=np.int32), blocks))
         longest = max(min(topk_block_size, n) for n in numels)
         self.single_tile = longest <= TILE_MAX
-        self.tile = max(min(_pow2(longest), TILE_MAX), quant_block_size, 32)
+        self.tile = max(min(pow2(longest), TILE_MAX), quant_block_size, 32)
         self.sub = max(min(self.tile, SUB_MAX), quant_block_size)  # whole buckets
-        self.k_block = layouts[0].k_block
-        k_max = max(max((lay.k_block for lay in layouts if lay.full_blocks), default=0),
-                    max(lay.k_tail for lay in layouts))
+        self.k_block = splits[0].k_block
+        k_max = max(max((lay.k_block for lay in splits if lay.full_blocks), default=0),
+                    max(lay.k_tail for lay in splits))
         self.search_steps = k_max.bit_length()
         cap = _GROUP_ENTRIES if self.device.type == "cuda" else _GROUP_ENTRIES_INTERPRETED
-        self.entries = max(32, min(_pow2(m * k_max), cap))
+        self.entries = max(32, min(pow2(m * k_max), cap))
         self.flags = torch.ones(2, self.count, dtype=torch.int32, device=self.device)
         self.flag_rows = (self.flags[0], self.flags[1])  # views made once: reading one back costs no torch op
         self.old = torch.zeros(self.count, dtype=torch.float32, device=self.device)
@@ -949,7 +927,7 @@ class MultiTensorStep:
         meta = self._meta
         meta[:, 5:] = 0
         for i, (p, state) in enumerate(zip(params, states)):
-            if p.numel() != meta[i, 0] or _KINDS.get(p.dtype) != self.p_kind or not p.is_contiguous():
+            if p.numel() != meta[i, 0] or POINTER_KINDS.get(p.dtype) != self.p_kind or not p.is_contiguous():
                 raise ValueError(f"bind: tensor {i} is not a contiguous tensor of {meta[i, 0]} entries of the "
                                  "tables' dtype")
             meta[i, 5] = p.data_ptr()
@@ -968,19 +946,19 @@ class MultiTensorStep:
         Returns this step's flags (int32, on the device; not to be written): 1 where tensor i will be updated
         (present and finite), 0 where it will be left alone."""
         dtypes = {g.dtype for g in grads if g is not None}
-        if len(grads) != self.count or not dtypes <= _KINDS.keys():
+        if len(grads) != self.count or not dtypes <= POINTER_KINDS.keys():
             raise ValueError("check: one fp32, bf16 or fp16 gradient (or None) per tensor")
         g_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32  # mixed: all as fp32 (exact)
         prepared = [None if g is None else g.to(g_dtype).contiguous() for g in grads]  # to fp32: exact
         ptrs = tuple(0 if g is None else g.data_ptr() for g in prepared)
         if ptrs != self._gptrs:
             self._gptrs, self._gdev = ptrs, self._upload(np.array(ptrs, dtype=np.int64))
-        self._grads, self._g_kind = prepared, _KINDS[g_dtype]
+        self._grads, self._g_kind = prepared, POINTER_KINDS[g_dtype]
         self.parity ^= 1  # this step's flags row; the other one is set back to 1 for the next step
         now, following = self.parity * self.count, (1 - self.parity) * self.count
         _group_check_kernel[(self.blocks,)](self.meta, self._gdev, self.block_tensor, self.flags, now, following,
                                             self.old, self.block_size, G_KIND=self._g_kind, TILE=self.tile,
-                                            META=_META, **_EXACT)
+                                            META=_META, **EXACT)
         return self.flag_rows[self.parity]
 
     def _weights_table(self, betas: tuple[float, float]) -> tuple[Tensor, int]:
@@ -1023,19 +1001,19 @@ class MultiTensorStep:
             lr_ptr, lr_value, decay = lr, 0.0, 1.0
             has_decay = wd != 0.0
         else:
-            lr_value = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
-            decay = _fp32(1.0 - lr_value * wd)  # as the torch path: Python doubles, then fp32
-            lr_value = _fp32(lr_value)
+            lr_value = float(lr)
+            decay = round_fp32(decay_factor(lr_value, wd))  # as the torch path: Python doubles, then fp32
+            lr_value = round_fp32(lr_value)
             has_decay = wd != 0.0 and decay != 1.0
         now = self.parity * self.count
         gpu = self.device.type == "cuda"
         _group_compress_kernel[(self.blocks,)](
             self.meta, self._gdev, self.block_tensor, self.flags, now, self.old, self.block_size, self.k_block,
             self.m, G_KIND=self._g_kind, BUCKET=self.bucket, TILE=self.tile, SUB=self.sub, SINGLE_TILE=self.single_tile,
-            META=_META, num_warps=8 if gpu and self.tile >= 2048 else 4, **_EXACT)
+            META=_META, num_warps=8 if gpu and self.tile >= 2048 else 4, **EXACT)
         _group_window_kernel[(self.blocks,)](
             self.meta, self.block_tensor, self.flags, now, self.old, table, self.m, c_last, self.block_size,
-            self.k_block, self.search_steps, lr_value, decay, _fp32(float(eps)), lr_ptr, _bits(wd),
+            self.k_block, self.search_steps, lr_value, decay, round_fp32(float(eps)), lr_ptr, float64_bits(wd),
             P_KIND=self.p_kind, LR_FROM_PTR=lr_from_ptr, DECAY=has_decay, ENTRIES=self.entries,
-            TILE=min(self.tile, _DECAY_TILE), META=_META, **_EXACT)
+            TILE=min(self.tile, _DECAY_TILE), META=_META, **EXACT)
         self._grads = None

@@ -1,4 +1,4 @@
-"""MicroAdam's moments, rebuilt at every step from the window of the last m sparse gradients.
+"""Adam's moments, rebuilt at every step from a window of the last m sparse (Top-K) gradients.
 
 The window is a ring of m rows; row r holds the Top-K (position, value) pairs written at some step.
 At step t (counted per tensor, from 1) row ``(t - 1) % m`` is the newest; a row written ``age`` steps
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .weight_decay import decay_factor
 
 TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32
 
@@ -107,7 +109,7 @@ def apply_window_update_(p: Tensor, positions: Tensor, values: Tensor, weights: 
     denominator = v_hat.add_(TINY).sqrt_().add_(eps)
     work = p if p.dtype == torch.float32 else p.float()
     if weight_decay:
-        work.mul_(1 - lr * weight_decay)
+        work.mul_(decay_factor(lr, weight_decay))
     work.addcdiv_(m_hat, denominator, value=-lr)
     if work is not p:
         p.copy_(work)  # one rounding to p's dtype
@@ -119,10 +121,10 @@ def dense_update_(p: Tensor, u: Tensor, lr: float, weight_decay: float) -> None:
     slow reference that ``apply_window_update_`` is tested against."""
     if p.dtype == torch.float32:
         if weight_decay:
-            p.mul_(1 - lr * weight_decay)
+            p.mul_(decay_factor(lr, weight_decay))
         p.add_(u, alpha=-lr)
     else:
         work = p.float()
         if weight_decay:
-            work.mul_(1 - lr * weight_decay)
+            work.mul_(decay_factor(lr, weight_decay))
         p.copy_(work.add_(u, alpha=-lr))
