@@ -281,21 +281,32 @@ def test_stacked_path_equals_the_per_matrix_reference_bf16(weight_decay):
             assert ((x.double() - y.double()).abs() <= bound).all()
 
 
-def test_gpt2_conv1d_transposed_views_take_the_stacked_path():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = nn.Module()
-            self.mlp.c_fc = Conv1D(6, 10)
-            self.mlp.c_proj = Conv1D(10, 6)
-            self.attn = nn.Module()
-            self.attn.c_proj = Conv1D(6, 10)  # the same (out, in) view as c_fc: one bucket, one stack
+class _GPT2Block(nn.Module):
+    """GPT-2's Conv1D weights (stored (in, out), seen as their transposes), optionally beside a Linear."""
 
+    def __init__(self, with_linear: bool = False):
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.c_fc = Conv1D(6, 10)
+        self.mlp.c_proj = Conv1D(10, 6)
+        self.attn = nn.Module()
+        self.attn.c_proj = Conv1D(6, 10)  # the same (out, in) view as c_fc: one bucket, one stack
+        if with_linear:
+            self.attn.q_proj = nn.Linear(6, 10, bias=False)  # an (out, in) weight beside them
+
+
+def _gpt2_twins(with_linear: bool = False, **options):
+    """Two equal blocks: SinkGD with ``options`` on the first, the per-matrix reference on the second."""
     torch.manual_seed(4)
-    models = [Block(), Block()]
+    models = [_GPT2Block(with_linear), _GPT2Block(with_linear)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [SinkGD.from_model(models[0], lr=0.1, scale=1.0, weight_decay=0.1),
+    opts = [SinkGD.from_model(models[0], lr=0.1, scale=1.0, weight_decay=0.1, **options),
             per_matrix(SinkGD.from_model(models[1], lr=0.1, scale=1.0, weight_decay=0.1))]
+    return models, opts
+
+
+def test_gpt2_conv1d_transposed_views_take_the_stacked_path():
+    models, opts = _gpt2_twins()
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(p.shape, generator=g) * torch.rand(1, p.shape[1], generator=g)
              for p in models[0].parameters()]
@@ -475,22 +486,8 @@ def test_triton_path_bf16_equals_the_stacked_path_and_the_reference(weight_decay
 @needs_triton
 def test_triton_path_gpt2_conv1d_views_and_linear_layers_in_one_group():
     """GPT-2's Conv1D weights are seen as the transposes of their storage: the kernels read the storage rows
-    and put the Sinkhorn rows on its columns. A group with both layouts takes one SinkhornScaledAdd each."""
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = nn.Module()
-            self.mlp.c_fc = Conv1D(6, 10)
-            self.mlp.c_proj = Conv1D(10, 6)
-            self.attn = nn.Module()
-            self.attn.c_proj = Conv1D(6, 10)
-            self.attn.q_proj = nn.Linear(6, 10, bias=False)  # an (out, in) weight beside them
-
-    torch.manual_seed(4)
-    models = [Block(), Block()]
-    models[1].load_state_dict(models[0].state_dict())
-    opts = [SinkGD.from_model(models[0], lr=0.1, scale=1.0, weight_decay=0.1, backend="triton"),
-            per_matrix(SinkGD.from_model(models[1], lr=0.1, scale=1.0, weight_decay=0.1))]
+    and put the Sinkhorn rows on its columns. A group with both orders takes one SinkhornScaledAdd each."""
+    models, opts = _gpt2_twins(with_linear=True, backend="triton")
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         grads = [torch.randn(p.shape, generator=g) * torch.rand(1, p.shape[1], generator=g)
