@@ -305,17 +305,25 @@ def _gpt2_twins(with_linear: bool = False, **options):
     return models, opts
 
 
-def test_gpt2_conv1d_transposed_views_take_the_stacked_path():
-    models, opts = _gpt2_twins()
-    g = torch.Generator().manual_seed(0)
+def _gpt2_step_in_lockstep(models, opts, g: torch.Generator) -> None:
+    """One step of both twins from the first one's weights and the same gradients (columns scaled apart);
+    then their weights agree within 4 fp32 ulps (relative) and 2e-6 lr."""
     grads = [torch.randn(p.shape, generator=g) * torch.rand(1, p.shape[1], generator=g)
              for p in models[0].parameters()]
+    with torch.no_grad():
+        for x, y in zip(models[0].parameters(), models[1].parameters()):
+            y.copy_(x)
     for model, opt in zip(models, opts):
         for p, grad in zip(model.parameters(), grads):
             p.grad = grad.clone()
         opt.step()
     for x, y in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=2e-6 * 0.1)
+
+
+def test_gpt2_conv1d_transposed_views_take_the_stacked_path():
+    models, opts = _gpt2_twins()
+    _gpt2_step_in_lockstep(models, opts, torch.Generator().manual_seed(0))
     # and the reference itself is Algorithm 4 on the (out, in) view
     w = models[0].mlp.c_fc.weight
     w0 = w.detach().clone()
@@ -490,17 +498,7 @@ def test_triton_path_gpt2_conv1d_views_and_linear_layers_in_one_group():
     models, opts = _gpt2_twins(with_linear=True, backend="triton")
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
-        grads = [torch.randn(p.shape, generator=g) * torch.rand(1, p.shape[1], generator=g)
-                 for p in models[0].parameters()]
-        with torch.no_grad():
-            for x, y in zip(models[0].parameters(), models[1].parameters()):
-                y.copy_(x)
-        for model, opt in zip(models, opts):
-            for p, grad in zip(model.parameters(), grads):
-                p.grad = grad.clone()
-            opt.step()
-        for x, y in zip(models[0].parameters(), models[1].parameters()):
-            torch.testing.assert_close(x, y, rtol=4 * FP32_ULP, atol=2e-6 * 0.1)
+        _gpt2_step_in_lockstep(models, opts, g)
     layouts = sorted(key[3] for key in kernel_steps(opts[0]))
     assert layouts == [False, True]
     assert {s.count for s in kernel_steps(opts[0]).values()} == {1, 3}
