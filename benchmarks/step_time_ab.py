@@ -28,6 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+try:
+    from slimopt.bench.report import run_metadata
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT / "src"))
+    from slimopt.bench.report import run_metadata
+
 
 def _git(*args: str, cwd: Path = ROOT) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
@@ -77,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             for round_index in range(args.rounds):
                 order = ("before", "after") if round_index % 2 == 0 else ("after", "before")
                 for label in order:
-                    result = _one_run(checkouts[label], Path(tmp) / f"{label}_{round_index}.json", args)
-                    for name, value in _ratios(result).items():
+                    run = _ratios(_one_run(checkouts[label], Path(tmp) / f"{label}_{round_index}.json", args))
+                    for name, value in run.items():
                         ratios[label].setdefault(name, []).append(value)
                     print(f"[round {round_index + 1}/{args.rounds}] {label} ({commits[label][:7]}): "
-                          + ", ".join(f"{n} {v:.2f}" for n, v in sorted(_ratios(result).items())), flush=True)
+                          + ", ".join(f"{n} {v:.2f}" for n, v in sorted(run.items())), flush=True)
         finally:
             for checkout in checkouts.values():
                 _git("worktree", "remove", "--force", str(checkout))
@@ -91,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "slower" if min(a) > max(b) else "faster" if max(a) < min(b) else "within the spread"
         rows.append({"optimizer": name, "before_median": statistics.median(b), "before_range": [min(b), max(b)],
                      "after_median": statistics.median(a), "after_range": [min(a), max(a)], "after_vs_before": verdict})
+    meta = run_metadata()
     summary = {"commits": commits, "rounds": args.rounds, "threads": args.threads, "preset": args.preset,
                "inner_rounds": args.inner_rounds, "steps": args.steps, "wall_s": round(time.time() - started),
-               "machine": _machine(), "command": " ".join(sys.argv), "ratios": ratios, "rows": rows}
+               "meta": meta, "command": meta["command"], "ratios": ratios, "rows": rows}
+    machine = f"{meta['machine']['cpu']}, {meta['machine']['cpu_count']} cores; torch {meta['versions']['torch']}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=None, separators=(",", ":")) + "\n")
     lines = [f"# CPU step time, {commits['before'][:7]} (before) and {commits['after'][:7]} (after), interleaved",
-             "", f"{summary['machine']}; {args.threads} threads; `{args.preset}`; {args.rounds} runs of each commit "
+             "", f"{machine}; {args.threads} threads; `{args.preset}`; {args.rounds} runs of each commit "
              f"(alternating which goes first), each `step_time.py --rounds {args.inner_rounds} --steps {args.steps}`."
              " Ratio: an optimizer's median step over the faster torch AdamW (foreach or for-loop) of the same run.",
              "", "| optimizer | before: median (range) | after: median (range) | after vs before |",
@@ -110,22 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
-
-
-def _machine() -> str:
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}"
 
 
 if __name__ == "__main__":
