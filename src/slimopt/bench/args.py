@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UsageError", "check_choices", "check_device", "check_int", "check_number", "check_out",
+__all__ = ["UsageError", "check_choices", "check_device", "check_int", "check_number", "check_file", "check_out",
            "check_optimizers", "check_threads", "guarded", "parse_list"]
 
 
@@ -118,6 +118,17 @@ def check_device(flag: str, value: str | None) -> None:
                                       f"{torch.__version__}); use --device cpu")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(flag, value, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_file(flag: str, value: str | None) -> None:
+    """An input file that exists (None: not given)."""
+    if value is None:
+        return
+    path = Path(value)
+    if not path.exists():
+        raise UsageError(flag, value, "no such file")
+    if not path.is_file():
+        raise UsageError(flag, value, "is not a file")
 
 
 def check_threads(value: int | None) -> None:

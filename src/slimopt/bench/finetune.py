@@ -34,6 +34,7 @@ from slimopt.registry import default_names
 from .args import (
     UsageError,
     check_device,
+    check_file,
     check_int,
     check_number,
     check_optimizers,
@@ -242,12 +243,9 @@ def validate(args: argparse.Namespace) -> None:
     check_out("--out", args.out)
     if not 0 < args.test_fraction < 1:
         raise UsageError("--test-fraction", args.test_fraction, "must be between 0 and 1")
-    if args.text is not None:
-        if not Path(args.text).exists():
-            raise UsageError("--text", args.text, "no such file")
-        if not Path(args.text).is_file():
-            raise UsageError("--text", args.text, "is not a file")
-        read_labelled_text(args.text, args.test_fraction, args.batch_size)  # its errors before any work
+    check_file("--text", args.text)
+    # read here, so that its errors come before any work; run takes it from args
+    args.labelled = None if args.text is None else read_labelled_text(args.text, args.test_fraction, args.batch_size)
 
 
 @guarded("slimopt bench finetune")
@@ -263,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     max_length = args.max_length or (256 if args.task == "20newsgroups" else 64)
     if args.text is not None:
-        data = read_labelled_text(args.text, args.test_fraction, args.batch_size)
+        data = args.labelled
         args.task = f"file {Path(args.text).name}"
     else:
         data = labelled(args.task)

@@ -34,7 +34,7 @@ import torch
 from slimopt.registry import default_names
 
 from . import causal_lm
-from .args import UsageError, check_device, check_out
+from .args import UsageError, check_device, check_file, check_out
 from .baselines import OptimizerUnavailable, default_lr, harness_names, is_known, make_optimizer, parse_name
 from .data import TokenData, load_text, make_token_data, split_chunks, split_tail
 from .data import encode as encode_bytes
@@ -376,11 +376,8 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[float], list[st
     if not (0 < args.val_fraction < 1):
         raise UsageError("--val-fraction", args.val_fraction, "must be between 0 and 1")
     if args.text is not None:
+        check_file("--text", args.text)
         path = Path(args.text)
-        if not path.exists():
-            raise UsageError("--text", args.text, "no such file")
-        if not path.is_file():
-            raise UsageError("--text", args.text, "is not a file")
         # a token is at least one byte for the byte tokenizer and for byte-level BPEs: a file this small
         # cannot hold one training and one validation window, whatever the tokenizer
         needed = 2 * args.seq_len + 3

@@ -32,6 +32,7 @@ from .args import (
     UsageError,
     check_choices,
     check_device,
+    check_file,
     check_int,
     check_number,
     check_optimizers,
@@ -225,8 +226,7 @@ def validate(args: argparse.Namespace) -> None:
         from .fetch import TEXT_CORPORA
 
         check_choices("--corpus", args.corpus, TEXT_CORPORA, "corpus")
-    if args.text is not None and not Path(args.text).is_file():
-        raise UsageError("--text", args.text, "no such file")
+    check_file("--text", args.text)
     check_number("--lr", args.lr, what="the peak learning rate")
     check_number("--weight-decay", args.weight_decay, strict=False)
     check_int("--steps", args.steps)
