@@ -102,6 +102,24 @@ def test_tf32_option_is_kept_and_older_groups_default_to_it():
     assert torch.isfinite(w).all()
 
 
+def test_a_state_dict_saved_before_the_tf32_option_loads():
+    """0.1 saved SWAN's groups without ``tf32``: they load and take this optimizer's setting; the other keys are
+    still checked."""
+    w, bias = nn.Parameter(torch.randn(12, 40)), nn.Parameter(torch.randn(40))
+    opt = SWAN([("q_proj.weight", w), ("norm.weight", bias)], lr=0.01, tf32=False)
+    w.grad, bias.grad = well_conditioned_gradient(12, 40), torch.randn(40)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group.pop("tf32", None)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["update"] == "stateless" and opt.param_groups[0]["tf32"] is False
+    assert len(opt.state) == 1  # the norm's AdamW state came back
+    del saved["param_groups"][0]["ns_iters"]
+    with pytest.raises(ValueError, match="lacks ns_iters"):
+        opt.load_state_dict(saved)
+
+
 def test_bf16_zero_and_constant_rows_stay_finite():
     w = nn.Parameter(torch.randn(6, 20).bfloat16())
     g = well_conditioned_gradient(6, 20).bfloat16()

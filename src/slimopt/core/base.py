@@ -205,6 +205,10 @@ class SlimOptimizer(Optimizer):
     non-finite gradient alone returns no flags for a "skip" group (SinkGD and SWAN's matrices).
     """
 
+    # Group settings added after a release: a saved state dict's groups that lack one take this optimizer's
+    # value on load (as torch fills in ``foreach``/``fused`` for older state dicts).
+    added_group_keys: tuple[str, ...] = ()
+
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = {"nonfinite": "skip", **defaults}
         check_choice("nonfinite", defaults["nonfinite"], NONFINITE_POLICIES)
@@ -393,6 +397,7 @@ class SlimOptimizer(Optimizer):
         (``core.state_dict.validate_state_dict``); a state dict from another optimizer, another model or a
         damaged file raises ``ValueError`` and leaves the optimizer exactly as it was.
         """
+        state_dict = self._with_added_group_keys(state_dict)
         validate_state_dict(self, state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -401,3 +406,16 @@ class SlimOptimizer(Optimizer):
         for saved_id, p in zip(saved_ids, params):
             if saved_id in saved_state and p in self.state:
                 self.state[p] = restore_dtypes(saved_state[saved_id], self.state[p])
+
+    def _with_added_group_keys(self, state_dict: Any) -> Any:
+        """``state_dict`` with each of ``added_group_keys`` that a saved group lacks taken from this optimizer's
+        group (a malformed state dict is left for ``validate_state_dict`` to name)."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not self.added_group_keys or not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
+            return state_dict
+        filled = []
+        for saved, mine in zip(groups, self.param_groups):
+            if isinstance(saved, dict):
+                saved = {**{k: mine[k] for k in self.added_group_keys if k in mine and k not in saved}, **saved}
+            filled.append(saved)
+        return {**state_dict, "param_groups": filled}

@@ -94,6 +94,8 @@ class SinkGD(MatrixAdamWHybrid):
             ``slimopt.optim.hybrid`` for what "skip" does without a host sync).
     """
 
+    added_group_keys = ("backend",)  # 0.2.0's Triton path: a 0.1 state dict takes this optimizer's value
+
     def __init__(self, params: Any, lr: float | Tensor = 0.02, iters: int = 5, scale: float = 0.05,
                  weight_decay: float = 0.0, eps: float = 1e-8, *, adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
@@ -116,17 +118,6 @@ class SinkGD(MatrixAdamWHybrid):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _check_backend(param_group.get("backend", "auto"))
         super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``SlimOptimizer``'s; a state dict saved before ``backend`` existed loads too (its groups take this
-        optimizer's backend, as torch fills in ``foreach``/``fused`` for older state dicts)."""
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if isinstance(groups, (list, tuple)) and len(groups) == len(self.param_groups):
-            state_dict = {**state_dict, "param_groups": [
-                {**saved, "backend": mine.get("backend", "auto")}
-                if isinstance(saved, dict) and "backend" not in saved else saved
-                for saved, mine in zip(groups, self.param_groups)]}
-        super().load_state_dict(state_dict)
 
     def update_group(self, group: dict[str, Any]) -> None:
         """A matrix group: the matrices the Triton kernels take, per (device, dtypes, storage order), in one

@@ -118,6 +118,8 @@ class SWAN(MatrixAdamWHybrid):
             computes in fp32.
     """
 
+    added_group_keys = ("tf32",)  # 0.2.0's whitening: a 0.1 state dict takes this optimizer's value
+
     def __init__(self, params: Any, lr: float | Tensor = 0.02, ns_iters: int = DEFAULT_ITERS, scale: float = 0.05,
                  rescale: bool = True, weight_decay: float = 0.0, eps: float = 1e-8, *,
                  adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.999),
