@@ -35,10 +35,10 @@ def test_helpers_are_identities_on_plain_tensors():
     assert complete(partial, (0,)) is partial
 
 
-def test_finite_flags_per_tensor():
+def test_exactly_finite_per_tensor():
     grads = [torch.zeros(3), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")]), torch.ones(2, 2)]
-    assert sd.finite_flags(grads) == [True, False, False, True]
-    assert sd.finite_flags([]) == []
+    assert sd.exactly_finite(grads) == [True, False, False, True]
+    assert sd.exactly_finite([]) == []
 
 
 def test_padded_local_yields_the_tensors_themselves_when_unsharded():

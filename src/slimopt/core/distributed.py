@@ -39,7 +39,6 @@ __all__ = [
     "COMM",
     "column_sq_sums",
     "exactly_finite",
-    "finite_flags",
     "full",
     "global_shape",
     "gram",
@@ -327,22 +326,6 @@ def exactly_finite(grads: Sequence[Tensor]) -> list[bool]:
         if is_sharded(g):
             _all_reduce(ok, g, shard_mesh_dims(g), dist.ReduceOp.MIN, "finite")
         out.append(bool(ok.item()))
-    return out
-
-
-def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
-    """Whether each gradient is free of NaN and inf, everywhere, read on the host: :func:`nonfinite_flags`
-    per device and dtype (one sync per device), and an exact look (:func:`exactly_finite`) at the ones
-    flagged, whose norm may only have overflowed. Ranks holding shards of one tensor agree."""
-    out = [True] * len(grads)
-    subsets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, g in enumerate(grads):
-        subsets.setdefault((local(g).device, g.dtype), []).append(i)
-    flagged = []
-    for indices in subsets.values():
-        flagged += [i for i, bad in zip(indices, nonfinite_flags([grads[i] for i in indices]).tolist()) if bad]
-    for i, ok in zip(sorted(flagged), exactly_finite([grads[i] for i in sorted(flagged)])):
-        out[i] = ok
     return out
 
 
