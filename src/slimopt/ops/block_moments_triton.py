@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 
 from .tables import AddressTable, ValueTable, upload
-from .triton_helpers import EXACT, bf16_nearest, float64_bits, pow2
+from .triton_helpers import EXACT, bf16_nearest, float64_bits, pow2, round_fp32
 from .triton_support import tl, triton, triton_available
 
 __all__ = ["DTYPES", "BlockMomentsStep", "contiguous_blocks", "triton_available"]
@@ -476,7 +476,7 @@ class BlockMomentsStep:
         if lr_from_ptr and lr.numel() != 1:
             raise ValueError(f"step: lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
         lr_ptr, lr_bits = (lr, 0) if lr_from_ptr else (self._no_lr, float64_bits(float(lr)))
-        weight = float(np.float32(1.0 - beta1))  # torch: the Python double 1 - beta1, as fp32
+        weight = round_fp32(1.0 - beta1)  # torch: the Python double 1 - beta1, as fp32
         now = self.parity * self.count
         _block_second_moment_kernel[self.grids[1]](
             self.spans, self.programs[1], self._state_table(exp_avg_sqs, steps), self.sums, self.rates, self.flags,

@@ -18,5 +18,5 @@ def decay_factor(lr: float | Tensor, weight_decay: float, scale: float = 1.0) ->
     host (``(lr * scale) * -weight_decay + 1``, the same bits as ``1 - lr * scale * weight_decay``: negation is
     exact). ``scale``: a multiplier on the lr that the step applies too (a matrix update's alpha)."""
     if isinstance(lr, Tensor):
-        return (lr * scale).mul_(-weight_decay).add_(1.0)
+        return (lr if scale == 1 else lr * scale).mul(-weight_decay).add_(1.0)  # lr * 1 is lr: no launch for it
     return 1 - lr * scale * weight_decay
