@@ -229,8 +229,8 @@ class SlimOptimizer(Optimizer):
 
     def checks_nonfinite(self, group: dict[str, Any]) -> bool:
         """Whether the step checks ``group``'s gradients (False: a "skip" group whose update leaves a tensor
-        with a non-finite gradient alone by itself). Sharded gradients that are checked cost one flag in an
-        all-reduce each (``slimopt.comm``)."""
+        with a non-finite gradient alone by itself; ``nonfinite_flags`` is then not called for it). Sharded
+        gradients that are checked cost one flag in an all-reduce each (``slimopt.comm``)."""
         return True
 
     def nonfinite_flags(self, group: dict[str, Any]) -> list[GradFlags]:
@@ -288,6 +288,8 @@ class SlimOptimizer(Optimizer):
         self._gated: dict[int, list[GradFlags]] = {}
         to_host: dict[torch.device, list[tuple[int, GradFlags]]] = {}
         for gi, group in enumerate(self.param_groups):
+            if not self.checks_nonfinite(group):
+                continue
             raising = group.get("nonfinite", "skip") == "raise"
             for flags in self.nonfinite_flags(group):
                 if not flags.indices:

@@ -445,9 +445,8 @@ class MatrixAdamWHybrid(SlimOptimizer):
         matrix whose update comes out non-finite unchanged, per matrix, on the device); a "skip" AdamW group's
         flags stay on the device, where they become fused AdamW's ``found_inf`` (its tensors on that device skip
         the step together: telling them apart would need the flags on the host or a launch per tensor). A
-        "raise" group's flags are read back by the base class (the one host sync of such a step)."""
-        if not self.checks_nonfinite(group):
-            return []
+        "raise" group's flags are read back by the base class (the one host sync of such a step). Not called for a
+        "skip" matrix group (``checks_nonfinite``)."""
         return self.default_flags(group, self.checked_indices(group), gated=group.get("nonfinite", "skip") == "skip")
 
     def checks_nonfinite(self, group: dict[str, Any]) -> bool:
