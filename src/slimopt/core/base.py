@@ -332,8 +332,7 @@ class SlimOptimizer(Optimizer):
 
     def device_flags(self, group: dict[str, Any]) -> list[GradFlags]:
         """This step's gated flags of ``group`` (empty when none stayed on the device)."""
-        group_index = next((i for i, g in enumerate(self.param_groups) if g is group), -1)
-        return getattr(self, "_gated", {}).get(group_index, [])
+        return getattr(self, "_gated", {}).get(self._group_index(group), [])
 
     def _count_skips(self, bad: Tensor | int) -> None:
         counts = self.__dict__.setdefault("_skip_counts", {})
@@ -351,19 +350,22 @@ class SlimOptimizer(Optimizer):
         return sum(int(v) for v in self.__dict__.get("_skip_counts", {}).values())
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _group_index(self, group: dict[str, Any]) -> int:
+        """``group``'s position in ``param_groups`` (-1: not one of them); the policy's records are by position."""
+        return next((i for i, g in enumerate(self.param_groups) if g is group), -1)
+
     def param_name(self, group: dict[str, Any], index: int) -> str:
         names = group.get("param_names")
         if names is not None:
             return str(names[index])
-        group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
         shape = tuple(group["params"][index].shape)
-        return f"param_groups[{group_index}]['params'][{index}] (shape {shape})"
+        return f"param_groups[{self._group_index(group)}]['params'][{index}] (shape {shape})"
 
     def grads(self, group: dict[str, Any]) -> Iterator[tuple[int, Tensor, Tensor]]:
         """Yield ``(index, param, grad)`` for every parameter of ``group`` that has a gradient to apply
         (not ``None``, not skipped by the non-finite policy in this step)."""
         skipped = getattr(self, "_skipped", None)
-        group_index = next((i for i, g in enumerate(self.param_groups) if g is group), -1) if skipped else -1
+        group_index = self._group_index(group) if skipped else -1
         for index, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
