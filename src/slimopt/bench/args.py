@@ -13,10 +13,13 @@ import math
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["UsageError", "check_choices", "check_device", "check_int", "check_number", "check_file", "check_out",
-           "check_optimizers", "check_threads", "guarded", "parse_list"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["UsageError", "check_choices", "check_device", "check_file", "check_int", "check_number", "check_optimizers",
+           "check_out", "check_threads", "chosen_device", "guarded", "parse_list"]
 
 
 class UsageError(ValueError):
@@ -129,6 +132,13 @@ def check_file(flag: str, value: str | None) -> None:
         raise UsageError(flag, value, "no such file")
     if not path.is_file():
         raise UsageError(flag, value, "is not a file")
+
+
+def chosen_device(value: str | None) -> torch.device:
+    """``--device`` as given, else CUDA when this machine has it, else the CPU."""
+    import torch
+
+    return torch.device(value or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_threads(value: int | None) -> None:

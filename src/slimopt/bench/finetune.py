@@ -40,6 +40,7 @@ from .args import (
     check_optimizers,
     check_out,
     check_threads,
+    chosen_device,
     guarded,
 )
 from .baselines import OptimizerUnavailable, default_lr, make_optimizer
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.optimizers.split(",")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = chosen_device(args.device)
     max_length = args.max_length or (256 if args.task == "20newsgroups" else 64)
     if args.text is not None:
         data = args.labelled

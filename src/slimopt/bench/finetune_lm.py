@@ -34,7 +34,7 @@ import torch
 from slimopt.registry import default_names
 
 from . import causal_lm
-from .args import UsageError, check_device, check_file, check_out
+from .args import UsageError, check_device, check_file, check_out, chosen_device
 from .baselines import OptimizerUnavailable, default_lr, harness_names, is_known, make_optimizer, parse_name
 from .data import TokenData, load_text, make_token_data, split_chunks, split_tail
 from .data import encode as encode_bytes
@@ -529,7 +529,7 @@ def _prepare(args: argparse.Namespace, log) -> tuple[Any, dict[str, Any], TokenD
     if args.model is not None:
         folder = causal_lm.resolve(args.model, progress=log)
         local = causal_lm.load(args.model, folder)
-        local.model.to(_device(args))
+        local.model.to(chosen_device(args.device))
         text, description = load_text(None, args.text) if args.text else load_text([args.corpus])
         ids = causal_lm.encode(local.tokenizer, text)
         vocab = local.vocab_size
@@ -557,10 +557,6 @@ def _prepare(args: argparse.Namespace, log) -> tuple[Any, dict[str, Any], TokenD
     about = {"preset": preset, "base_corpora": args.base_corpora, "base_steps": args.base_steps,
              "base_lr": args.base_lr, "base_checkpoint": base_path.name, "base_sha256": base_sha}
     return torch.load(base_path, weights_only=True), about, data
-
-
-def _device(args: argparse.Namespace) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -591,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
 def _compare(args, checkpoints, factors, names, base, about, data, progress) -> int:
     real_model = args.model is not None
     preset = about.get("preset")
-    device = _device(args)
+    device = chosen_device(args.device)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          eval_every=args.eval_every, eval_batches=args.eval_batches)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-lm-%Y%m%d-%H%M%S")

@@ -38,6 +38,7 @@ from .args import (
     check_optimizers,
     check_out,
     check_threads,
+    chosen_device,
     guarded,
 )
 from .baselines import (
@@ -279,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
     preset = args.preset or ("tiny" if quick else "cpu")
     steps = args.steps or (200 if quick else 1000)
     names = args.optimizers.split(",") if args.optimizers else default_optimizers()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = chosen_device(args.device)
     config = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          eval_every=args.eval_every or max(1, steps // 6), eval_batches=args.eval_batches)
     seeds = _seeds(args.seeds)

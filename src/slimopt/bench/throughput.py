@@ -28,7 +28,16 @@ import torch
 
 from slimopt.registry import default_names
 
-from .args import check_choices, check_device, check_int, check_optimizers, check_out, check_threads, guarded
+from .args import (
+    check_choices,
+    check_device,
+    check_int,
+    check_optimizers,
+    check_out,
+    check_threads,
+    chosen_device,
+    guarded,
+)
 from .baselines import OptimizerUnavailable, default_lr, make_optimizer
 from .kernel_count import count_launches
 from .model import PRESETS, build_model, count_parameters
@@ -246,7 +255,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = chosen_device(args.device)
     names = args.optimizers.split(",") if args.optimizers else default_optimizers()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .args import chosen_device
+
 __all__ = ["add_arguments", "describe", "distribute", "finish", "global_mean", "is_main", "note_optimizer",
            "rank_slices", "start", "unwrap", "world_size"]
 
@@ -104,7 +106,7 @@ def start(args: argparse.Namespace) -> int | None:
     if error:
         print(error, file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = chosen_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         args.device = f"cuda:{local_rank}"
