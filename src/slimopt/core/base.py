@@ -107,6 +107,19 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
 
 
+BACKENDS = ("auto", "torch", "triton")  # an optimizer's kernels: Triton for CUDA tensors, torch ops, or Triton
+
+
+def check_backend(backend: str) -> None:
+    """``backend`` is one of ``BACKENDS``, and "triton" only where Triton is installed."""
+    check_choice("backend", backend, BACKENDS)
+    from ..ops.triton_support import triton_available  # here: `import slimopt` does not import Triton
+
+    if backend == "triton" and not triton_available():
+        raise ValueError("Invalid backend: 'triton' needs Triton, which is not installed (pip install triton); "
+                         "or backend='auto'")
+
+
 # --------------------------------------------------------------------------------------------------
 # parameters and their names
 

@@ -47,8 +47,8 @@ from ..core.base import (
     GradFlags,
     SlimOptimizer,
     as_param_groups,
+    check_backend,
     check_betas,
-    check_choice,
     check_lr,
     check_nonnegative,
     check_positive,
@@ -68,7 +68,6 @@ from ..plans.param_plan import ROLES, BlockFacts, ParamInfo, ParamPlan, RuleSet
 
 __all__ = ["ADAM_MINI", "AdamMini", "adam_mini_blocks", "comm_bytes", "state_bytes_formula"]
 
-BACKENDS = ("auto", "torch", "triton")
 _DTYPES = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
            "fp32": torch.float32, "float32": torch.float32, torch.float32: torch.float32}
 
@@ -233,9 +232,7 @@ class AdamMini(SlimOptimizer):
         check_lr(lr)
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
-        check_choice("backend", backend, BACKENDS)
-        if backend == "triton" and not triton_available():
-            raise ValueError("Invalid backend: 'triton' (Triton is not installed)")
+        check_backend(backend)
         if backend == "triton" and foreach is False:
             raise ValueError("Invalid backend: 'triton' steps the multi-tensor path; foreach=False asks for the "
                              "per-tensor one")

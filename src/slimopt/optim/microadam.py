@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..core.base import (
+    BACKENDS,
     STEP_BYTES,
     GradFlags,
     SlimOptimizer,
@@ -130,7 +131,7 @@ class MicroAdam(SlimOptimizer):
     @staticmethod
     def _validate(h: dict[str, Any]) -> None:
         check_lr(h["lr"])
-        check_choice("backend", h.get("backend", "auto"), ("auto", "torch", "triton"))
+        check_choice("backend", h.get("backend", "auto"), BACKENDS)
         check_choice("bias_correction", h.get("bias_correction", "paper"), BIAS_CORRECTIONS)
         check_betas(h["betas"])
         check_nonnegative("eps", h["eps"])

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.base import check_choice, check_positive, check_positive_int
+from ..core.base import check_backend, check_positive, check_positive_int
 from ..core.distributed import global_shape, is_dtensor, local, partial_sums
 from ..ops.normalize import add_scaled_, sinkhorn_scaled_add_stacked_, sinkhorn_scales
 from ..ops.sinkhorn_triton import GRAD_DTYPES, PARAM_DTYPES, SinkhornScaledAdd, storage_order
@@ -104,7 +104,7 @@ class SinkGD(MatrixAdamWHybrid):
         check_positive_int("iters", iters)
         check_positive("scale", scale)
         check_positive("eps", eps)
-        _check_backend(backend)
+        check_backend(backend)
         if triton is not None:
             warnings.warn("SinkGD(triton=...) is deprecated and ignored: backend='auto' | 'torch' | 'triton' "
                           "chooses the path (the Triton kernels for CUDA tensors by default); drop the argument",
@@ -116,7 +116,7 @@ class SinkGD(MatrixAdamWHybrid):
                          adamw_weight_decay=adamw_weight_decay, conv_as_matrix=conv_as_matrix)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_backend(param_group.get("backend", "auto"))
+        check_backend(param_group.get("backend", "auto"))
         super().add_param_group(param_group)
 
     def update_group(self, group: dict[str, Any]) -> None:
@@ -210,13 +210,6 @@ class SinkGD(MatrixAdamWHybrid):
             grad_local = grad_local.nan_to_num(0.0, 0.0, 0.0)
         add_scaled_(param_local, grad_local, torch.where(ok, r, 0.0), torch.where(ok, c, 0.0), -step_size,
                     out=scratch)  # W <- W - lr * scale * X
-
-
-def _check_backend(backend: str) -> None:
-    check_choice("backend", backend, ("auto", "torch", "triton"))
-    if backend == "triton" and not triton_available():
-        raise ValueError("backend='triton' needs Triton, which is not installed (pip install triton), or "
-                         "backend='auto'")
 
 
 class _StackBuffers(NamedTuple):
